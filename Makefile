@@ -1,0 +1,33 @@
+# `make package` and `make test` do all set-up on a fresh machine: they create .venv, install the project,
+# its built-in plugins and test tools (pinned by constraints.txt), then build or test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXAMPLE ?= examples/onnx-classifier
+KEY ?= .deeplens/dev-signing-key.pem
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+STAMP := $(VENV)/.installed
+
+.PHONY: package test bench clean
+
+$(STAMP): pyproject.toml constraints.txt $(PLUGINS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $@
+
+$(KEY): | $(STAMP)
+	$(BIN)/deeplens-build keygen --out $(KEY)
+	@echo "made a local development signing key: $(KEY) (use your own key or kms:KEY_ID for releases)"
+
+package: $(STAMP) $(KEY)
+	$(BIN)/deeplens-build package --config $(EXAMPLE)/deeplens.toml --signing-key $(KEY) --output dist
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf dist .deeplens $(EXAMPLE)/.deeplens

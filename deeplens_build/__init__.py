@@ -1,0 +1,57 @@
+"""deeplens-build: a SageMaker training output in, a signed Greengrass deployment bundle out.
+
+Writing a framework plugin takes one module and one entry point::
+
+    # deeplens_build_myfw/__init__.py
+    from deeplens_build import Framework, ModelFiles, hookimpl
+
+    @hookimpl
+    def deeplens_build_framework():
+        return Framework(name="myfw", summary="MyFramework checkpoints", requires=("myfw",),
+                         install="pip install deeplens-build-myfw")
+
+    @hookimpl
+    def deeplens_build_detect(source):
+        files = source.matching(".myfw")
+        return ModelFiles(files=files[-1:]) if files else None
+
+    # pyproject.toml
+    [project.entry-points.deeplens_build]
+    myfw = "deeplens_build_myfw"
+
+The hooks, their arguments and what to return are documented in :mod:`deeplens_build.hookspecs`;
+:mod:`deeplens_build.testing` runs a plugin through the real pipeline in a test.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from deeplens_build.errors import ConversionError, DeepLensBuildError, PluginError
+from deeplens_build.types import (
+    ConvertedModel,
+    Framework,
+    ModelFiles,
+    TensorSpec,
+    TrainingOutput,
+)
+
+NAME = "deeplens_build"
+"""The pluggy project name and the entry-point group plugins register under."""
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker(NAME)
+
+__all__ = [
+    "NAME",
+    "ConversionError",
+    "ConvertedModel",
+    "DeepLensBuildError",
+    "Framework",
+    "ModelFiles",
+    "PluginError",
+    "TensorSpec",
+    "TrainingOutput",
+    "hookimpl",
+]

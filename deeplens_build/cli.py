@@ -1,0 +1,200 @@
+"""``deeplens-build``: package, verify, inspect, plugins, keygen.
+
+User errors print one ``error:`` line and exit with the error's code; ``--debug`` shows the traceback.
+Heavy modules (onnx, onnxruntime, the frameworks) are imported only by ``package``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deeplens_build import __version__
+from deeplens_build.errors import DeepLensBuildError
+
+
+def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DeepLensBuildError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(int(exc.exit_code))
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="deeplens-build")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
+    """Turn a SageMaker training output into a signed, parity-checked Greengrass bundle."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project file [./deeplens.toml].")
+@click.option("--source", help="Folder, model.tar.gz, s3://BUCKET/KEY or sagemaker-job:NAME [model.source].")
+@click.option("--output", type=click.Path(path_type=Path), help="Folder for the bundle [build.output].")
+@click.option("--signing-key", help="PEM private key or kms:KEY_ID [$DEEPLENS_SIGNING_KEY].")
+@click.option("--no-cache", is_flag=True, help="Rebuild every stage (and refresh the cache).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing the build.")
+@_handle_errors
+def package(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
+            no_cache: bool, as_json: bool) -> None:
+    """Build the bundle: fetch, convert, optimize, check parity, sign."""
+    from deeplens_build.config import load_config
+    from deeplens_build.pipeline import BuildOptions
+    from deeplens_build.pipeline import package as build
+    from deeplens_build.plugins import build_plugin_manager
+    from deeplens_build.report import Reporter
+
+    config = load_config(config_path)
+    manager = build_plugin_manager()
+    reporter = Reporter()
+    for failure in manager.failures:
+        reporter.warn(f"plugin {failure.name} was skipped: {failure.reason}")
+    result = build(config, BuildOptions(source=source, output=output, signing_key=signing_key,
+                                        use_cache=not no_cache), manager=manager, reporter=reporter)
+    if as_json:
+        parity = result.parity
+        click.echo(json.dumps({
+            "bundle": str(result.bundle),
+            "sha256": result.sha256,
+            "name": result.name,
+            "version": result.version,
+            "framework": result.framework,
+            "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
+                       "tolerance": parity.tolerance, "passed": parity.passed} if parity else None,
+            "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact,
+                      "bundle": result.sizes.bundle},
+            "cached_stages": list(result.cached_stages),
+            "notes": list(result.notes),
+            "warnings": reporter.warnings,
+        }, indent=2))
+        return
+    click.echo(f"\nbuilt {result.bundle}")
+    click.echo(f"  sha256    {result.sha256}")
+    click.echo(f"  model     {result.name} {result.version} ({result.framework})")
+    if result.parity:
+        p = result.parity
+        click.echo(f"  parity    max abs diff {p.max_abs_diff:.3g} ≤ {p.tolerance:.3g} over {p.samples} samples")
+    s = result.sizes
+    click.echo(f"  sizes     source {_size(s.source)}, artifact {_size(s.artifact)}, bundle {_size(s.bundle)}")
+    if result.cached_stages:
+        click.echo(f"  cache     reused {', '.join(result.cached_stages)}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The signer's trusted public key (PEM).")
+@_handle_errors
+def verify(bundle: Path, public_key: Path | None) -> None:
+    """Check the bundle's signature and every file's size and sha256."""
+    from deeplens_build.bundle import verify_bundle
+
+    result = verify_bundle(bundle, public_key)
+    fingerprint = result.manifest["signing"]["fingerprint"]
+    if result.trusted:
+        click.echo(f"verified: {bundle.name} is signed by the trusted key {fingerprint[:16]}… and every file "
+                   "matches its manifest")
+    else:
+        click.echo(f"verified integrity only: every file matches the manifest and the signature matches the "
+                   f"bundle's own key {fingerprint[:16]}…; pass --public-key to check who signed it")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@_handle_errors
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show the bundle's manifest: interface, parity, sizes, runtime, Lambda, provenance."""
+    from deeplens_build.bundle import read_manifest
+
+    m = read_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        return
+    model = m["model"]
+    click.echo(f"{m['name']} {m['version']}  ({m['framework']}, {model['format']}, {model['precision']})")
+    for kind in ("inputs", "outputs"):
+        for spec in model[kind]:
+            layout = f" {spec['layout']}" if spec.get("layout") else ""
+            click.echo(f"  {kind[:-1]:6} {spec['name']} {spec['shape']} {spec['dtype']}{layout}")
+    if parity := m.get("parity"):
+        click.echo(f"  parity  max abs diff {parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:.3g}), "
+                   f"max rel diff {parity['max_rel_diff']:.3g}, {parity['samples']} samples, seed {parity['seed']}")
+    opt = m["optimization"]
+    click.echo(f"  sizes   {_size(opt['size_before'])} → {_size(opt['size_after'])} ({', '.join(opt['passes'])})")
+    click.echo(f"  runtime {m['runtime']['name']} on {m['runtime']['platform']}: "
+               f"{', '.join(m['runtime']['requirements'])}")
+    click.echo(f"  lambda  {m['lambda']['name']} {m['lambda']['version']} ({m['lambda']['handler']})")
+    src, prov = m["source"], m["provenance"]
+    click.echo(f"  source  {src['origin']} ({src['kind']}, sha256 {src['sha256'][:16]}…): "
+               f"{', '.join(src['model_files'])}")
+    plugin = prov["plugin"]
+    click.echo(f"  built   by deeplens-build {prov['tools']['deeplens-build']}, plugin {plugin['name']} "
+               f"({plugin['distribution']} {plugin['version']})")
+    click.echo(f"  files   {len(m['files'])}, signed by {m['signing']['fingerprint'][:16]}…")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the plugins as JSON.")
+@_handle_errors
+def plugins(as_json: bool) -> None:
+    """List the framework plugins found, built-in and third-party alike."""
+    from deeplens_build.plugins import build_plugin_manager
+
+    manager = build_plugin_manager()
+    if as_json:
+        click.echo(json.dumps({
+            "plugins": [{"name": p.name, "framework": p.framework.name, "summary": p.framework.summary,
+                         "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
+                         "tools": dict(p.tool_versions)} for p in manager.plugins],
+            "failed": [{"name": f.name, "distribution": f.distribution, "reason": f.reason}
+                       for f in manager.failures],
+        }, indent=2))
+        return
+    if not manager.plugins:
+        click.echo("no framework plugins installed; pip install deeplens-build-onnx")
+    for p in manager.plugins:
+        origin = "built-in" if p.builtin else "third-party"
+        tools = ", ".join(f"{k} {v}" for k, v in p.tool_versions.items())
+        click.echo(f"{p.framework.name:12} {p.distribution} {p.version} ({origin}) — {p.framework.summary}"
+                   + (f" [{tools}]" if tools else ""))
+    for f in manager.failures:
+        click.echo(f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("signing-key.pem"), show_default=True,
+              help="Where to write the private key; the public key goes beside it as *.pub.pem.")
+@_handle_errors
+def keygen(out: Path) -> None:
+    """Write a new ECDSA P-256 key pair for signing bundles."""
+    from deeplens_build.signing import generate_keypair
+
+    public = generate_keypair(out)
+    click.echo(f"private key: {out} (keep it secret; pass it with --signing-key or $DEEPLENS_SIGNING_KEY)")
+    click.echo(f"public key:  {public} (give it to whoever verifies: deeplens-build verify --public-key)")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""One exception root; every user-facing failure is a subclass with its own exit code.
+
+The CLI prints ``error: <message>`` and exits with ``exit_code``; no traceback, because the message
+already names what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    CONFIG = 3
+    SOURCE = 4
+    PLUGIN = 5
+    PARITY = 6
+    BUNDLE = 7
+    VERIFY = 8
+    SIGNING = 9
+    AWS = 10
+
+
+class DeepLensBuildError(Exception):
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class UsageError(DeepLensBuildError):
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(DeepLensBuildError):
+    exit_code = ExitCode.CONFIG
+
+
+class SourceError(DeepLensBuildError):
+    """The training output could not be fetched, extracted or read."""
+
+    exit_code = ExitCode.SOURCE
+
+
+class PluginError(DeepLensBuildError):
+    """A plugin is missing, misbehaved, or could not handle the model."""
+
+    exit_code = ExitCode.PLUGIN
+
+
+class ConversionError(PluginError):
+    """Raised by plugins: the model cannot be converted. The core adds the plugin's name."""
+
+
+class ParityError(DeepLensBuildError):
+    exit_code = ExitCode.PARITY
+
+
+class BundleError(DeepLensBuildError):
+    exit_code = ExitCode.BUNDLE
+
+
+class VerificationError(DeepLensBuildError):
+    exit_code = ExitCode.VERIFY
+
+
+class SigningError(DeepLensBuildError):
+    exit_code = ExitCode.SIGNING
+
+
+class AwsError(DeepLensBuildError):
+    exit_code = ExitCode.AWS

@@ -1,0 +1,165 @@
+"""The plugin contract: every hook a framework plugin can implement. These docstrings are its manual.
+
+A framework plugin is a module registered under the ``deeplens_build`` entry-point group. The core owns the
+pipeline (fetch, detect, convert, optimize, parity, runtime, lambda, bundle, sign), its order, its cache and
+its errors; a plugin fills four slots for its own framework:
+
+1. ``deeplens_build_framework`` — declare the framework (required).
+2. ``deeplens_build_detect`` — claim a training output, or return None.
+3. ``deeplens_build_convert`` — turn the claimed files into an artifact (ONNX, or a native format).
+4. ``deeplens_build_reference_run`` — run the *original* model, so the core can check the artifact's parity.
+
+``deeplens_build_runtime`` is optional: only plugins with native (non-ONNX) artifacts need it.
+
+Hooks 3 to 5 are called only on the plugin that claimed the training output, so a plugin never has to check
+whether a call is meant for it. Call-by-keyword rules from pluggy apply: an implementation may accept fewer
+arguments than the spec lists, so new arguments can be added without breaking plugins.
+
+Import your framework inside the hook functions, never at module import time: ``deeplens-build plugins``,
+``verify`` and ``inspect`` load every plugin and must stay fast. When the import fails, raise
+:class:`deeplens_build.PluginError` with the install command. Raise
+:class:`deeplens_build.ConversionError` for a model you cannot handle; the core adds your plugin's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from deeplens_build import NAME
+from deeplens_build.types import ConvertedModel, Framework, ModelFiles, TrainingOutput
+
+if TYPE_CHECKING:
+    import numpy as np
+
+hookspec = pluggy.HookspecMarker(NAME)
+
+
+@hookspec
+def deeplens_build_framework() -> Framework:
+    """Declare the framework this plugin handles. Every plugin must implement it.
+
+    Called once when the plugin manager is built. The name must be unique among installed plugins; two
+    plugins declaring the same name is an error that names both.
+
+    :return: a :class:`~deeplens_build.Framework`.
+
+    Example::
+
+        @hookimpl
+        def deeplens_build_framework():
+            return Framework(name="onnx", summary="ONNX models", requires=("onnx", "onnxruntime"),
+                             install="pip install deeplens-build-onnx")
+    """
+
+
+@hookspec(firstresult=True)
+def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+    """Claim the training output if it holds a model of your framework; return None otherwise.
+
+    Called with ``model.framework = "auto"``; the first plugin to answer wins (``firstresult``). With an
+    explicit framework only that framework's plugin is asked, and None from it is an error. Do not load the
+    model here: look at file names and, at most, small metadata files.
+
+    When the output holds several checkpoints, claim only the final one and say which in ``notes``.
+
+    :param source: the fetched and extracted training output (read-only).
+    :param settings: this plugin's table from ``deeplens.toml`` (``[plugins.<name>]``), possibly empty.
+    :return: a :class:`~deeplens_build.ModelFiles` naming the model's files, or None.
+
+    Example::
+
+        @hookimpl
+        def deeplens_build_detect(source):
+            found = source.matching(".onnx")
+            return ModelFiles(files=found) if len(found) == 1 else None
+    """
+
+
+@hookspec(firstresult=True)
+def deeplens_build_convert(
+    source: TrainingOutput,
+    model: ModelFiles,
+    workdir: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: Mapping[str, Any],
+) -> ConvertedModel:
+    """Convert the claimed model into an artifact written under ``workdir``.
+
+    Return ONNX (``format="onnx"``) whenever the framework can export it: the core then optimizes it and
+    checks its parity. Return a native format only for models ONNX cannot express, and implement
+    ``deeplens_build_runtime`` to name the runtime that runs it.
+
+    Called only on the plugin that claimed the source. The result is cached by the core under a key made of
+    the source digest, the claimed files, ``shapes``, ``settings`` and your plugin's and framework's versions,
+    so the conversion must depend on nothing else.
+
+    :param source: the training output.
+    :param model: what your ``deeplens_build_detect`` returned.
+    :param workdir: an empty folder to write the artifact into; every returned path must be inside it.
+    :param shapes: input shapes from ``[model.inputs.<name>] shape`` in ``deeplens.toml``; use them when the
+        model does not record its own, and raise ``ConversionError`` naming the key when both are missing.
+    :param settings: this plugin's table from ``deeplens.toml``.
+    :return: a :class:`~deeplens_build.ConvertedModel` naming the artifact, its inputs and outputs.
+
+    Example::
+
+        @hookimpl
+        def deeplens_build_convert(source, model, workdir):
+            target = workdir / "model.onnx"
+            shutil.copyfile(source.path(model.files[0]), target)
+            return ConvertedModel(format="onnx", path=target, inputs=(...), outputs=(...))
+    """
+
+
+@hookspec(firstresult=True)
+def deeplens_build_reference_run(
+    source: TrainingOutput,
+    model: ModelFiles,
+    converted: ConvertedModel,
+    inputs: Mapping[str, np.ndarray],
+    settings: Mapping[str, Any],
+) -> Mapping[str, np.ndarray]:
+    """Run the *original* model with your framework on one set of inputs.
+
+    The parity stage calls this with seeded random inputs and the user's sample inputs, runs the optimized
+    artifact on the same inputs, and fails the build when they differ beyond ``parity.tolerance``. Run the
+    model in inference mode (no dropout, batch norm with its moving statistics). Called only on the plugin
+    that claimed the source.
+
+    :param source: the training output.
+    :param model: what your ``deeplens_build_detect`` returned.
+    :param converted: what your ``deeplens_build_convert`` returned (its input and output names).
+    :param inputs: one array per input of ``converted``, keyed by name, shaped as the optimized artifact's.
+    :param settings: this plugin's table from ``deeplens.toml``.
+    :return: one array per output of ``converted``, keyed by output name.
+
+    Example::
+
+        @hookimpl
+        def deeplens_build_reference_run(source, model, inputs):
+            net = myfw.load(source.path(model.files[0]))
+            return {"prob": net(inputs["data"])}
+    """
+
+
+@hookspec(firstresult=True)
+def deeplens_build_runtime(converted: ConvertedModel, platform: str) -> str | None:
+    """Name the runtime (a folder under ``runtimes/``) that runs your native artifact, or return None.
+
+    Not needed for ONNX artifacts: the core picks the runtime whose ``formats`` include the artifact's format
+    and whose ``platforms`` include the target. Called only on the plugin that claimed the source.
+
+    :param converted: what your ``deeplens_build_convert`` returned.
+    :param platform: the target device platform from ``deeplens.toml`` (``linux-x86_64``, ``linux-aarch64``).
+    :return: a runtime name such as ``"mxnet"``, or None to let the core match by format.
+
+    Example::
+
+        @hookimpl
+        def deeplens_build_runtime(converted):
+            return "mxnet" if converted.format == "mxnet-symbol" else None
+    """

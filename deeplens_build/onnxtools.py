@@ -1,0 +1,105 @@
+"""ONNX helpers shared by the core and every plugin that converts to ONNX (public API).
+
+Imports onnx and onnxruntime inside each function, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deeplens_build.errors import ConversionError
+from deeplens_build.types import Dim, TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+"""Operator domains every ONNX consumer accepts (onnxruntime-gpu, TensorRT); ORT-only fused ops live elsewhere."""
+
+
+def load(path: Path) -> onnx.ModelProto:
+    """Load and check an ONNX model; a damaged or invalid file raises ``ConversionError`` naming it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
+        raise ConversionError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}") from exc
+    return model
+
+
+def interface(model: onnx.ModelProto, layouts: Mapping[str, str | None] | None = None
+              ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The model's real inputs (graph inputs that are not weights) and outputs, as TensorSpecs."""
+    weights = {init.name for init in model.graph.initializer}
+    layouts = layouts or {}
+    inputs = tuple(_spec(v, layouts.get(v.name)) for v in model.graph.input if v.name not in weights)
+    outputs = tuple(_spec(v, None) for v in model.graph.output)
+    return inputs, outputs
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Remove weights listed as graph inputs (MXNet and caffe2onnx do this), so they can be folded.
+
+    :return: how many inputs were removed.
+    """
+    weights = {init.name for init in model.graph.initializer}
+    keep = [v for v in model.graph.input if v.name not in weights]
+    removed = len(model.graph.input) - len(keep)
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return removed
+
+
+def foreign_operators(model: onnx.ModelProto) -> list[str]:
+    """Nodes outside the standard ONNX domains, as ``"domain.OpType (node name)"``."""
+    return [f"{n.domain}.{n.op_type} ({n.name or 'unnamed'})" for n in model.graph.node
+            if n.domain not in STANDARD_DOMAINS]
+
+
+def opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
+
+
+def run(path: Path, inputs: Mapping[str, np.ndarray], *, optimize: bool = True) -> dict[str, np.ndarray]:
+    """Run an ONNX file with onnxruntime on the CPU, one call, and return every output by name.
+
+    :param optimize: False runs the graph as written (``ORT_DISABLE_ALL``), e.g. for a reference run
+        that must not share the optimizer with the artifact it is compared to.
+    """
+    session = session_for(path, optimize=optimize)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(inputs)), strict=True))
+
+
+def session_for(path: Path, *, optimize: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def value_shape(value: onnx.ValueInfoProto) -> tuple[Dim, ...]:
+    """A value's dimensions: sizes, or the names of dynamic ones (``"?"`` when unnamed)."""
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in value.type.tensor_type.shape.dim)
+
+
+def _spec(value: onnx.ValueInfoProto, layout: str | None) -> TensorSpec:
+    from onnx import helper
+
+    dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+    return TensorSpec(name=value.name, shape=value_shape(value), dtype=dtype, layout=layout)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

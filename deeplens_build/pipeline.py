@@ -1,0 +1,238 @@
+"""The build: fetch → detect → convert → optimize → parity → runtime → lambda → bundle → sign.
+
+The core owns the order, the cache and the errors; plugins only fill the framework slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as metadata
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deeplens_build import __version__
+from deeplens_build.bundle import write_bundle
+from deeplens_build.cache import Cache
+from deeplens_build.config import ProjectConfig
+from deeplens_build.digest import file_sha256
+from deeplens_build.errors import ConfigError
+from deeplens_build.fetch import SAGEMAKER_PREFIX, fetch
+from deeplens_build.lambda_package import package_lambda
+from deeplens_build.optimize import optimize
+from deeplens_build.parity import check_parity
+from deeplens_build.plugins import PluginManager
+from deeplens_build.report import Reporter
+from deeplens_build.runtime import DEFINITION, load_runtimes, runtimes_dir, select_runtime
+from deeplens_build.signing import load_signer
+from deeplens_build.types import (
+    BuildResult,
+    BundleSizes,
+    ConvertedModel,
+    Detection,
+    LambdaPackage,
+    OptimizedModel,
+    ParityReport,
+    Runtime,
+    TrainingOutput,
+)
+
+CORE_TOOLS = ("numpy", "onnx", "onnxruntime", "onnxconverter-common")
+"""Distributions whose versions shape the optimized artifact: part of every cache key and the manifest."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the command line adds to ``deeplens.toml``."""
+
+    source: str | None = None
+    output: Path | None = None
+    signing_key: str | None = None
+    use_cache: bool = True
+
+
+def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginManager,
+            reporter: Reporter) -> BuildResult:
+    """Build the signed bundle for ``config``; on any failure nothing is left at the output path."""
+    signer = load_signer(options.signing_key)  # before any heavy work: a missing key fails in a second
+    source = options.source or _configured_source(config)
+    cache = Cache(config.build.work_dir / "cache", reuse=options.use_cache)
+    tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
+                                                             "python": platform.python_version()}
+    cached: list[str] = []
+
+    reporter.step(f"fetch: {source}")
+    training = fetch(source, cache=cache, limits=config.fetch, reporter=reporter)
+    detection = manager.detect(training, config.model.framework, config.plugins)
+    plugin = detection.plugin
+    settings = config.plugins.get(plugin.framework.name, {})
+    reporter.step(f"detect: {plugin.framework.name} model ({', '.join(detection.model.files)}) "
+                  f"claimed by plugin {plugin.name}")
+    for note in detection.model.notes:
+        reporter.note(note)
+
+    shapes = {name: spec.shape for name, spec in config.model.inputs.items() if spec.shape}
+    layouts = {name: spec.layout for name, spec in config.model.inputs.items() if spec.layout}
+    plugin_identity = {"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
+                       "tools": dict(plugin.tool_versions)}
+
+    def convert(workdir: Path) -> ConvertedModel:
+        reporter.step(f"convert: {plugin.framework.name} → artifact")
+        return manager.convert(detection, training, workdir, shapes, settings)
+
+    converted, hit = cache.stage("convert", {"source": training.sha256, "files": detection.model.files,
+                                             "plugin": plugin_identity, "shapes": shapes, "settings": settings},
+                                 ConvertedModel, convert)
+    _record("convert", hit, cached, reporter)
+    converted = dataclasses.replace(converted, inputs=tuple(
+        dataclasses.replace(spec, layout=layouts.get(spec.name, spec.layout)) for spec in converted.inputs))
+
+    def optimize_stage(workdir: Path) -> OptimizedModel:
+        reporter.step(f"optimize: {converted.format}, precision {config.model.precision}")
+        return optimize(converted, shapes=shapes, precision=config.model.precision, workdir=workdir,
+                        reporter=reporter)
+
+    optimized, hit = cache.stage("optimize", {"artifact": [file_sha256(p) for p in converted.files],
+                                              "format": converted.format,
+                                              "inputs": [dataclasses.asdict(s) for s in converted.inputs],
+                                              "outputs": [dataclasses.asdict(s) for s in converted.outputs],
+                                              "shapes": shapes, "precision": config.model.precision,
+                                              "tools": tools}, OptimizedModel, optimize_stage)
+    _record("optimize", hit, cached, reporter)
+
+    parity: ParityReport | None = None
+    if optimized.format == "onnx":
+        def parity_stage(_: Path) -> ParityReport:
+            reporter.step(f"parity: original ({plugin.framework.name}) vs optimized (onnxruntime)")
+            return check_parity(
+                lambda inputs: manager.reference_run(detection, training, converted, inputs, settings),
+                optimized, config=config.parity, task=config.model.task, reporter=reporter)
+
+        samples = [file_sha256(p) for p in config.parity.samples if p.is_file()]
+        parity, hit = cache.stage("parity", {"source": training.sha256, "files": detection.model.files,
+                                             "plugin": plugin_identity, "artifact": file_sha256(optimized.path),
+                                             "settings": config.parity.model_dump(mode="json"),
+                                             "samples": samples, "precision": optimized.precision,
+                                             "task": config.model.task, "tools": tools}, ParityReport, parity_stage)
+        _record("parity", hit, cached, reporter)
+    else:
+        reporter.note(f"parity: not applicable, the {optimized.format} artifact is the original model itself")
+
+    runtime = select_runtime(optimized.format, config.target.platform, wanted=config.runtime.name,
+                             suggested=manager.runtime(detection, converted, config.target.platform),
+                             available=load_runtimes())
+    reporter.step(f"runtime: {runtime.name} for {config.target.platform}")
+
+    lambda_pkg, hit = cache.stage(
+        "lambda", {"config": config.lambda_.model_dump(mode="json", exclude={"source"}),
+                   "files": _lambda_digests(config), "default_name": config.model.name},
+        LambdaPackage, lambda workdir: package_lambda(config.lambda_, default_name=config.model.name,
+                                                           workdir=workdir))
+    _record("lambda", hit, cached, reporter)
+
+    labels = config.model.labels or converted.labels
+    if labels is not None and not labels.is_file():
+        raise ConfigError(f"Field `model.labels` points to {labels}, which is not a file")
+    payload = {f"model/{p.name}": p for p in optimized.files}
+    if labels is not None:
+        payload["model/labels.txt"] = labels
+    payload[f"lambda/{lambda_pkg.path.name}"] = lambda_pkg.path
+    payload[f"runtime/{runtime.name}/{DEFINITION}"] = runtimes_dir() / runtime.name / DEFINITION
+
+    manifest = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
+                         runtime=runtime, lambda_pkg=lambda_pkg, labels="model/labels.txt" if labels else None,
+                         tools=tools, plugin_identity=plugin_identity)
+    output = options.output or config.build.output
+    reporter.step(f"bundle: signing with {signer.description}")
+    path, sha256 = write_bundle(payload, manifest, signer, output)
+    sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),
+                        bundle=path.stat().st_size)
+    return BuildResult(bundle=path, sha256=sha256, name=config.model.name, version=config.model.version,
+                       framework=plugin.framework.name, parity=parity, sizes=sizes, cached_stages=tuple(cached),
+                       notes=tuple(reporter.notes), manifest=manifest)
+
+
+def _configured_source(config: ProjectConfig) -> str:
+    source = config.model.source
+    if not source:
+        raise ConfigError("no source: pass --source, or set `model.source` in deeplens.toml to a folder, a "
+                          f"model.tar.gz, an s3:// URI or {SAGEMAKER_PREFIX}NAME")
+    if source.startswith(("s3://", SAGEMAKER_PREFIX)):
+        return source
+    return str(config.root / source)  # relative to deeplens.toml, like every path in it
+
+
+def _record(stage: str, hit: bool, cached: list[str], reporter: Reporter) -> None:
+    if hit:
+        cached.append(stage)
+        reporter.step(f"{stage}: unchanged, reused from the cache")
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
+    from deeplens_build.lambda_package import lambda_files
+
+    source = config.lambda_.source
+    return {rel: file_sha256(source / rel) for rel in lambda_files(source)} if source.is_dir() else {}
+
+
+def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
+              parity: ParityReport | None, runtime: Runtime, lambda_pkg: LambdaPackage, labels: str | None,
+              tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
+    platform_name = config.target.platform
+    return {
+        "name": config.model.name,
+        "version": config.model.version,
+        "framework": detection.plugin.framework.name,
+        "source": {
+            "kind": training.kind,
+            "origin": training.origin,
+            "sha256": training.sha256,
+            "size": training.size,
+            "model_files": list(detection.model.files),
+            "notes": list(detection.model.notes),
+            "sagemaker": dataclasses.asdict(training.sagemaker) if training.sagemaker else None,
+        },
+        "model": {
+            "format": optimized.format,
+            "file": f"model/{optimized.path.name}",
+            "files": [f"model/{p.name}" for p in optimized.files],
+            "labels": labels,
+            "precision": optimized.precision,
+            "task": config.model.task,
+            "inputs": [dataclasses.asdict(s) for s in optimized.inputs],
+            "outputs": [dataclasses.asdict(s) for s in optimized.outputs],
+        },
+        "optimization": {
+            "passes": list(optimized.passes),
+            "opset": optimized.opset,
+            "size_before": optimized.size_before,
+            "size_after": optimized.size_after,
+        },
+        "parity": dataclasses.asdict(parity) if parity else None,
+        "runtime": {
+            "name": runtime.name,
+            "summary": runtime.summary,
+            "python": runtime.python,
+            "platform": platform_name,
+            "requirements": list(runtime.requirements[platform_name]),
+            "definition": f"runtime/{runtime.name}/{DEFINITION}",
+        },
+        "lambda": {
+            "name": lambda_pkg.name,
+            "handler": lambda_pkg.handler,
+            "version": lambda_pkg.version,
+            "file": f"lambda/{lambda_pkg.path.name}",
+            "sha256": lambda_pkg.sha256,
+        },
+        "provenance": {"plugin": dict(plugin_identity), "tools": dict(tools)},
+    }

@@ -1,0 +1,271 @@
+"""Builds the plugin manager and calls plugins; the one place that checks what plugins answer.
+
+Built-in plugins are separate distributions found through the same entry-point group as third-party ones,
+so nothing here knows a framework by name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from deeplens_build import NAME, hookspecs
+from deeplens_build.errors import DeepLensBuildError, PluginError, SourceError
+from deeplens_build.types import (
+    ConvertedModel,
+    Detection,
+    Framework,
+    ModelFiles,
+    PluginInfo,
+    TensorSpec,
+    TrainingOutput,
+)
+
+DISABLE_ENV = "DEEPLENS_BUILD_DISABLE_PLUGINS"
+"""Comma-separated entry-point names that are not loaded (e.g. to silence a broken third-party plugin)."""
+
+BUILTIN_DISTRIBUTIONS = frozenset(
+    {"deeplens-build-onnx", "deeplens-build-mxnet", "deeplens-build-tensorflow", "deeplens-build-caffe"}
+)
+_FRAMEWORK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A plugin that could not be loaded; reported by ``deeplens-build plugins`` and skipped."""
+
+    name: str
+    distribution: str | None
+    reason: str
+
+
+class PluginManager:
+    """The loaded framework plugins and typed, validated calls into them."""
+
+    def __init__(self, pm: pluggy.PluginManager, infos: Mapping[str, PluginInfo], failures: tuple[LoadFailure, ...]):
+        self._pm = pm
+        self._infos = dict(infos)
+        self.failures = failures
+
+    @property
+    def plugins(self) -> tuple[PluginInfo, ...]:
+        return tuple(sorted(self._infos.values(), key=lambda p: p.framework.name))
+
+    def describe(self) -> str:
+        """The installed plugins, for error messages."""
+        if not self._infos:
+            return "no framework plugins are installed (pip install deeplens-build-onnx)"
+        return ", ".join(f"{p.framework.name} ({p.distribution} {p.version})" if p.distribution
+                         else f"{p.framework.name} (registered directly)" for p in self.plugins)
+
+    def plugin_for(self, framework: str) -> PluginInfo:
+        for info in self._infos.values():
+            if info.framework.name == framework:
+                return info
+        raise PluginError(f"no plugin provides framework {framework!r}; installed: {self.describe()}. "
+                          "Set `model.framework` to one of them or install the plugin for your framework.")
+
+    def detect(self, source: TrainingOutput, framework: str, settings: Mapping[str, Mapping[str, Any]]) -> Detection:
+        """Find the plugin that owns ``source``: the one named by ``framework``, or the first to claim it."""
+        if framework != "auto":
+            info = self.plugin_for(framework)
+            claim = self._call(info, "deeplens_build_detect", f"detect {source.origin}",
+                               source=source, settings=settings.get(info.framework.name, {}))
+            if claim is None:
+                raise SourceError(f"plugin {info.name!r} found no {framework} model in {source.origin} "
+                                  f"(files: {_preview(source.files)}); check the source or set "
+                                  "`model.framework = \"auto\"`")
+            return Detection(info, self._check_claim(info, source, claim))
+        for impl in reversed(self._pm.hook.deeplens_build_detect.get_hookimpls()):
+            info = self._infos[impl.plugin_name]
+            claim = self._call(info, "deeplens_build_detect", f"detect {source.origin}",
+                               source=source, settings=settings.get(info.framework.name, {}))
+            if claim is not None:
+                return Detection(info, self._check_claim(info, source, claim))
+        raise SourceError(f"no plugin recognises the model in {source.origin} (files: {_preview(source.files)}); "
+                          f"installed plugins: {self.describe()}. Install the plugin for your framework, or "
+                          "check that the source is the training output (e.g. model.tar.gz).")
+
+    def convert(self, detection: Detection, source: TrainingOutput, workdir: Path,
+                shapes: Mapping[str, tuple[int, ...]], settings: Mapping[str, Any]) -> ConvertedModel:
+        info = detection.plugin
+        converted = self._call(info, "deeplens_build_convert", f"convert {_files(detection)}", source=source,
+                               model=detection.model, workdir=workdir, shapes=shapes, settings=settings)
+        return _check_converted(info, converted, workdir)
+
+    def reference_run(self, detection: Detection, source: TrainingOutput, converted: ConvertedModel,
+                      inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> Mapping[str, Any]:
+        info = detection.plugin
+        outputs = self._call(info, "deeplens_build_reference_run", f"run the original {_files(detection)}",
+                             source=source, model=detection.model, converted=converted, inputs=inputs,
+                             settings=settings)
+        missing = [o.name for o in converted.outputs if not isinstance(outputs, Mapping) or o.name not in outputs]
+        if missing:
+            raise PluginError(f"plugin {info.name!r}: deeplens_build_reference_run returned no value for "
+                              f"output(s) {', '.join(missing)} of {_files(detection)}")
+        return outputs
+
+    def runtime(self, detection: Detection, converted: ConvertedModel, platform: str) -> str | None:
+        answer = self._call(detection.plugin, "deeplens_build_runtime", "choose a runtime",
+                            converted=converted, platform=platform)
+        if answer is not None and not isinstance(answer, str):
+            raise PluginError(f"plugin {detection.plugin.name!r}: deeplens_build_runtime must return a runtime "
+                              f"name or None, not {type(answer).__name__}")
+        return answer
+
+    def _call(self, info: PluginInfo, hook: str, doing: str, **kwargs: Any) -> Any:
+        others = [p for name, p in self._pm.list_name_plugin() if name != info.name]
+        caller = self._pm.subset_hook_caller(hook, remove_plugins=others)
+        try:
+            return caller(**kwargs)
+        except DeepLensBuildError as exc:
+            raise type(exc)(f"plugin {info.name!r} could not {doing}: {exc}") from exc
+        except Exception as exc:  # a plugin's bug: name the plugin and the cause instead of a traceback
+            raise PluginError(f"plugin {info.name!r} failed to {doing}: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _check_claim(info: PluginInfo, source: TrainingOutput, claim: object) -> ModelFiles:
+        if not isinstance(claim, ModelFiles) or not claim.files:
+            raise PluginError(f"plugin {info.name!r}: deeplens_build_detect must return ModelFiles naming at "
+                              f"least one file, or None; got {claim!r}")
+        unknown = [f for f in claim.files if f not in source.files]
+        if unknown:
+            raise PluginError(f"plugin {info.name!r} claimed files that are not in {source.origin}: "
+                              f"{', '.join(unknown)}")
+        return claim
+
+
+def build_plugin_manager(
+    *,
+    extra: Iterable[object] = (),
+    entry_points: bool = True,
+    only: Iterable[str] | None = None,
+) -> PluginManager:
+    """Build the plugin manager: hookspecs, then every entry point of the ``deeplens_build`` group.
+
+    :param extra: plugin objects (modules or instances) registered before the entry points, e.g. a plugin
+        under test.
+    :param entry_points: load installed plugins; a test can turn this off and pass ``extra`` only.
+    :param only: entry-point names to load, ignoring any other installed plugin (the project's own tests use
+        it so that a stray third-party plugin cannot change their outcome).
+    """
+    pm = pluggy.PluginManager(NAME)
+    pm.add_hookspecs(hookspecs)
+    blocked = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    for name in blocked:
+        pm.set_blocked(name)
+    failures: list[LoadFailure] = []
+    dists: dict[str, metadata.Distribution | None] = {}
+    for plugin in extra:
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        pm.register(plugin, name=name)
+        dists[name] = None
+    if entry_points:
+        wanted = None if only is None else set(only)
+        for ep in sorted(metadata.entry_points(group=NAME), key=lambda e: e.name):
+            if ep.name in blocked or (wanted is not None and ep.name not in wanted) or pm.has_plugin(ep.name):
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # a broken third-party plugin must not break unrelated builds
+                failures.append(LoadFailure(ep.name, ep.dist.name if ep.dist else None, f"{type(exc).__name__}: {exc}"))
+                continue
+            dists[ep.name] = ep.dist
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+    infos = _declare_frameworks(pm, dists, failures)
+    return PluginManager(pm, infos, tuple(failures))
+
+
+def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
+                        failures: list[LoadFailure]) -> dict[str, PluginInfo]:
+    infos: dict[str, PluginInfo] = {}
+    for impl in pm.hook.deeplens_build_framework.get_hookimpls():
+        name, dist = impl.plugin_name, dists.get(impl.plugin_name)
+        try:
+            framework = impl.function()
+        except Exception as exc:  # same rule as an import failure: report and skip
+            failures.append(LoadFailure(name, dist.name if dist else None, f"{type(exc).__name__}: {exc}"))
+            pm.unregister(name=name)
+            continue
+        if not isinstance(framework, Framework) or not _FRAMEWORK_NAME.match(framework.name):
+            raise PluginError(f"plugin {name!r}: deeplens_build_framework must return a Framework whose name "
+                              f"matches {_FRAMEWORK_NAME.pattern}; got {framework!r}")
+        infos[name] = PluginInfo(
+            name=name,
+            framework=framework,
+            distribution=dist.name if dist else None,
+            version=dist.version if dist else None,
+            builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
+            tool_versions={req: _installed_version(req) for req in framework.requires},
+        )
+    for name, plugin in pm.list_name_plugin():
+        if name not in infos and not any(f.name == name for f in failures):
+            failures.append(LoadFailure(name, None, "does not implement deeplens_build_framework"))
+            pm.unregister(plugin)
+    by_framework: dict[str, list[PluginInfo]] = {}
+    for info in infos.values():
+        by_framework.setdefault(info.framework.name, []).append(info)
+    for framework_name, providers in by_framework.items():
+        if len(providers) > 1:
+            who = " and ".join(f"{p.name!r} ({p.distribution or 'registered directly'})" for p in providers)
+            raise PluginError(f"framework {framework_name!r} is provided by more than one plugin: {who}; "
+                              f"uninstall one, or block it with {DISABLE_ENV}")
+    return infos
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _check_converted(info: PluginInfo, converted: object, workdir: Path) -> ConvertedModel:
+    def fail(problem: str) -> PluginError:
+        return PluginError(f"plugin {info.name!r}: deeplens_build_convert {problem}")
+
+    if not isinstance(converted, ConvertedModel):
+        raise fail(f"must return a ConvertedModel, got {type(converted).__name__}")
+    root = workdir.resolve()
+    for path in (*converted.files, *([converted.labels] if converted.labels else [])):
+        if not Path(path).is_file():
+            raise fail(f"returned {path}, which is not a file")
+        if not Path(path).resolve().is_relative_to(root):
+            raise fail(f"returned {path}, outside the work folder it was given ({workdir})")
+    if not converted.inputs or not converted.outputs:
+        raise fail("returned a model without inputs or outputs")
+    for spec in (*converted.inputs, *converted.outputs):
+        _check_spec(spec, fail)
+    return converted
+
+
+def _check_spec(spec: object, fail: Callable[[str], PluginError]) -> None:
+    import numpy as np  # lazily: `plugins`, `verify` and `inspect` never get here
+
+    if not isinstance(spec, TensorSpec):
+        raise fail(f"must describe tensors with TensorSpec, got {spec!r}")
+    try:
+        np.dtype(spec.dtype)
+    except TypeError as exc:
+        raise fail(f"gave tensor {spec.name!r} an unknown dtype {spec.dtype!r}") from exc
+    if spec.layout not in (None, "NCHW", "NHWC"):
+        raise fail(f"gave tensor {spec.name!r} layout {spec.layout!r}; use 'NCHW', 'NHWC' or None")
+
+
+def _files(detection: Detection) -> str:
+    return ", ".join(detection.model.files)
+
+
+def _preview(files: tuple[str, ...], limit: int = 8) -> str:
+    shown = ", ".join(files[:limit])
+    return shown + (f", … ({len(files) - limit} more)" if len(files) > limit else "") if files else "none"

@@ -1,0 +1,239 @@
+"""The typed values that flow between pipeline stages and the answers plugins give.
+
+Every value is a frozen dataclass: a stage never receives a loose dict, and nothing downstream can change what
+an upstream stage decided. Paths are absolute on this machine; the manifest records them relative to the bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Dim = int | str
+"""One dimension of a tensor: a size, or the name of a dynamic dimension (``"N"``)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model.
+
+    :param name: the tensor's name in the model.
+    :param shape: its dimensions; a ``str`` marks a dynamic one (the optimizer makes inputs static).
+    :param dtype: a numpy dtype name, e.g. ``"float32"``.
+    :param layout: ``"NCHW"``, ``"NHWC"`` or None when not an image; the Lambda uses it to feed frames.
+    """
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str
+    layout: str | None = None
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in self.shape)
+
+
+@dataclass(frozen=True)
+class SageMakerJob:
+    """What a SageMaker training job says about the output it left (``sagemaker-job:NAME`` sources)."""
+
+    name: str
+    arn: str
+    training_image: str
+    framework_hint: str | None
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingOutput:
+    """A training output, fetched and safely extracted into a read-only folder.
+
+    :param root: the folder holding the files; plugins read it and never write to it.
+    :param files: every regular file under ``root``, as sorted POSIX paths relative to it.
+    :param sha256: digest of the source as given (the archive's bytes, or the folder's file tree).
+    :param size: bytes of the source as given.
+    :param kind: ``"directory"``, ``"archive"``, ``"file"``, ``"s3"`` or ``"sagemaker-job"``.
+    :param origin: how to name the source in messages and the manifest (never an absolute local path).
+    :param sagemaker: the training job, when the source was ``sagemaker-job:NAME``.
+    """
+
+    root: Path
+    files: tuple[str, ...]
+    sha256: str
+    size: int
+    kind: str
+    origin: str
+    sagemaker: SageMakerJob | None = None
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def matching(self, *suffixes: str) -> tuple[str, ...]:
+        """The files whose names end with one of ``suffixes`` (case-insensitive), in sorted order."""
+        lowered = tuple(s.lower() for s in suffixes)
+        return tuple(f for f in self.files if f.lower().endswith(lowered))
+
+
+@dataclass(frozen=True)
+class Framework:
+    """A plugin's declaration of the framework it handles (answer of ``deeplens_build_framework``).
+
+    :param name: short unique name used in ``model.framework`` and messages, e.g. ``"onnx"``.
+    :param summary: one line shown by ``deeplens-build plugins``.
+    :param requires: distributions whose installed versions are recorded in the manifest and the cache key.
+    :param install: the command that installs what the plugin imports, quoted in "missing dependency" errors.
+    """
+
+    name: str
+    summary: str
+    requires: tuple[str, ...] = ()
+    install: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A plugin's claim on a training output (answer of ``deeplens_build_detect``).
+
+    :param files: the files, relative to the training output's root, that make up the model to package.
+    :param notes: what the user should know about the choice, e.g. which of several checkpoints was taken.
+    """
+
+    files: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConvertedModel:
+    """A plugin's converted artifact (answer of ``deeplens_build_convert``).
+
+    :param format: ``"onnx"`` for ONNX (optimized and parity-checked by the core), or the name of a native
+        format (e.g. ``"mxnet-symbol"``) that a runtime declares it can run.
+    :param path: the main artifact file, inside the work folder the plugin was given.
+    :param inputs: the model's inputs, in the order the model takes them.
+    :param outputs: the model's outputs.
+    :param extra_files: further artifact files (e.g. weights of a native format), inside the work folder.
+    :param labels: a class-labels file, one label per line, if the training output had one.
+    """
+
+    format: str
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    extra_files: tuple[Path, ...] = ()
+    labels: Path | None = None
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path, *self.extra_files)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A loaded framework plugin, as ``deeplens-build plugins`` lists it."""
+
+    name: str
+    framework: Framework
+    distribution: str | None
+    version: str | None
+    builtin: bool
+    tool_versions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detect stage's answer: which plugin owns the training output, and which files."""
+
+    plugin: PluginInfo
+    model: ModelFiles
+
+
+@dataclass(frozen=True)
+class OptimizedModel:
+    """The optimize stage's result: the artifact that goes into the bundle."""
+
+    format: str
+    path: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str
+    passes: tuple[str, ...]
+    size_before: int
+    size_after: int
+    opset: int | None
+    extra_files: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path, *self.extra_files)
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    """Parity figures for one output over every compared sample."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Original vs optimized on the same inputs; ``passed`` is ``max_abs_diff <= tolerance``."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    passed: bool
+    samples: int
+    seed: int
+    outputs: tuple[OutputParity, ...]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime definition from ``runtimes/<name>/runtime.toml``: what a device needs to run an artifact."""
+
+    name: str
+    summary: str
+    formats: tuple[str, ...]
+    python: str
+    platforms: tuple[str, ...]
+    requirements: Mapping[str, tuple[str, ...]]
+    definition_sha256: str
+
+
+@dataclass(frozen=True)
+class LambdaPackage:
+    """The inference Lambda's deployment zip, versioned by its content."""
+
+    path: Path
+    name: str
+    handler: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BundleSizes:
+    source: int
+    artifact: int
+    bundle: int
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What ``deeplens-build package`` built: the bundle and the figures worth reporting."""
+
+    bundle: Path
+    sha256: str
+    name: str
+    version: str
+    framework: str
+    parity: ParityReport | None
+    sizes: BundleSizes
+    cached_stages: tuple[str, ...]
+    notes: tuple[str, ...]
+    manifest: Mapping[str, Any]
