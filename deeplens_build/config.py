@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from deeplens_build.errors import ConfigError
@@ -40,7 +41,7 @@ ProjectPath = Annotated[Path, AfterValidator(_resolve)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class InputConfig(_Strict):
@@ -122,14 +123,25 @@ class BuildConfig(_Strict):
 class ProjectConfig(_Strict):
     model: ModelConfig
     lambda_: LambdaConfig = Field(alias="lambda")
-    parity: ParityConfig = ParityConfig()
-    fetch: FetchConfig = FetchConfig()
-    target: TargetConfig = TargetConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    build: BuildConfig = BuildConfig()
+    parity: ParityConfig
+    fetch: FetchConfig
+    target: TargetConfig
+    runtime: RuntimeConfig
+    build: BuildConfig
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     root: Path = Field(default=Path("."), exclude=True)
     """The folder holding ``deeplens.toml``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_default_to_empty(cls, data: Any) -> Any:
+        # validated from {} rather than given as instances, so their relative paths resolve against the project
+        if isinstance(data, dict):
+            return {section: {} for section in _OPTIONAL_SECTIONS} | data
+        return data
+
+
+_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build")
 
 
 def load_config(path: Path | None) -> ProjectConfig:

@@ -102,7 +102,7 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
     try:
         with tarfile.open(archive, mode="r:*") as tar, \
                 reporter.progress(total=None, desc=f"extract {origin}", unit="file") as bar:
-            tar.extractall(dest, members=_within_limits(tar, limits, origin, bar), filter="data")
+            tar.extractall(dest, members=_screened(tar, limits, origin, bar), filter="data")
     except tarfile.FilterError as exc:
         problem = next((text for cls, text in _TAR_FILTER_PROBLEMS.items() if isinstance(exc, cls)),
                        "is unsafe to extract")
@@ -118,10 +118,15 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
         raise
 
 
-def _within_limits(tar: tarfile.TarFile, limits: FetchConfig, origin: str, bar) -> Iterator[tarfile.TarInfo]:
-    """Yield members one at a time, stopping before the one that would pass a limit (a decompression bomb)."""
+def _screened(tar: tarfile.TarFile, limits: FetchConfig, origin: str, bar) -> Iterator[tarfile.TarInfo]:
+    """Yield members one at a time, stopping before one that would pass a limit (a decompression bomb).
+
+    The ``data`` filter would quietly strip a leading ``/``; an absolute path in a training output is refused.
+    """
     total = 0
     for count, member in enumerate(tar, start=1):
+        if member.name.startswith(("/", "\\")):
+            raise tarfile.AbsolutePathError(member)
         total += member.size
         if count > limits.max_members:
             raise SourceError(f"archive {origin} has more than {limits.max_members} members; refusing to extract "

@@ -30,6 +30,8 @@ from deeplens_build.types import (
 
 DISABLE_ENV = "DEEPLENS_BUILD_DISABLE_PLUGINS"
 """Comma-separated entry-point names that are not loaded (e.g. to silence a broken third-party plugin)."""
+ONLY_ENV = "DEEPLENS_BUILD_PLUGINS"
+"""Comma-separated entry-point names to load, ignoring every other installed plugin (used by the test suite)."""
 
 BUILTIN_DISTRIBUTIONS = frozenset(
     {"deeplens-build-onnx", "deeplens-build-mxnet", "deeplens-build-tensorflow", "deeplens-build-caffe"}
@@ -153,12 +155,14 @@ def build_plugin_manager(
     :param extra: plugin objects (modules or instances) registered before the entry points, e.g. a plugin
         under test.
     :param entry_points: load installed plugins; a test can turn this off and pass ``extra`` only.
-    :param only: entry-point names to load, ignoring any other installed plugin (the project's own tests use
-        it so that a stray third-party plugin cannot change their outcome).
+    :param only: entry-point names to load, ignoring any other installed plugin (default: ``$DEEPLENS_BUILD_PLUGINS``
+        when set; the project's own tests set it so that a stray third-party plugin cannot change their outcome).
     """
     pm = pluggy.PluginManager(NAME)
     pm.add_hookspecs(hookspecs)
-    blocked = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    blocked = _names_from(DISABLE_ENV) or set()
+    if only is None:
+        only = _names_from(ONLY_ENV)
     for name in blocked:
         pm.set_blocked(name)
     failures: list[LoadFailure] = []
@@ -221,6 +225,11 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
             raise PluginError(f"framework {framework_name!r} is provided by more than one plugin: {who}; "
                               f"uninstall one, or block it with {DISABLE_ENV}")
     return infos
+
+
+def _names_from(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    return None if value is None else {n.strip() for n in value.split(",") if n.strip()}
 
 
 def _installed_version(distribution: str) -> str:

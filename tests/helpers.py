@@ -1,0 +1,41 @@
+"""Small helpers the tests share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+from deeplens_build.cli import main
+
+
+def files_under(root: Path) -> set[str]:
+    """Every path under ``root``, relative; empty when ``root`` does not exist."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")} if root.exists() else set()
+
+
+def cli(*args: str | Path, expect: int = 0) -> Result:
+    """Run ``deeplens-build ARGS`` in-process and check its exit code."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    if result.exit_code != expect:
+        trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+        raise AssertionError(f"exit {result.exit_code} (expected {expect})\n{result.output}\n{trace}")
+    return result
+
+
+def package_json(config: Path, *extra: str | Path) -> dict[str, Any]:
+    key = config.parent / "signing-key.pem"
+    if not key.exists():
+        cli("keygen", "--out", key)
+    result = cli("package", "--config", config, "--signing-key", key, "--json", *extra)
+    return json.loads(result.stdout)
+
+
+def error_line(result: Result) -> str:
+    """The one ``error:`` line a failing command printed."""
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    return lines[0]
