@@ -123,7 +123,7 @@ class PluginManager:
         return answer
 
     def _call(self, info: PluginInfo, hook: str, doing: str, **kwargs: Any) -> Any:
-        others = [p for name, p in self._pm.list_name_plugin() if name != info.name]
+        others = [p for name, p in self._pm.list_name_plugin() if name != info.name and p is not None]
         caller = self._pm.subset_hook_caller(hook, remove_plugins=others)
         try:
             return caller(**kwargs)
@@ -213,6 +213,8 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
             tool_versions={req: _installed_version(req) for req in framework.requires},
         )
     for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked by name
+            continue
         if name not in infos and not any(f.name == name for f in failures):
             failures.append(LoadFailure(name, None, "does not implement deeplens_build_framework"))
             pm.unregister(plugin)

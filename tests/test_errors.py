@@ -1,0 +1,129 @@
+"""Every bad input: one clear error naming what is wrong and what to do, and nothing at the output path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import cli, error_line
+
+from deeplens_build import ConvertedModel, Framework, ModelFiles, hookimpl, onnxtools, testing
+from deeplens_build.errors import ParityError
+
+
+def _package(config: Path, expect: int) -> str:
+    key = testing.signing_key(config.parent)
+    result = cli("package", "--config", config, "--signing-key", key, expect=expect)
+    assert "Traceback" not in result.output
+    assert not (config.parent / "dist").exists() or not any((config.parent / "dist").iterdir())
+    return error_line(result)
+
+
+def test_rejects_model_name_without_deeplens_prefix(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, name="squeezenet")
+    message = _package(config, expect=3)
+    assert "Field `model.name` model names must start with 'deeplens-'" in message
+    assert "'deeplens-squeezenet'" in message
+
+
+def test_rejects_corrupt_onnx(tmp_path: Path) -> None:
+    source = tmp_path / "out"
+    source.mkdir()
+    (source / "model.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 3)
+    message = _package(testing.write_project(tmp_path / "p", source=source), expect=5)
+    assert message.startswith("error: plugin 'onnx' could not convert model.onnx:")
+    assert "model.onnx is not a valid ONNX model" in message
+
+
+def test_no_plugin_claims_the_files(tmp_path: Path) -> None:
+    source = tmp_path / "out"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(b"0" * 10)
+    message = _package(testing.write_project(tmp_path / "p", source=source), expect=4)
+    assert "no plugin recognises the model" in message and "weights.bin" in message
+    assert "installed plugins: onnx (deeplens-build-onnx" in message
+
+
+def test_unknown_explicit_framework_lists_the_installed_plugins(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "caffe"})
+    message = _package(config, expect=5)
+    assert "no plugin provides framework 'caffe'; installed: onnx (deeplens-build-onnx" in message
+
+
+def test_missing_lambda_folder_names_the_key(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir,
+                                   **{"lambda": {"source": "no-such-folder"}})
+    assert "Field `lambda.source` points to" in _package(config, expect=3)
+
+
+def test_missing_labels_file_names_the_key(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"labels": "nope.txt"})
+    assert "Field `model.labels` points to" in _package(config, expect=3)
+
+
+def test_unknown_config_key_is_named(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, parity={"tolerence": 0.1})
+    assert "Field `parity.tolerence` is not a known setting" in _package(config, expect=3)
+
+
+def test_bad_shape_is_named_with_its_key_path(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, inputs={"data": {"shape": [1, -3]}})
+    assert "Field `model.inputs.data.shape.1`" in _package(config, expect=3)
+
+
+def test_shape_for_an_input_the_model_lacks(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, inputs={"image": {"shape": [1, 3]}})
+    assert "`model.inputs` names image, which the model does not have; its inputs are data" in _package(config, 3)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = cli("package", "--config", tmp_path / "deeplens.toml", expect=3)
+    assert "no deeplens.toml at" in error_line(result)
+
+
+def test_missing_signing_key_fails_before_any_work(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir)
+    result = cli("package", "--config", config, expect=9)
+    assert "no signing key" in error_line(result) and "deeplens-build keygen" in error_line(result)
+    assert not (config.parent / ".deeplens").exists()
+
+
+class BrokenOptimizerPlugin:
+    """A test-only framework whose 'original' disagrees with its artifact, as after a broken optimization."""
+
+    __name__ = "broken"
+
+    @hookimpl
+    def deeplens_build_framework(self):
+        return Framework(name="broken", summary="test only")
+
+    @hookimpl
+    def deeplens_build_detect(self, source):
+        found = source.matching(".broken.onnx")
+        return ModelFiles(files=found) if found else None
+
+    @hookimpl
+    def deeplens_build_convert(self, source, model, workdir):
+        target = workdir / "model.onnx"
+        target.write_bytes(source.path(model.files[0]).read_bytes())
+        inputs, outputs = onnxtools.interface(onnxtools.load(target))
+        return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs)
+
+    @hookimpl
+    def deeplens_build_reference_run(self, source, model, inputs):
+        outputs = onnxtools.run(source.path(model.files[0]), inputs)
+        return {name: value + 0.05 for name, value in outputs.items()}
+
+
+def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "out"
+    testing.onnx_classifier(source / "net.broken.onnx")
+    config = testing.write_project(tmp_path / "p", source=source, inputs={"data": {"shape": [1, 3, 32, 32]}})
+    with pytest.raises(ParityError) as error:
+        testing.build(config, plugins=[BrokenOptimizerPlugin()], entry_points=False)
+    message = str(error.value)
+    assert "parity failed for output 'prob': max abs diff 0.05 > tolerance 0.0001" in message
+    assert "4 samples, seed 0" in message
+    assert not (config.parent / "dist").exists()
+    cache = config.parent / ".deeplens" / "cache"
+    assert not (cache / "parity").exists() or not any(p.name != ".build" for p in (cache / "parity").iterdir())

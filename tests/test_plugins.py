@@ -1,0 +1,136 @@
+"""The plugin manager: discovery through entry points, validation of answers, and the documented contract."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import cli
+
+from deeplens_build import Framework, ModelFiles, hookimpl, hookspecs
+from deeplens_build.errors import PluginError
+from deeplens_build.plugins import build_plugin_manager
+
+
+def _install_fake_distribution(site: Path, dist: str, module: str, source: str, monkeypatch) -> None:
+    """A real installed distribution (dist-info with an entry point) on sys.path, as pip would leave it."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-9.9.9.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 9.9.9\n")
+    (info / "entry_points.txt").write_text(f"[deeplens_build]\n{module} = {module}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
+THIRD_PARTY = '''
+from deeplens_build import Framework, hookimpl
+
+@hookimpl
+def deeplens_build_framework():
+    return Framework(name="{framework}", summary="third-party test plugin")
+'''
+
+
+def test_builtin_plugin_is_found_through_its_entry_point() -> None:
+    [onnx] = build_plugin_manager().plugins
+    assert (onnx.name, onnx.distribution, onnx.builtin) == ("onnx", "deeplens-build-onnx", True)
+    assert onnx.tool_versions["onnx"] != "not installed"
+
+
+def test_third_party_plugin_is_listed_beside_the_builtins(tmp_path: Path, monkeypatch) -> None:
+    _install_fake_distribution(tmp_path, "deeplens-build-acme", "acme_plugin",
+                               THIRD_PARTY.format(framework="acme"), monkeypatch)
+    monkeypatch.setenv("DEEPLENS_BUILD_PLUGINS", "onnx,acme_plugin")
+    listed = json.loads(cli("plugins", "--json").stdout)["plugins"]
+    assert [(p["framework"], p["distribution"], p["version"], p["builtin"]) for p in listed] == [
+        ("acme", "deeplens-build-acme", "9.9.9", False), ("onnx", "deeplens-build-onnx", "0.1.0", True)]
+
+
+def test_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path: Path, monkeypatch) -> None:
+    _install_fake_distribution(tmp_path, "deeplens-build-bad", "bad_plugin", "import no_such_module\n", monkeypatch)
+    monkeypatch.setenv("DEEPLENS_BUILD_PLUGINS", "onnx,bad_plugin")
+    manager = build_plugin_manager()
+    assert [p.name for p in manager.plugins] == ["onnx"]
+    [failure] = manager.failures
+    assert failure.name == "bad_plugin" and "No module named 'no_such_module'" in failure.reason
+    assert "skipped bad_plugin (deeplens-build-bad)" in cli("plugins").stdout
+
+
+def test_disabled_plugin_is_not_loaded(tmp_path: Path, monkeypatch) -> None:
+    _install_fake_distribution(tmp_path, "deeplens-build-acme", "acme_plugin",
+                               THIRD_PARTY.format(framework="acme"), monkeypatch)
+    monkeypatch.delenv("DEEPLENS_BUILD_PLUGINS")
+    monkeypatch.setenv("DEEPLENS_BUILD_DISABLE_PLUGINS", "acme_plugin")
+    assert "acme" not in [p.framework.name for p in build_plugin_manager().plugins]
+
+
+def test_duplicate_framework_names_both_plugins(tmp_path: Path, monkeypatch) -> None:
+    _install_fake_distribution(tmp_path, "deeplens-build-onnx-fork", "onnx_fork",
+                               THIRD_PARTY.format(framework="onnx"), monkeypatch)
+    monkeypatch.setenv("DEEPLENS_BUILD_PLUGINS", "onnx,onnx_fork")
+    with pytest.raises(PluginError) as error:
+        build_plugin_manager()
+    message = str(error.value)
+    assert "framework 'onnx' is provided by more than one plugin" in message
+    assert "'onnx' (deeplens-build-onnx)" in message and "'onnx_fork' (deeplens-build-onnx-fork)" in message
+
+
+class _BadAnswers:
+    __name__ = "liar"
+
+    @hookimpl
+    def deeplens_build_framework(self):
+        return Framework(name="liar", summary="claims files that are not there")
+
+    @hookimpl
+    def deeplens_build_detect(self, source):
+        return ModelFiles(files=("not/there.bin",))
+
+
+def test_manager_rejects_a_claim_on_files_that_do_not_exist(project: Path) -> None:
+    from deeplens_build import testing
+
+    with pytest.raises(PluginError, match=r"plugin 'liar' claimed files that are not in .*: not/there.bin"):
+        testing.build(project, plugins=[_BadAnswers()], entry_points=False)
+
+
+def test_invalid_framework_declaration_is_an_error() -> None:
+    class Bad:
+        __name__ = "bad"
+
+        @hookimpl
+        def deeplens_build_framework(self):
+            return {"name": "bad"}
+
+    with pytest.raises(PluginError, match=r"plugin 'bad': deeplens_build_framework must return a Framework"):
+        build_plugin_manager(extra=[Bad()], entry_points=False)
+
+
+def test_every_hook_is_documented_for_plugin_authors() -> None:
+    hooks = [f for name, f in vars(hookspecs).items() if name.startswith("deeplens_build_")]
+    assert len(hooks) >= 5
+    for hook in hooks:
+        doc = inspect.getdoc(hook) or ""
+        assert len(doc.splitlines()) > 3, f"{hook.__name__} has no manual"
+        for param in inspect.signature(hook).parameters:
+            assert f":param {param}:" in doc, f"{hook.__name__} does not document {param}"
+        assert ":return:" in doc and "Example::" in doc, hook.__name__
+
+
+def test_plugins_verify_and_inspect_do_not_import_the_frameworks(project: Path) -> None:
+    import subprocess
+
+    from helpers import package_json
+
+    bundle = package_json(project)["bundle"]
+    probe = ("import sys; from deeplens_build.cli import main\n"
+             "for args in (['plugins'], ['verify', sys.argv[1]], ['inspect', sys.argv[1]]):\n"
+             "    try: main(args)\n"
+             "    except SystemExit: pass\n"
+             "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'numpy', 'tensorflow', 'mxnet') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", probe, bundle], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
