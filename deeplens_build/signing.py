@@ -150,8 +150,11 @@ def _kms_signer(key_id: str) -> KmsSigner:
         answer = _kms().get_public_key(KeyId=key_id)
     except (ClientError, BotoCoreError) as exc:
         raise AwsError(f"cannot read KMS key {key_id}: {exc}") from exc
-    if answer.get("KeySpec") != "ECC_NIST_P256" or "ECDSA_SHA_256" not in answer.get("SigningAlgorithms", []):
-        raise SigningError(f"KMS key {key_id} is {answer.get('KeySpec')}; bundles are signed with an "
-                           "ECC_NIST_P256 key that allows ECDSA_SHA_256")
+    # the key itself is the authority: some KMS implementations leave KeySpec out of the answer
     key = serialization.load_der_public_key(answer["PublicKey"])
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1) \
+            or "ECDSA_SHA_256" not in answer.get("SigningAlgorithms", ["ECDSA_SHA_256"]):
+        kind = answer.get("KeySpec") or answer.get("CustomerMasterKeySpec") or type(key).__name__
+        raise SigningError(f"KMS key {key_id} is {kind}; bundles are signed with an ECC_NIST_P256 key that "
+                           "allows ECDSA_SHA_256")
     return KmsSigner(key_id=key_id, public_key_pem=public_pem(key), description=f"KMS key {key_id}")

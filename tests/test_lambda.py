@@ -1,0 +1,54 @@
+"""The Lambda zip: deterministic, content-versioned, and never carrying a secret."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from deeplens_build.config import LambdaConfig
+from deeplens_build.errors import ConfigError
+from deeplens_build.lambda_package import package_lambda
+
+
+def _source(root: Path) -> Path:
+    (root / "pkg").mkdir(parents=True)
+    (root / "inference.py").write_text("def handler(event, context):\n    return None\n")
+    (root / "pkg" / "post.py").write_text("X = 1\n")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "inference.cpython-311.pyc").write_bytes(b"\0")
+    return root
+
+
+def test_zip_is_deterministic_and_skips_bytecode(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    a = package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "a"))
+    (source / "inference.py").touch()  # a new mtime must not change the bytes
+    b = package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "b"))
+    assert a.path.read_bytes() == b.path.read_bytes() and a.version == b.version
+    with zipfile.ZipFile(a.path) as z:
+        assert z.namelist() == ["inference.py", "pkg/post.py"]
+        assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+@pytest.mark.parametrize("secret", [".env", "credentials", "deploy-key.pem", "config/.aws/config", "my_secret.json"])
+def test_refuses_files_that_look_like_secrets(tmp_path: Path, secret: str) -> None:
+    source = _source(tmp_path / "src")
+    (source / secret).parent.mkdir(parents=True, exist_ok=True)
+    (source / secret).write_text("AKIA...")
+    with pytest.raises(ConfigError, match=rf"look like secrets: {secret}"):
+        package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_handler_module_must_exist(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    with pytest.raises(ConfigError, match=r"`lambda.handler` is 'main.handler', but .* has no main.py"):
+        package_lambda(LambdaConfig(source=source, handler="main.handler"), default_name="deeplens-x",
+                       workdir=_dir(tmp_path / "out"))
+
+
+def _dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

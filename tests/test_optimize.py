@@ -1,0 +1,99 @@
+"""The shared optimize stage: standard ONNX only, static shapes, weights out of the inputs, FP16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deeplens_build import onnxtools, testing
+from deeplens_build.errors import ConfigError
+from deeplens_build.optimize import optimize
+from deeplens_build.report import Reporter
+from deeplens_build.types import ConvertedModel
+
+
+def _converted(path: Path) -> ConvertedModel:
+    inputs, outputs = onnxtools.interface(onnxtools.load(path))
+    return ConvertedModel(format="onnx", path=path, inputs=inputs, outputs=outputs)
+
+
+def _two_output_net(path: Path, *, weights_as_inputs: bool = False, dynamic: str = "N") -> Path:
+    """image [N,4] → Gemm → Relu → (scores via Softmax, embedding via Mul by a constant): two outputs."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")
+    two = numpy_helper.from_array(np.full(6, 2.0, np.float32), "two")
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["scores"], axis=1),
+             helper.make_node("Mul", ["r", "two"], ["embedding"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [dynamic, 4])]
+    if weights_as_inputs:  # how MXNet's exporter and caffe2onnx write weights
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in (w, b, two)]
+    graph = helper.make_graph(nodes, "two_outputs", inputs,
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [dynamic, 6]),
+                               helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [dynamic, 6])],
+                              initializer=[w, b, two])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_drops_weights_listed_as_inputs_and_fixes_the_batch(tmp_path: Path) -> None:
+    source = _two_output_net(tmp_path / "net.onnx", weights_as_inputs=True)
+    result = optimize(_converted(source), shapes={}, precision="fp32", workdir=tmp_path, reporter=Reporter(quiet=True))
+    model = onnx.load(str(result.path))
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert "drop-initializer-inputs" in result.passes
+    assert result.inputs[0].shape == (1, 4)
+    assert {o.name: o.shape for o in result.outputs} == {"scores": (1, 6), "embedding": (1, 6)}
+
+
+def test_output_is_standard_onnx_and_computes_the_same(tmp_path: Path) -> None:
+    source = testing.onnx_classifier(tmp_path / "in.onnx")
+    result = optimize(_converted(source), shapes={"data": (1, 3, 32, 32)}, precision="fp32", workdir=tmp_path,
+                      reporter=Reporter(quiet=True))
+    model = onnx.load(str(result.path))
+    assert onnxtools.foreign_operators(model) == []
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}, "BN folded into the conv"
+    x = {"data": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    np.testing.assert_allclose(onnxtools.run(result.path, x)["prob"], onnxtools.run(source, x, optimize=False)["prob"],
+                               atol=1e-5)
+
+
+def test_fp16_keeps_float32_inputs_and_outputs(tmp_path: Path) -> None:
+    source = testing.onnx_classifier(tmp_path / "in.onnx")
+    result = optimize(_converted(source), shapes={}, precision="fp16", workdir=tmp_path, reporter=Reporter(quiet=True))
+    assert [s.dtype for s in (*result.inputs, *result.outputs)] == ["float32", "float32"]
+    assert result.size_after < result.size_before
+    inits = onnx.load(str(result.path)).graph.initializer
+    assert {i.data_type for i in inits if len(i.dims) > 1} == {TensorProto.FLOAT16}
+
+
+def test_dynamic_non_batch_dimension_asks_for_the_config_key(tmp_path: Path) -> None:
+    source = tmp_path / "dyn.onnx"
+    model = onnx.load(str(_two_output_net(tmp_path / "n.onnx")))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
+    onnx.save(model, str(source))
+    with pytest.raises(ConfigError, match=r"set `model.inputs.x.shape` in deeplens.toml"):
+        optimize(_converted(source), shapes={}, precision="fp32", workdir=tmp_path, reporter=Reporter(quiet=True))
+
+
+def test_shape_with_the_wrong_rank_is_named(tmp_path: Path) -> None:
+    source = _two_output_net(tmp_path / "n.onnx")
+    with pytest.raises(ConfigError, match=r"`model.inputs.x.shape` has 3 dimensions but the model's input 'x' has 2"):
+        optimize(_converted(source), shapes={"x": (1, 4, 1)}, precision="fp32", workdir=tmp_path,
+                 reporter=Reporter(quiet=True))
+
+
+def test_multi_output_model_packages_with_parity_per_output(tmp_path: Path) -> None:
+    source = tmp_path / "out"
+    source.mkdir()
+    _two_output_net(source / "net.onnx")
+    config = testing.write_project(tmp_path / "p", source=source, model={"task": "other"})
+    result = testing.build(config)
+    assert [o.name for o in result.parity.outputs] == ["scores", "embedding"]
+    assert all(o.top1_agreement is None for o in result.parity.outputs)
