@@ -94,7 +94,7 @@ def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:
 
 def read_manifest(path: Path) -> Mapping[str, Any]:
     """The bundle's manifest, unverified (for ``inspect``)."""
-    with _open(path) as tar:
+    with _open(path) as tar, _damage_is_a_verification_error(path):
         for member in tar:
             if member.name == MANIFEST and member.isreg():
                 return _parse_manifest(tar.extractfile(member).read(), path)
@@ -132,7 +132,7 @@ def verify_bundle(path: Path, trusted_key: Path | None = None) -> Verified:
     if signature is None:
         raise VerificationError(f"{path.name} has no {SIGNATURE}: the bundle is unsigned")
     manifest = _parse_manifest(manifest_bytes, path)
-    embedded = manifest.get("signing", {}).get("public_key", "")
+    embedded = str(manifest.get("signing", {}).get("public_key", ""))
     key = embedded
     if trusted_key is not None:
         key = trusted_key.read_text(encoding="ascii")

@@ -59,6 +59,9 @@ def lambda_files(source: Path) -> list[str]:
             continue
         if any(fnmatch.fnmatch(rel.name, pattern) for pattern in _SKIPPED_FILES):
             continue
+        if path.is_symlink() and not path.resolve().is_relative_to(source.resolve()):
+            secrets.append(f"{rel.as_posix()} (a link to {path.resolve()})")
+            continue
         if any(fnmatch.fnmatch(part.lower(), pattern) for part in rel.parts for pattern in _SECRETS):
             secrets.append(rel.as_posix())
             continue

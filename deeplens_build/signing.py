@@ -98,7 +98,10 @@ def generate_keypair(private_path: Path) -> Path:
 
 def verify(public_key_pem: str, data: bytes, signature: bytes) -> None:
     """:raises VerificationError: when ``signature`` is not ``public_key_pem``'s signature of ``data``."""
-    key = load_public_key(public_key_pem.encode(), "the bundle's public key")
+    try:
+        key = load_public_key(public_key_pem.encode(), "the bundle's public key")
+    except SigningError as exc:
+        raise VerificationError(str(exc)) from exc
     try:
         key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:

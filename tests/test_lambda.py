@@ -52,3 +52,12 @@ def test_handler_module_must_exist(tmp_path: Path) -> None:
 def _dir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
+
+
+def test_refuses_a_link_to_a_file_outside_the_source(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    outside = tmp_path / "home-config"
+    outside.write_text("token")
+    (source / "settings.json").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"settings.json \(a link to .*home-config\)"):
+        package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
