@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+LABEL_FILES = ("labels.txt", "synset.txt", "classes.txt")
+"""Names a class-labels file goes by in training outputs (``synset.txt`` is MXNet's and DeepLens's)."""
+
 Dim = int | str
 """One dimension of a tensor: a size, or the name of a dynamic dimension (``"N"``)."""
 
@@ -69,6 +72,15 @@ class TrainingOutput:
 
     def path(self, relative: str) -> Path:
         return self.root / relative
+
+    def copy_labels(self, workdir: Path) -> Path | None:
+        """Copy the class-labels file (``labels.txt``, ``synset.txt``, ...), if any, to ``workdir/labels.txt``."""
+        found = next((f for f in self.files if f.rsplit("/", 1)[-1].lower() in LABEL_FILES), None)
+        if found is None:
+            return None
+        target = workdir / "labels.txt"
+        target.write_bytes(self.path(found).read_bytes())
+        return target
 
     def matching(self, *suffixes: str) -> tuple[str, ...]:
         """The files whose names end with one of ``suffixes`` (case-insensitive), in sorted order."""

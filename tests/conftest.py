@@ -10,7 +10,7 @@ import pytest
 
 from deeplens_build import testing
 
-BUILTIN_PLUGINS = "onnx"
+BUILTIN_PLUGINS = "onnx,mxnet"
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,6 @@ from typing import Any
 from deeplens_build import ConversionError, ConvertedModel, Framework, ModelFiles, TrainingOutput, hookimpl
 from deeplens_build import onnxtools
 
-LABEL_FILES = ("labels.txt", "synset.txt", "classes.txt")
-
-
 @hookimpl
 def deeplens_build_framework() -> Framework:
     return Framework(name="onnx", summary="ONNX models (.onnx)", requires=("onnx", "onnxruntime"),
@@ -47,8 +44,8 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
     inputs, outputs = onnxtools.interface(loaded)
     target = workdir / "model.onnx"
     shutil.copyfile(original, target)
-    labels = _labels(source, workdir)
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs, labels=labels)
+    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs,
+                          labels=source.copy_labels(workdir))
 
 
 @hookimpl
@@ -56,11 +53,3 @@ def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, inpu
                                  ) -> Mapping[str, Any]:
     return onnxtools.run(source.path(model.files[0]), inputs, optimize=False)
 
-
-def _labels(source: TrainingOutput, workdir: Path) -> Path | None:
-    found = [f for f in source.files if Path(f).name.lower() in LABEL_FILES]
-    if not found:
-        return None
-    target = workdir / "labels.txt"
-    shutil.copyfile(source.path(found[0]), target)
-    return target

@@ -1,0 +1,294 @@
+"""The MXNet framework plugin: what SageMaker MXNet jobs leave, to a parity-checked ONNX artifact.
+
+Accepts ``PREFIX-symbol.json`` + ``PREFIX-NNNN.params`` (one or many epochs, at the top or nested in folders,
+``model-shapes.json`` naming the inputs, Gluon ``HybridBlock.export`` output alike). Converts with MXNet's own
+ONNX exporter; the parity reference is the original symbol and params executed by MXNet in inference mode.
+``[plugins.mxnet] format = "native"`` keeps symbol + params as the artifact, run by ``runtimes/mxnet``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from deeplens_build import (
+    ConversionError,
+    ConvertedModel,
+    Framework,
+    ModelFiles,
+    PluginError,
+    TensorSpec,
+    TrainingOutput,
+    hookimpl,
+    onnxtools,
+)
+
+NATIVE_FORMAT = "mxnet-symbol"
+INSTALL = "pip install deeplens-build-mxnet  (mxnet==1.9.1, numpy<2, onnx<=1.18.0)"
+_PARAMS = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d{4})\.params$")
+_SYMBOL_SUFFIX = "-symbol.json"
+_SHAPES_FILES = ("model-shapes.json",)
+# numpy 1.24 removed these aliases; mxnet 1.9.1 still uses them at import time
+_NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str, "complex": complex}
+
+
+@hookimpl
+def deeplens_build_framework() -> Framework:
+    return Framework(name="mxnet", summary="MXNet checkpoints (PREFIX-symbol.json + PREFIX-NNNN.params)",
+                     requires=("mxnet", "onnx"), install=INSTALL)
+
+
+@hookimpl
+def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+    checkpoints = _checkpoints(source)
+    if not checkpoints:
+        return None
+    wanted = settings.get("prefix")
+    if wanted is not None and wanted not in checkpoints:
+        raise ConversionError(f"`plugins.mxnet.prefix` is {wanted!r}, but the checkpoints are "
+                              f"{', '.join(sorted(checkpoints))}")
+    if wanted is None and len(checkpoints) > 1:
+        raise ConversionError(f"several MXNet models ({', '.join(sorted(checkpoints))}); choose one with "
+                              "[plugins.mxnet] prefix = \"...\" in deeplens.toml")
+    prefix = wanted or next(iter(checkpoints))
+    epochs = checkpoints[prefix]
+    final = max(epochs)
+    files = [f"{prefix}{_SYMBOL_SUFFIX}", epochs[final]]
+    shapes = _shapes_file(source, prefix)
+    if shapes:
+        files.append(shapes)
+    notes = []
+    if len(epochs) > 1:
+        notes.append(f"{len(epochs)} checkpoints of {prefix} found (epochs {', '.join(map(str, sorted(epochs)))}): "
+                     f"packaging only the final one, epoch {final}. Set checkpoint_frequency equal to the number of "
+                     "epochs to keep the training output small.")
+    return ModelFiles(files=tuple(files), notes=tuple(notes))
+
+
+@hookimpl
+def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path,
+                           shapes: Mapping[str, tuple[int, ...]], settings: Mapping[str, Any]) -> ConvertedModel:
+    fmt = settings.get("format", "onnx")
+    if fmt not in ("onnx", "native"):
+        raise ConversionError(f"`plugins.mxnet.format` is {fmt!r}; use \"onnx\" (default) or \"native\"")
+    mx = _mxnet()
+    symbol, args, auxs = _load(mx, source, model)
+    input_shapes = _input_shapes(source, model, symbol, args, auxs, shapes)
+    labels = source.copy_labels(workdir)
+    if fmt == "native":
+        target = workdir / f"model{_SYMBOL_SUFFIX}"
+        shutil.copyfile(source.path(model.files[0]), target)
+        params = workdir / "model-0000.params"
+        shutil.copyfile(source.path(model.files[1]), params)
+        _, out_shapes, _ = symbol.infer_shape(**input_shapes)
+        outputs = tuple(TensorSpec(name=n, shape=tuple(s), dtype="float32")
+                        for n, s in zip(symbol.list_outputs(), out_shapes, strict=True))
+        return ConvertedModel(format=NATIVE_FORMAT, path=target, extra_files=(params,), inputs=_specs(input_shapes),
+                              outputs=outputs, labels=labels)
+
+    import numpy as np
+    import onnx
+
+    target = workdir / "model.onnx"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter warns about every opset it does not target
+            mx.onnx.export_model(_inference_symbol(mx, symbol), {**args, **auxs},
+                                 in_shapes=list(input_shapes.values()), in_types=[np.float32] * len(input_shapes),
+                                 onnx_file_path=str(target), dynamic=False, verbose=False)
+    except AttributeError as exc:
+        match = re.search(r"op type (\S+?) yet", str(exc))
+        if not match:
+            raise
+        op = match[1]
+        raise ConversionError(
+            f"operator {op!r} (node {_node_of(symbol, op)!r}) has no ONNX conversion in MXNet "
+            f"{mx.__version__}'s exporter. Options: replace the layer with a supported one and retrain; package the "
+            "native MXNet artifact with [plugins.mxnet] format = \"native\" (runs with the MXNet runtime); or "
+            "write a plugin of your own that converts it") from exc
+    model_onnx = onnx.load(str(target))
+    inputs, outputs = onnxtools.interface(model_onnx, {n: "NCHW" if len(s) == 4 else None
+                                                       for n, s in input_shapes.items()})
+    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs, labels=labels)
+
+
+@hookimpl
+def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: ConvertedModel,
+                                 inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    shapes = tuple((name, tuple(value.shape)) for name, value in inputs.items())
+    executor = _executor(str(source.path(model.files[0])), str(source.path(model.files[1])), shapes)
+    mx = _mxnet()
+    for name, value in inputs.items():
+        executor.arg_dict[name][:] = mx.nd.array(value)
+    outputs = executor.forward(is_train=False)
+    return {spec.name: out.asnumpy() for spec, out in zip(converted.outputs, outputs, strict=True)}
+
+
+@hookimpl
+def deeplens_build_runtime(converted: ConvertedModel) -> str | None:
+    return "mxnet" if converted.format == NATIVE_FORMAT else None
+
+
+def _mxnet():
+    """Import mxnet after restoring the numpy aliases it needs; a missing install names the command."""
+    import numpy as np
+
+    for alias, builtin in _NUMPY_ALIASES.items():
+        if alias not in np.__dict__:
+            setattr(np, alias, builtin)
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # silence "Subgraph backend MKLDNN is activated"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # mxnet's own use of distutils and numpy 1.x
+            import mxnet
+            import mxnet.onnx  # noqa: F401  (the exporter is a submodule)
+    except ImportError as exc:
+        raise PluginError(f"MXNet cannot be imported ({exc}); install it with: {INSTALL}") from exc
+    return mxnet
+
+
+def _checkpoints(source: TrainingOutput) -> dict[str, dict[int, str]]:
+    """prefix → {epoch: params file} for every symbol file with at least one params file beside it."""
+    symbols = {f[: -len(_SYMBOL_SUFFIX)] for f in source.files if f.endswith(_SYMBOL_SUFFIX)}
+    found: dict[str, dict[int, str]] = {}
+    for f in source.files:
+        match = _PARAMS.match(f)
+        if match and match["prefix"] in symbols:
+            found.setdefault(match["prefix"], {})[int(match["epoch"])] = f
+    return found
+
+
+def _shapes_file(source: TrainingOutput, prefix: str) -> str | None:
+    folder = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+    candidates = [f"{prefix}-shapes.json", *(folder + name for name in _SHAPES_FILES)]
+    return next((c for c in candidates if c in source.files), None)
+
+
+def _load(mx, source: TrainingOutput, model: ModelFiles):
+    symbol_file, params_file = model.files[0], model.files[1]
+    try:
+        symbol = mx.sym.load(str(source.path(symbol_file)))
+    except mx.base.MXNetError as exc:
+        raise ConversionError(f"{symbol_file} is not a valid MXNet symbol file: {_mx_message(exc)}") from exc
+    try:
+        saved = mx.nd.load(str(source.path(params_file)))
+    except mx.base.MXNetError as exc:
+        raise ConversionError(f"{params_file} is damaged or not an MXNet params file ({_mx_message(exc)}); "
+                              "take it from the training output again") from exc
+    args = {k.split(":", 1)[1]: v for k, v in saved.items() if k.startswith("arg:")}
+    auxs = {k.split(":", 1)[1]: v for k, v in saved.items() if k.startswith("aux:")}
+    if saved and not args and not auxs:  # Gluon save_parameters style: no arg:/aux: prefixes
+        names = set(symbol.list_auxiliary_states())
+        args = {k: v for k, v in saved.items() if k not in names}
+        auxs = {k: v for k, v in saved.items() if k in names}
+    missing_aux = [a for a in symbol.list_auxiliary_states() if a not in auxs]
+    unknown = sorted(set(args) - set(symbol.list_arguments()) | set(auxs) - set(symbol.list_auxiliary_states()))
+    if missing_aux or unknown:
+        detail = (f"missing {', '.join(missing_aux[:5])}" if missing_aux
+                  else f"{', '.join(unknown[:5])} not in the symbol")
+        raise ConversionError(f"{params_file} does not belong to {symbol_file}: {detail}; use the params saved with "
+                              "this symbol")
+    return symbol, args, auxs
+
+
+def _input_shapes(source: TrainingOutput, model: ModelFiles, symbol, args, auxs,
+                  configured: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    names = [a for a in symbol.list_arguments() if a not in args and not a.endswith("_label")]
+    recorded: dict[str, tuple[int, ...]] = {}
+    if len(model.files) > 2:
+        try:
+            entries = json.loads(source.path(model.files[2]).read_text())
+            recorded = {e["name"]: tuple(int(d) for d in e["shape"]) for e in entries}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConversionError(f"{model.files[2]} is not a list of {{\"name\", \"shape\"}} entries: {exc}") from exc
+    shapes = {}
+    for name in names:
+        shape = configured.get(name) or recorded.get(name)
+        if shape is None:
+            raise ConversionError(f"the shape of input {name!r} is unknown: the training output has no "
+                                  f"model-shapes.json; set `model.inputs.{name}.shape` in deeplens.toml, e.g. "
+                                  "[1, 3, 224, 224]")
+        shapes[name] = tuple(shape)
+    try:
+        arg_shapes, _, aux_shapes = symbol.infer_shape(**shapes)
+    except Exception as exc:  # MXNetError for inconsistent shapes; names the operator in its text
+        raise ConversionError(f"input shapes {shapes} do not fit the symbol: {_mx_message(exc)}") from exc
+    expected = dict(zip(symbol.list_arguments(), arg_shapes, strict=True)) | dict(
+        zip(symbol.list_auxiliary_states(), aux_shapes, strict=True))
+    for name, value in {**args, **auxs}.items():
+        if tuple(value.shape) != tuple(expected[name]):
+            raise ConversionError(f"{model.files[1]} does not belong to {model.files[0]}: parameter {name!r} is "
+                                  f"{list(value.shape)}, the symbol expects {list(expected[name])}")
+    return shapes
+
+
+def _inference_symbol(mx, symbol):
+    """Replace a final SoftmaxOutput (a training loss layer whose label input the exporter trips over) with softmax.
+
+    In inference mode SoftmaxOutput's forward pass is a softmax over axis 1, so nothing changes numerically;
+    the parity check runs the original symbol and proves it.
+    """
+    graph = json.loads(symbol.tojson())
+    outputs = []
+    internals = symbol.get_internals()
+    for node_id, index, _ in graph["heads"]:
+        node = graph["nodes"][node_id]
+        if node["op"] == "SoftmaxOutput":
+            data_id, data_index, _ = node["inputs"][0]
+            data_node = graph["nodes"][data_id]
+            data = internals[_output_name(data_node, data_index, internals)]
+            outputs.append(mx.sym.softmax(data, axis=1, name=node["name"]))
+        else:
+            outputs.append(internals[_output_name(node, index, internals)])
+    return outputs[0] if len(outputs) == 1 else mx.sym.Group(outputs)
+
+
+def _output_name(node: Mapping[str, Any], index: int, internals) -> str:
+    """The internal output name MXNet gives a node's ``index``-th output: NAME_output, or NAME_outputI."""
+    if node["op"] == "null":
+        return node["name"]
+    available = set(internals.list_outputs())
+    single = f"{node['name']}_output"
+    return single if index == 0 and single in available else f"{single}{index}"
+
+
+@functools.lru_cache(maxsize=4)
+def _executor(symbol_path: str, params_path: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
+    """An MXNet executor bound for inference, reused across the parity samples of one build."""
+    mx = _mxnet()
+    symbol = mx.sym.load(symbol_path)
+    saved = mx.nd.load(params_path)
+    aux_names = set(symbol.list_auxiliary_states())
+    params = {k.split(":", 1)[-1]: v for k, v in saved.items()}
+    given = dict(shapes)
+    labels = {a: mx.nd.zeros((given[next(iter(given))][0],)) for a in symbol.list_arguments()
+              if a.endswith("_label") and a not in params}
+    args = {a: params[a] if a in params else labels.get(a, mx.nd.zeros(given.get(a, (1,))))
+            for a in symbol.list_arguments()}
+    for name, shape in given.items():
+        args[name] = mx.nd.zeros(shape)
+    auxs = {a: params[a] for a in aux_names}
+    return symbol.bind(mx.cpu(), args=args, aux_states=auxs, grad_req="null")
+
+
+def _node_of(symbol, op: str) -> str:
+    nodes = json.loads(symbol.tojson())["nodes"]
+    return next((n["name"] for n in nodes if n["op"] == op), "?")
+
+
+def _specs(shapes: Mapping[str, tuple[int, ...]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name=n, shape=s, dtype="float32", layout="NCHW" if len(s) == 4 else None)
+                 for n, s in shapes.items())
+
+
+def _mx_message(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "Error" in line or "Check failed" in line] or lines or [type(exc).__name__]
+    return useful[-1]

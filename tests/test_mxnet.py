@@ -1,0 +1,163 @@
+"""The MXNet plugin: real tiny models saved by MXNet as SageMaker saves them, through `deeplens-build package`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import cli, error_line, package_json
+
+from deeplens_build import testing
+from deeplens_build.bundle import read_manifest
+
+mxnet_testing = pytest.importorskip("deeplens_build_mxnet.testing", reason="the mxnet plugin is a built-in")
+
+SHAPE = {"data": (1, 3, 32, 32)}
+
+
+def _sagemaker_tar(folder: Path, archive: Path, arcroot: str = "") -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=f"{arcroot}{path.name}")
+    return archive
+
+
+@pytest.fixture(scope="module")
+def residual_checkpoints(tmp_path_factory) -> Path:
+    return mxnet_testing.save_checkpoints(tmp_path_factory.mktemp("mx") / "out", mxnet_testing.residual_classifier,
+                                          SHAPE)
+
+
+def _package(tmp_path: Path, source: Path | str, *, expect: int = 0, **tables):
+    config = testing.write_project(tmp_path / "project", source=source, **tables)
+    key = testing.signing_key(config.parent)
+    result = cli("package", "--config", config, "--signing-key", key, "--json", expect=expect)
+    if expect:
+        assert "Traceback" not in result.output
+        assert not (config.parent / "dist").exists()
+        return error_line(result)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_sagemaker_tar_with_three_checkpoints_packages_the_final_one(tmp_path: Path, residual_checkpoints: Path,
+                                                                     precision: str) -> None:
+    archive = _sagemaker_tar(residual_checkpoints, tmp_path / "model.tar.gz")
+    report = _package(tmp_path, archive, model={"precision": precision})
+    assert report["framework"] == "mxnet" and report["parity"]["passed"]
+    assert report["parity"]["max_abs_diff"] <= (1e-4 if precision == "fp32" else 1e-2)
+    assert any("packaging only the final one, epoch 3" in n and "checkpoint_frequency" in n for n in report["notes"])
+    manifest = testing.verify(Path(report["bundle"])).manifest
+    assert manifest["source"]["model_files"] == ["model-symbol.json", "model-0003.params", "model-shapes.json"]
+    assert manifest["model"]["inputs"][0] == {"name": "data", "shape": [1, 3, 32, 32], "dtype": "float32",
+                                              "layout": "NCHW"}
+    assert manifest["parity"]["outputs"][0]["top1_agreement"] == 1.0
+    assert report["sizes"]["artifact"] < (residual_checkpoints / "model-0003.params").stat().st_size * 1.1
+
+
+def test_nested_folder_without_shapes_file_uses_the_configured_shape(tmp_path: Path, residual_checkpoints: Path) -> None:
+    nested = tmp_path / "out" / "model"
+    shutil.copytree(residual_checkpoints, nested, ignore=shutil.ignore_patterns("model-shapes.json"))
+    report = _package(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 32, 32]}})
+    assert read_manifest(Path(report["bundle"]))["source"]["model_files"] == [
+        "model/model-symbol.json", "model/model-0003.params"]
+
+
+def test_missing_shape_names_the_config_key(tmp_path: Path, residual_checkpoints: Path) -> None:
+    source = tmp_path / "out"
+    shutil.copytree(residual_checkpoints, source, ignore=shutil.ignore_patterns("model-shapes.json"))
+    message = _package(tmp_path, source, expect=5)
+    assert "the shape of input 'data' is unknown" in message and "set `model.inputs.data.shape`" in message
+
+
+def test_softmax_output_model_exports_and_matches(tmp_path: Path) -> None:
+    source = mxnet_testing.save_checkpoints(tmp_path / "out", mxnet_testing.softmax_output_classifier,
+                                            {"data": (1, 3, 16, 16)}, epochs=1)
+    report = _package(tmp_path, source)
+    assert report["parity"]["passed"]
+    manifest = read_manifest(Path(report["bundle"]))
+    assert [i["name"] for i in manifest["model"]["inputs"]] == ["data"], "the label input is not a model input"
+
+
+def test_multi_input_model(tmp_path: Path) -> None:
+    source = mxnet_testing.save_checkpoints(tmp_path / "out", mxnet_testing.two_input_net,
+                                            {"image": (1, 3, 8, 8), "features": (1, 5)}, epochs=2)
+    report = _package(tmp_path, source, model={"task": "other"})
+    manifest = read_manifest(Path(report["bundle"]))
+    assert [(i["name"], i["shape"]) for i in manifest["model"]["inputs"]] == [("image", [1, 3, 8, 8]),
+                                                                             ("features", [1, 5])]
+    assert report["parity"]["passed"]
+
+
+def test_gluon_export_packages(tmp_path: Path) -> None:
+    from deeplens_build_mxnet import _mxnet
+
+    mx = _mxnet()
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Conv2D(4, 3), mx.gluon.nn.BatchNorm(), mx.gluon.nn.Activation("relu"),
+            mx.gluon.nn.GlobalAvgPool2D(), mx.gluon.nn.Dense(3))
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 16, 16)))
+    (tmp_path / "out").mkdir()
+    net.export(str(tmp_path / "out" / "model"), epoch=7)
+    report = _package(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 16, 16]}}, model={"task": "other"})
+    assert report["parity"]["passed"]
+
+
+def test_native_format_keeps_symbol_and_params_with_the_mxnet_runtime(tmp_path: Path,
+                                                                     residual_checkpoints: Path) -> None:
+    report = _package(tmp_path, residual_checkpoints, plugins={"mxnet": {"format": "native"}})
+    assert report["parity"] is None
+    manifest = testing.verify(Path(report["bundle"])).manifest
+    assert manifest["model"]["format"] == "mxnet-symbol"
+    assert manifest["model"]["files"] == ["model/model-symbol.json", "model/model-0000.params"]
+    assert manifest["runtime"]["name"] == "mxnet"
+    params = {f["path"]: f["size"] for f in manifest["files"]}["model/model-0000.params"]
+    assert params == (residual_checkpoints / "model-0003.params").stat().st_size
+    assert any("parity: not applicable" in n for n in report["notes"])
+
+
+def test_corrupt_params_is_a_clear_error(tmp_path: Path, residual_checkpoints: Path) -> None:
+    source = tmp_path / "out"
+    shutil.copytree(residual_checkpoints, source)
+    params = source / "model-0003.params"
+    params.write_bytes(params.read_bytes()[:100])
+    message = _package(tmp_path, source, expect=5)
+    assert "plugin 'mxnet' could not convert" in message
+    assert "model-0003.params is damaged or not an MXNet params file" in message
+
+
+def test_params_of_another_model_is_a_clear_error(tmp_path: Path, residual_checkpoints: Path) -> None:
+    other = mxnet_testing.save_checkpoints(tmp_path / "other", mxnet_testing.softmax_output_classifier,
+                                           {"data": (1, 3, 16, 16)}, epochs=1)
+    source = tmp_path / "out"
+    shutil.copytree(residual_checkpoints, source)
+    shutil.copyfile(other / "model-0001.params", source / "model-0003.params")
+    message = _package(tmp_path, source, expect=5)
+    assert "model-0003.params does not belong to model-symbol.json" in message
+
+
+def test_params_with_wrong_shapes_is_a_clear_error(tmp_path: Path, residual_checkpoints: Path) -> None:
+    wider = mxnet_testing.save_checkpoints(tmp_path / "wider", lambda mx: mxnet_testing.residual_classifier(mx, 12),
+                                           SHAPE, epochs=1)
+    source = tmp_path / "out"
+    shutil.copytree(residual_checkpoints, source)
+    shutil.copyfile(wider / "model-0001.params", source / "model-0003.params")
+    message = _package(tmp_path, source, expect=5)
+    assert "parameter 'fc_weight' is [12, 4096], the symbol expects [10, 4096]" in message
+
+
+def test_unsupported_operator_names_operator_node_and_options(tmp_path: Path) -> None:
+    def cholesky(mx):
+        fc = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=4, name="fc")
+        square = mx.sym.linalg.gemm2(mx.sym.reshape(fc, (1, 2, 2)), mx.sym.reshape(fc, (1, 2, 2)), transpose_b=True)
+        return mx.sym.linalg.potrf(square, name="chol")
+
+    source = mxnet_testing.save_checkpoints(tmp_path / "out", cholesky, {"data": (1, 6)}, epochs=1)
+    message = _package(tmp_path, source, expect=5, model={"task": "other"})
+    assert "operator '_linalg_potrf' (node 'chol') has no ONNX conversion" in message
+    assert 'format = "native"' in message and "plugin of your own" in message
