@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXAMPLE ?= examples/onnx-classifier
+EXAMPLE ?= examples/classifier
 KEY ?= .deeplens/dev-signing-key.pem
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.installed
@@ -27,7 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_mxnet.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens

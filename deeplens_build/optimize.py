@@ -8,6 +8,7 @@ elimination, Conv+BN/Add/Mul fusion); EXTENDED adds ORT-only fused ops and ALL a
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,7 +56,12 @@ def optimize(converted: ConvertedModel, *, shapes: Mapping[str, tuple[int, ...]]
     if precision == "fp16":
         from onnxconverter_common import float16
 
-        model = float16.convert_float_to_float16(model, keep_io_types=True)
+        with warnings.catch_warnings(record=True) as clamped:
+            warnings.simplefilter("always")
+            model = float16.convert_float_to_float16(model, keep_io_types=True)
+        if clamped:  # one warning per value: summarize instead of flooding the terminal
+            reporter.note(f"fp16: {len(clamped)} weight value(s) outside half precision's range were clamped "
+                          "(the parity check measures the effect)")
         passes.append("fp16-keep-io-types")
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)

@@ -1,6 +1,6 @@
 """Benchmarks for the core pipeline; every figure is a ratio against a baseline measured in the same run.
 
-    make bench        (or: .venv/bin/python bench/run.py)
+    make bench        (or: .venv/bin/python bench/bench_core.py)
 
 - cold build vs cached rebuild of the same project (what the stage cache saves);
 - artifact size FP32 and FP16 vs the source model;

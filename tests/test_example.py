@@ -1,0 +1,20 @@
+"""The embedded example that `make package` builds on a fresh machine."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from deeplens_build import testing
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
+
+
+def test_example_builds_a_verified_mxnet_bundle_from_its_final_checkpoint(tmp_path: Path) -> None:
+    project = shutil.copytree(EXAMPLE, tmp_path / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
+    result = testing.build(project / "deeplens.toml")
+    manifest = testing.verify(result.bundle).manifest
+    assert result.framework == "mxnet" and result.parity.passed
+    assert manifest["source"]["model_files"] == ["model-symbol.json", "model-0003.params", "model-shapes.json"]
+    assert manifest["model"]["labels"] == "model/labels.txt" and manifest["model"]["precision"] == "fp16"
+    assert any("epoch 3" in note for note in result.notes)
