@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_mxnet.py
+	$(BIN)/python bench/bench_tensorflow.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens
