@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt $(PLUGINS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	# caffe2onnx pins onnx==1.6.0, which cannot build on Python 3.11; its real needs are already installed
+	$(BIN)/python -m pip install --quiet --no-deps caffe2onnx==2.0.1
 	touch $@
 
 $(KEY): | $(STAMP)

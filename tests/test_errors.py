@@ -41,13 +41,13 @@ def test_no_plugin_claims_the_files(tmp_path: Path) -> None:
     (source / "weights.bin").write_bytes(b"0" * 10)
     message = _package(testing.write_project(tmp_path / "p", source=source), expect=4)
     assert "no plugin recognises the model" in message and "weights.bin" in message
-    assert "installed plugins: mxnet (deeplens-build-mxnet 0.1.0), onnx (deeplens-build-onnx 0.1.0), tensorflow" in message
+    assert "installed plugins: caffe (deeplens-build-caffe 0.1.0), mxnet (deeplens-build-mxnet 0.1.0), onnx" in message
 
 
 def test_unknown_explicit_framework_lists_the_installed_plugins(tmp_path: Path, onnx_model_dir: Path) -> None:
-    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "caffe"})
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "pytorch"})
     message = _package(config, expect=5)
-    assert "no plugin provides framework 'caffe'; installed: mxnet (deeplens-build-mxnet 0.1.0), onnx" in message
+    assert "no plugin provides framework 'pytorch'; installed: caffe (deeplens-build-caffe 0.1.0), mxnet" in message
 
 
 def test_missing_lambda_folder_names_the_key(tmp_path: Path, onnx_model_dir: Path) -> None:

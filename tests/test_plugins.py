@@ -37,7 +37,7 @@ def deeplens_build_framework():
 def test_builtin_plugins_are_found_through_their_entry_points() -> None:
     found = {p.name: p for p in build_plugin_manager().plugins}
     assert [(p.name, p.distribution, p.builtin) for p in found.values()] == [
-        ("mxnet", "deeplens-build-mxnet", True), ("onnx", "deeplens-build-onnx", True),
+        ("caffe", "deeplens-build-caffe", True), ("mxnet", "deeplens-build-mxnet", True), ("onnx", "deeplens-build-onnx", True),
         ("tensorflow", "deeplens-build-tensorflow", True)]
     assert found["onnx"].tool_versions["onnx"] != "not installed"
 
