@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_mxnet.py
 	$(BIN)/python bench/bench_tensorflow.py
+	$(BIN)/python bench/bench_caffe.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens
