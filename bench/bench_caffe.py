@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import median_seconds
 from deeplens_build_caffe import _cv2, caffe_pb2
 from deeplens_build_caffe.testing import write_model
 
@@ -35,13 +34,6 @@ print(time.perf_counter() - start)
 """
 
 
-def _median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _wide(net, add) -> None:
@@ -77,7 +69,7 @@ def main() -> None:
 
         caffe_pb2()
         config = testing.write_project(root / "p", source=source, model={"task": "other"})
-        build = _median(lambda: testing.build(config, use_cache=False), repeat=3)
+        build = median_seconds(lambda: testing.build(config, use_cache=False), repeat=3)
         result = testing.build(config)
         print(f"build {build * 1000:.0f} ms (build/parse = {build / fast:.0f}), artifact {result.sizes.artifact} B "
               f"(artifact/caffemodel = {result.sizes.artifact / weights.stat().st_size:.2f})")
@@ -91,8 +83,8 @@ def main() -> None:
             net.setInput(x, "data")
             net.forward("prob")
 
-        base = _median(opencv, repeat=50)
-        ours = _median(lambda: session.run(None, {"data": x}), repeat=50)
+        base = median_seconds(opencv, repeat=50)
+        ours = median_seconds(lambda: session.run(None, {"data": x}), repeat=50)
         print(f"latency batch 1: OpenCV dnn {base * 1000:.2f} ms, onnxruntime {ours * 1000:.2f} ms, "
               f"onnxruntime/OpenCV = {ours / base:.2f}")
 

@@ -11,23 +11,13 @@
 from __future__ import annotations
 
 import hashlib
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import median_seconds
 
 from deeplens_build import onnxtools, testing
-
-
-def _timed(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -38,8 +28,8 @@ def main() -> None:
         configs = {p: testing.write_project(root / p, source=source, model={"precision": p},
                                             inputs={"data": {"shape": [1, 3, 224, 224]}}) for p in ("fp32", "fp16")}
 
-        cold = _timed(lambda: testing.build(configs["fp32"], use_cache=False), repeat=3)
-        warm = _timed(lambda: testing.build(configs["fp32"]), repeat=3)
+        cold = median_seconds(lambda: testing.build(configs["fp32"], use_cache=False), repeat=3)
+        warm = median_seconds(lambda: testing.build(configs["fp32"]), repeat=3)
         print(f"build: cold {cold * 1000:.0f} ms, cached {warm * 1000:.0f} ms, cached/cold = {warm / cold:.2f}")
 
         results = {p: testing.build(c) for p, c in configs.items()}
@@ -52,14 +42,14 @@ def main() -> None:
         x = {"data": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
         original = onnxtools.session_for(source / "model.onnx", optimize=False)
         tuned = onnxtools.session_for(optimized)
-        base = _timed(lambda: original.run(None, x), repeat=50)
-        ours = _timed(lambda: tuned.run(None, x), repeat=50)
+        base = median_seconds(lambda: original.run(None, x), repeat=50)
+        ours = median_seconds(lambda: tuned.run(None, x), repeat=50)
         print(f"latency batch 1: original {base * 1000:.2f} ms, optimized {ours * 1000:.2f} ms, "
               f"optimized/original = {ours / base:.2f}")
 
         bundle = results["fp32"].bundle
-        read = _timed(lambda: hashlib.sha256(bundle.read_bytes()).hexdigest(), repeat=20)
-        check = _timed(lambda: testing.verify(bundle), repeat=20)
+        read = median_seconds(lambda: hashlib.sha256(bundle.read_bytes()).hexdigest(), repeat=20)
+        check = median_seconds(lambda: testing.verify(bundle), repeat=20)
         print(f"verify: {check * 1000:.2f} ms, verify/sha256-of-bundle = {check / read:.1f}")
 
 

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import median_seconds
 from deeplens_build_mxnet import _mxnet
 from deeplens_build_mxnet.testing import residual_classifier, save_checkpoints
 
@@ -23,13 +22,6 @@ from deeplens_build import onnxtools, testing
 SHAPE = (1, 3, 224, 224)
 
 
-def _median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -38,11 +30,11 @@ def main() -> None:
         root = Path(tmp)
         source = save_checkpoints(root / "out", residual_classifier, {"data": SHAPE}, epochs=1)
         params = source / "model-0001.params"
-        load = _median(lambda: mx.model.load_checkpoint(str(source / "model"), 1), repeat=5)
+        load = median_seconds(lambda: mx.model.load_checkpoint(str(source / "model"), 1), repeat=5)
         print(f"baseline: MXNet load_checkpoint {load * 1000:.1f} ms, params {params.stat().st_size} B")
         for precision in ("fp32", "fp16"):
             config = testing.write_project(root / precision, source=source, model={"precision": precision})
-            build = _median(lambda: testing.build(config, use_cache=False), repeat=3)
+            build = median_seconds(lambda: testing.build(config, use_cache=False), repeat=3)
             result = testing.build(config)
             print(f"{precision}: build {build * 1000:.0f} ms (build/load = {build / load:.1f}), artifact "
                   f"{result.sizes.artifact} B (artifact/params = {result.sizes.artifact / params.stat().st_size:.2f})")
@@ -53,8 +45,8 @@ def main() -> None:
         executor = symbol.bind(mx.cpu(), args={**args, "data": mx.nd.array(x)}, aux_states=auxs, grad_req="null")
         session = onnxtools.session_for(optimized)
         executor.forward(is_train=False)[0].wait_to_read()
-        base = _median(lambda: executor.forward(is_train=False)[0].wait_to_read(), repeat=50)
-        ours = _median(lambda: session.run(None, {"data": x}), repeat=50)
+        base = median_seconds(lambda: executor.forward(is_train=False)[0].wait_to_read(), repeat=50)
+        ours = median_seconds(lambda: session.run(None, {"data": x}), repeat=50)
         print(f"latency batch 1: MXNet {base * 1000:.2f} ms, onnxruntime {ours * 1000:.2f} ms, "
               f"onnxruntime/MXNet = {ours / base:.2f}")
 

@@ -9,23 +9,13 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import median_seconds
 
 from deeplens_build import onnxtools, testing
-
-
-def _median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _model():
@@ -47,12 +37,12 @@ def main() -> None:
         root = Path(tmp)
         saved = root / "out" / "model" / "1"
         _model().export(str(saved), verbose=False)
-        load = _median(lambda: tf.saved_model.load(str(saved)), repeat=3)
+        load = median_seconds(lambda: tf.saved_model.load(str(saved)), repeat=3)
         variables = sum(p.stat().st_size for p in (saved / "variables").iterdir())
         print(f"baseline: tf.saved_model.load {load * 1000:.0f} ms, variables {variables} B")
         for precision in ("fp32", "fp16"):
             config = testing.write_project(root / precision, source=root / "out", model={"precision": precision})
-            build = _median(lambda: testing.build(config, use_cache=False), repeat=3)
+            build = median_seconds(lambda: testing.build(config, use_cache=False), repeat=3)
             result = testing.build(config)
             print(f"{precision}: build {build * 1000:.0f} ms (build/load = {build / load:.1f}), artifact "
                   f"{result.sizes.artifact} B (artifact/variables = {result.sizes.artifact / variables:.2f})")
@@ -63,8 +53,8 @@ def main() -> None:
         signature = serve.signatures["serving_default"]
         session = onnxtools.session_for(optimized)
         tensor = tf.constant(x)
-        base = _median(lambda: signature(image=tensor), repeat=50)
-        ours = _median(lambda: session.run(None, {"image": x}), repeat=50)
+        base = median_seconds(lambda: signature(image=tensor), repeat=50)
+        ours = median_seconds(lambda: session.run(None, {"image": x}), repeat=50)
         print(f"latency batch 1: TensorFlow {base * 1000:.2f} ms, onnxruntime {ours * 1000:.2f} ms, "
               f"onnxruntime/TensorFlow = {ours / base:.2f}")
 

@@ -25,7 +25,12 @@ from deeplens_build.optimize import optimize
 from deeplens_build.parity import check_parity
 from deeplens_build.plugins import PluginManager
 from deeplens_build.report import Reporter
-from deeplens_build.runtime import DEFINITION, load_runtimes, runtimes_dir, select_runtime
+from deeplens_build.runtime import (
+    DEFINITION,
+    load_runtimes,
+    runtimes_dir,
+    select_runtime,
+)
 from deeplens_build.signing import load_signer
 from deeplens_build.types import (
     BuildResult,

@@ -39,3 +39,21 @@ def error_line(result: Result) -> str:
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.output
     return lines[0]
+
+
+def package_project(workdir: Path, source: Path | str, *, expect: int = 0, **tables: Any) -> Any:
+    """Write a project under ``workdir`` for ``source`` and run ``package --json`` on it.
+
+    :return: the JSON report; or, with a non-zero ``expect``, the one ``error:`` line, after checking that no
+        traceback was printed and nothing was left at the output path.
+    """
+    from deeplens_build import testing
+
+    config = testing.write_project(workdir / "project", source=source, **tables)
+    key = testing.signing_key(config.parent)
+    result = cli("package", "--config", config, "--signing-key", key, "--json", expect=expect)
+    if expect:
+        assert "Traceback" not in result.output
+        assert not (config.parent / "dist").exists()
+        return error_line(result)
+    return json.loads(result.stdout)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import cli, error_line
+from helpers import package_project
 
 from deeplens_build import testing
 
@@ -20,23 +19,12 @@ def snapshots(tmp_path_factory) -> Path:
     return caffe_testing.write_model(tmp_path_factory.mktemp("caffe") / "out", snapshots=(1000, 3000, 2000))
 
 
-def _package(tmp_path: Path, source: Path | str, *, expect: int = 0, **tables):
-    config = testing.write_project(tmp_path / "project", source=source, **tables)
-    key = testing.signing_key(config.parent)
-    result = cli("package", "--config", config, "--signing-key", key, "--json", expect=expect)
-    if expect:
-        assert "Traceback" not in result.output
-        assert not (config.parent / "dist").exists()
-        return error_line(result)
-    return json.loads(result.stdout)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tar_with_snapshots_packages_the_highest_iteration(tmp_path: Path, snapshots: Path, precision: str) -> None:
     archive = tmp_path / "model.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(snapshots, arcname=".")
-    report = _package(tmp_path, archive, model={"precision": precision})
+    report = package_project(tmp_path, archive, model={"precision": precision})
     assert report["framework"] == "caffe" and report["parity"]["passed"]
     assert any("packaging only the highest, model_iter_3000.caffemodel" in n for n in report["notes"])
     manifest = testing.verify(Path(report["bundle"])).manifest
@@ -48,9 +36,9 @@ def test_tar_with_snapshots_packages_the_highest_iteration(tmp_path: Path, snaps
 
 def test_prototxt_without_input_shape_takes_it_from_config(tmp_path: Path) -> None:
     source = _with_declared_input(tmp_path / "out")
-    missing = _package(tmp_path / "a", source, expect=5)
+    missing = package_project(tmp_path / "a", source, expect=5)
     assert "gives input 'data' no shape; set `model.inputs.data.shape`" in missing
-    report = _package(tmp_path / "b", source, inputs={"data": {"shape": [1, 3, 16, 16]}})
+    report = package_project(tmp_path / "b", source, inputs={"data": {"shape": [1, 3, 16, 16]}})
     assert report["parity"]["passed"]
 
 
@@ -69,7 +57,7 @@ def test_truncated_caffemodel_is_a_clear_error(tmp_path: Path, snapshots: Path) 
     shutil.copytree(snapshots, source)
     weights = source / "model_iter_3000.caffemodel"
     weights.write_bytes(weights.read_bytes()[:-777])
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "model_iter_3000.caffemodel is truncated or damaged" in message
 
 
@@ -81,7 +69,7 @@ def test_prototxt_and_caffemodel_of_different_models(tmp_path: Path) -> None:
     other = caffe_testing.write_model(tmp_path / "other", wider)
     source = caffe_testing.write_model(tmp_path / "out")
     shutil.copyfile(other / "model.caffemodel", source / "model.caffemodel")
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "layer 'fc': deploy.prototxt says 10 outputs but model.caffemodel holds weights of shape [12, 1024]" in message
 
 
@@ -91,7 +79,7 @@ def test_unsupported_layer_names_its_type_and_name(tmp_path: Path) -> None:
         add("top1", "ArgMax", ["prob"], ["top1"])
 
     source = caffe_testing.write_model(tmp_path / "out", with_argmax)
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "layer 'top1' of type 'ArgMax' cannot be converted by caffe2onnx" in message
 
 
@@ -100,6 +88,6 @@ def test_conversion_keeps_the_fast_protobuf_backend(tmp_path: Path, snapshots: P
 
     from google.protobuf.internal import api_implementation
 
-    _package(tmp_path, snapshots)
+    package_project(tmp_path, snapshots)
     assert api_implementation.Type() != "python"
     assert "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" not in os.environ

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from helpers import cli, error_line
 
-from deeplens_build import ConvertedModel, Framework, ModelFiles, hookimpl, onnxtools, testing
+from deeplens_build import (
+    ConvertedModel,
+    Framework,
+    ModelFiles,
+    hookimpl,
+    onnxtools,
+    testing,
+)
 from deeplens_build.errors import ParityError
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import cli, error_line, package_json
+from helpers import package_project
 
 from deeplens_build import testing
 from deeplens_build.bundle import read_manifest
@@ -31,22 +30,11 @@ def residual_checkpoints(tmp_path_factory) -> Path:
                                           SHAPE)
 
 
-def _package(tmp_path: Path, source: Path | str, *, expect: int = 0, **tables):
-    config = testing.write_project(tmp_path / "project", source=source, **tables)
-    key = testing.signing_key(config.parent)
-    result = cli("package", "--config", config, "--signing-key", key, "--json", expect=expect)
-    if expect:
-        assert "Traceback" not in result.output
-        assert not (config.parent / "dist").exists()
-        return error_line(result)
-    return json.loads(result.stdout)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_sagemaker_tar_with_three_checkpoints_packages_the_final_one(tmp_path: Path, residual_checkpoints: Path,
                                                                      precision: str) -> None:
     archive = _sagemaker_tar(residual_checkpoints, tmp_path / "model.tar.gz")
-    report = _package(tmp_path, archive, model={"precision": precision})
+    report = package_project(tmp_path, archive, model={"precision": precision})
     assert report["framework"] == "mxnet" and report["parity"]["passed"]
     assert report["parity"]["max_abs_diff"] <= (1e-4 if precision == "fp32" else 1e-2)
     assert any("packaging only the final one, epoch 3" in n and "checkpoint_frequency" in n for n in report["notes"])
@@ -61,7 +49,7 @@ def test_sagemaker_tar_with_three_checkpoints_packages_the_final_one(tmp_path: P
 def test_nested_folder_without_shapes_file_uses_the_configured_shape(tmp_path: Path, residual_checkpoints: Path) -> None:
     nested = tmp_path / "out" / "model"
     shutil.copytree(residual_checkpoints, nested, ignore=shutil.ignore_patterns("model-shapes.json"))
-    report = _package(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 32, 32]}})
+    report = package_project(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 32, 32]}})
     assert read_manifest(Path(report["bundle"]))["source"]["model_files"] == [
         "model/model-symbol.json", "model/model-0003.params"]
 
@@ -69,14 +57,14 @@ def test_nested_folder_without_shapes_file_uses_the_configured_shape(tmp_path: P
 def test_missing_shape_names_the_config_key(tmp_path: Path, residual_checkpoints: Path) -> None:
     source = tmp_path / "out"
     shutil.copytree(residual_checkpoints, source, ignore=shutil.ignore_patterns("model-shapes.json"))
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "the shape of input 'data' is unknown" in message and "set `model.inputs.data.shape`" in message
 
 
 def test_softmax_output_model_exports_and_matches(tmp_path: Path) -> None:
     source = mxnet_testing.save_checkpoints(tmp_path / "out", mxnet_testing.softmax_output_classifier,
                                             {"data": (1, 3, 16, 16)}, epochs=1)
-    report = _package(tmp_path, source)
+    report = package_project(tmp_path, source)
     assert report["parity"]["passed"]
     manifest = read_manifest(Path(report["bundle"]))
     assert [i["name"] for i in manifest["model"]["inputs"]] == ["data"], "the label input is not a model input"
@@ -85,7 +73,7 @@ def test_softmax_output_model_exports_and_matches(tmp_path: Path) -> None:
 def test_multi_input_model(tmp_path: Path) -> None:
     source = mxnet_testing.save_checkpoints(tmp_path / "out", mxnet_testing.two_input_net,
                                             {"image": (1, 3, 8, 8), "features": (1, 5)}, epochs=2)
-    report = _package(tmp_path, source, model={"task": "other"})
+    report = package_project(tmp_path, source, model={"task": "other"})
     manifest = read_manifest(Path(report["bundle"]))
     assert [(i["name"], i["shape"]) for i in manifest["model"]["inputs"]] == [("image", [1, 3, 8, 8]),
                                                                              ("features", [1, 5])]
@@ -104,13 +92,13 @@ def test_gluon_export_packages(tmp_path: Path) -> None:
     net(mx.nd.zeros((1, 3, 16, 16)))
     (tmp_path / "out").mkdir()
     net.export(str(tmp_path / "out" / "model"), epoch=7)
-    report = _package(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 16, 16]}}, model={"task": "other"})
+    report = package_project(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 16, 16]}}, model={"task": "other"})
     assert report["parity"]["passed"]
 
 
 def test_native_format_keeps_symbol_and_params_with_the_mxnet_runtime(tmp_path: Path,
                                                                      residual_checkpoints: Path) -> None:
-    report = _package(tmp_path, residual_checkpoints, plugins={"mxnet": {"format": "native"}})
+    report = package_project(tmp_path, residual_checkpoints, plugins={"mxnet": {"format": "native"}})
     assert report["parity"] is None
     manifest = testing.verify(Path(report["bundle"])).manifest
     assert manifest["model"]["format"] == "mxnet-symbol"
@@ -126,7 +114,7 @@ def test_corrupt_params_is_a_clear_error(tmp_path: Path, residual_checkpoints: P
     shutil.copytree(residual_checkpoints, source)
     params = source / "model-0003.params"
     params.write_bytes(params.read_bytes()[:100])
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "plugin 'mxnet' could not convert" in message
     assert "model-0003.params is damaged or not an MXNet params file" in message
 
@@ -137,7 +125,7 @@ def test_params_of_another_model_is_a_clear_error(tmp_path: Path, residual_check
     source = tmp_path / "out"
     shutil.copytree(residual_checkpoints, source)
     shutil.copyfile(other / "model-0001.params", source / "model-0003.params")
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "model-0003.params does not belong to model-symbol.json" in message
 
 
@@ -147,7 +135,7 @@ def test_params_with_wrong_shapes_is_a_clear_error(tmp_path: Path, residual_chec
     source = tmp_path / "out"
     shutil.copytree(residual_checkpoints, source)
     shutil.copyfile(wider / "model-0001.params", source / "model-0003.params")
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "parameter 'fc_weight' is [12, 4096], the symbol expects [10, 4096]" in message
 
 
@@ -158,6 +146,6 @@ def test_unsupported_operator_names_operator_node_and_options(tmp_path: Path) ->
         return mx.sym.linalg.potrf(square, name="chol")
 
     source = mxnet_testing.save_checkpoints(tmp_path / "out", cholesky, {"data": (1, 6)}, epochs=1)
-    message = _package(tmp_path, source, expect=5, model={"task": "other"})
+    message = package_project(tmp_path, source, expect=5, model={"task": "other"})
     assert "operator '_linalg_potrf' (node 'chol') has no ONNX conversion" in message
     assert 'format = "native"' in message and "plugin of your own" in message

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli, error_line
+from helpers import package_project
 
 from deeplens_build import testing
 from deeplens_build.bundle import read_manifest
@@ -59,20 +58,9 @@ def serving_tar(tmp_path_factory) -> Path:
     return archive
 
 
-def _package(tmp_path: Path, source: Path | str, *, expect: int = 0, **tables):
-    config = testing.write_project(tmp_path / "project", source=source, **tables)
-    key = testing.signing_key(config.parent)
-    result = cli("package", "--config", config, "--signing-key", key, "--json", expect=expect)
-    if expect:
-        assert "Traceback" not in result.output
-        assert not (config.parent / "dist").exists()
-        return error_line(result)
-    return json.loads(result.stdout)
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tf_serving_layout_packages_the_highest_version(tmp_path: Path, serving_tar: Path, precision: str) -> None:
-    report = _package(tmp_path, serving_tar, model={"precision": precision})
+    report = package_project(tmp_path, serving_tar, model={"precision": precision})
     assert report["framework"] == "tensorflow" and report["parity"]["passed"]
     assert any("TF Serving versions 1, 2 found: packaging the highest, 2" in n for n in report["notes"])
     manifest = testing.verify(Path(report["bundle"])).manifest
@@ -83,18 +71,18 @@ def test_tf_serving_layout_packages_the_highest_version(tmp_path: Path, serving_
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
-def test_keras_files_package(tmp_path: Path, suffix: str) -> None:
+def test_keras_filespackage_project(tmp_path: Path, suffix: str) -> None:
     source = tmp_path / "out"
     source.mkdir()
     _residual_keras().save(source / f"model{suffix}")
-    report = _package(tmp_path, source)
+    report = package_project(tmp_path, source)
     assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] < 1e-4
 
 
 def test_custom_signature_with_two_outputs(tmp_path: Path) -> None:
     module = _TwoOutputs()
     tf.saved_model.save(module, str(tmp_path / "out"), signatures={"score": module.score})
-    report = _package(tmp_path, tmp_path / "out", model={"task": "other"},
+    report = package_project(tmp_path, tmp_path / "out", model={"task": "other"},
                       plugins={"tensorflow": {"signature": "score"}})
     manifest = read_manifest(Path(report["bundle"]))
     assert sorted(o["name"] for o in manifest["model"]["outputs"]) == ["embedding", "scores"]
@@ -104,12 +92,14 @@ def test_custom_signature_with_two_outputs(tmp_path: Path) -> None:
 def test_wrong_signature_lists_the_available_ones(tmp_path: Path) -> None:
     module = _TwoOutputs()
     tf.saved_model.save(module, str(tmp_path / "out"), signatures={"score": module.score})
-    message = _package(tmp_path, tmp_path / "out", expect=5)
+    message = package_project(tmp_path, tmp_path / "out", expect=5)
     assert "the SavedModel has no signature 'serving_default'; it has score" in message
 
 
 def test_frozen_graph_with_named_tensors(tmp_path: Path) -> None:
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     module = _TwoOutputs()
     concrete = module.score.get_concrete_function()
@@ -117,7 +107,7 @@ def test_frozen_graph_with_named_tensors(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "frozen.pb").write_bytes(frozen.SerializeToString())
     outputs = [t.name for t in convert_variables_to_constants_v2(concrete).outputs]
-    report = _package(tmp_path, tmp_path / "out", model={"task": "other"},
+    report = package_project(tmp_path, tmp_path / "out", model={"task": "other"},
                       plugins={"tensorflow": {"inputs": ["features:0"], "outputs": outputs}},
                       inputs={"features:0": {"shape": [1, 4]}})
     assert report["parity"]["passed"]
@@ -126,7 +116,7 @@ def test_frozen_graph_with_named_tensors(tmp_path: Path) -> None:
 def test_frozen_graph_without_tensor_names_says_what_to_set(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "graph.pb").write_bytes(b"\x00")
-    assert "[plugins.tensorflow] inputs" in _package(tmp_path, tmp_path / "out", expect=5)
+    assert "[plugins.tensorflow] inputs" in package_project(tmp_path, tmp_path / "out", expect=5)
 
 
 def test_saved_model_with_missing_variables(tmp_path: Path, serving_tar: Path) -> None:
@@ -134,7 +124,7 @@ def test_saved_model_with_missing_variables(tmp_path: Path, serving_tar: Path) -
         tar.extractall(tmp_path / "x", filter="data")
     source = tmp_path / "x" / "model" / "2"
     shutil.rmtree(source / "variables")
-    message = _package(tmp_path, source, expect=5)
+    message = package_project(tmp_path, source, expect=5)
     assert "the SavedModel in 2/ cannot be loaded" in message and "variables/" in message
 
 
@@ -142,7 +132,7 @@ def test_corrupt_h5_is_a_clear_error(tmp_path: Path) -> None:
     source = tmp_path / "out"
     source.mkdir()
     (source / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
-    assert "model.h5 is damaged or not a Keras model" in _package(tmp_path, source, expect=5)
+    assert "model.h5 is damaged or not a Keras model" in package_project(tmp_path, source, expect=5)
 
 
 def test_unsupported_op_is_named(tmp_path: Path) -> None:
@@ -153,5 +143,5 @@ def test_unsupported_op_is_named(tmp_path: Path) -> None:
 
     module = Expm()
     tf.saved_model.save(module, str(tmp_path / "out"), signatures={"serving_default": module.serve})
-    message = _package(tmp_path, tmp_path / "out", expect=5, model={"task": "other"})
+    message = package_project(tmp_path, tmp_path / "out", expect=5, model={"task": "other"})
     assert "tf2onnx cannot convert TensorFlow op(s) 'MatrixSolve'" in message

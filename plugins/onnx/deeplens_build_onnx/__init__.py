@@ -12,8 +12,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from deeplens_build import ConversionError, ConvertedModel, Framework, ModelFiles, TrainingOutput, hookimpl
-from deeplens_build import onnxtools
+from deeplens_build import (
+    ConversionError,
+    ConvertedModel,
+    Framework,
+    ModelFiles,
+    TrainingOutput,
+    hookimpl,
+    onnxtools,
+)
+
 
 @hookimpl
 def deeplens_build_framework() -> Framework:
