@@ -109,10 +109,15 @@ class FetchConfig(_Strict):
 
 class TargetConfig(_Strict):
     platform: Literal["linux-x86_64", "linux-aarch64"] = "linux-x86_64"
+    accelerator: Literal["cpu", "gpu"] = "cpu"
 
 
 class RuntimeConfig(_Strict):
     name: str = "auto"
+    definitions: ProjectPath | None = None
+    vendor: bool = False
+    find_links: tuple[ProjectPath, ...] = ()
+    index: bool = True
 
 
 class BuildConfig(_Strict):

@@ -25,12 +25,7 @@ from deeplens_build.optimize import optimize
 from deeplens_build.parity import check_parity
 from deeplens_build.plugins import PluginManager
 from deeplens_build.report import Reporter
-from deeplens_build.runtime import (
-    DEFINITION,
-    load_runtimes,
-    runtimes_dir,
-    select_runtime,
-)
+from deeplens_build.runtime import DEFINITION, load_runtimes, select_runtime, vendor_wheels
 from deeplens_build.signing import load_signer
 from deeplens_build.types import (
     BuildResult,
@@ -42,6 +37,7 @@ from deeplens_build.types import (
     ParityReport,
     Runtime,
     TrainingOutput,
+    Wheelhouse,
 )
 
 CORE_TOOLS = ("numpy", "onnx", "onnxruntime", "onnxconverter-common")
@@ -125,10 +121,14 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     else:
         reporter.note(f"parity: not applicable, the {optimized.format} artifact is the original model itself")
 
-    runtime = select_runtime(optimized.format, config.target.platform, wanted=config.runtime.name,
-                             suggested=manager.runtime(detection, converted, config.target.platform),
-                             available=load_runtimes())
-    reporter.step(f"runtime: {runtime.name} for {config.target.platform}")
+    target = config.target
+    runtime = select_runtime(optimized.format, target.platform, target.accelerator, wanted=config.runtime.name,
+                             suggested=manager.runtime(detection, converted, target.platform),
+                             available=load_runtimes(config.runtime.definitions))
+    reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator})")
+    wheelhouse = Wheelhouse(wheels=())
+    if config.runtime.vendor:
+        wheelhouse = vendor_wheels(runtime, target.platform, config=config.runtime, cache=cache, reporter=reporter)
 
     lambda_pkg, hit = cache.stage(
         "lambda", {"config": config.lambda_.model_dump(mode="json", exclude={"source"}),
@@ -144,10 +144,12 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     if labels is not None:
         payload["model/labels.txt"] = labels
     payload[f"lambda/{lambda_pkg.path.name}"] = lambda_pkg.path
-    payload[f"runtime/{runtime.name}/{DEFINITION}"] = runtimes_dir() / runtime.name / DEFINITION
+    payload[f"runtime/{runtime.name}/{DEFINITION}"] = runtime.definition
+    payload.update({f"runtime/wheels/{wheel.name}": wheel for wheel in wheelhouse.wheels})
 
     manifest = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
-                         runtime=runtime, lambda_pkg=lambda_pkg, labels="model/labels.txt" if labels else None,
+                         runtime=runtime, wheelhouse=wheelhouse, lambda_pkg=lambda_pkg,
+                         labels="model/labels.txt" if labels else None,
                          tools=tools, plugin_identity=plugin_identity)
     output = options.output or config.build.output
     reporter.step(f"bundle: signing with {signer.description}")
@@ -190,7 +192,8 @@ def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
 
 
 def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
-              parity: ParityReport | None, runtime: Runtime, lambda_pkg: LambdaPackage, labels: str | None,
+              parity: ParityReport | None, runtime: Runtime, wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage,
+              labels: str | None,
               tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
     platform_name = config.target.platform
@@ -227,10 +230,12 @@ def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Det
         "runtime": {
             "name": runtime.name,
             "summary": runtime.summary,
+            "accelerator": runtime.accelerator,
             "python": runtime.python,
             "platform": platform_name,
             "requirements": list(runtime.requirements[platform_name]),
             "definition": f"runtime/{runtime.name}/{DEFINITION}",
+            "wheels": [{"file": f"runtime/wheels/{w.name}", "sha256": file_sha256(w)} for w in wheelhouse.wheels],
         },
         "lambda": {
             "name": lambda_pkg.name,

@@ -1,21 +1,33 @@
-"""Runtime stage: match the artifact to a runtime definition from ``runtimes/<name>/runtime.toml``.
+"""Runtime stage: match the artifact to a runtime definition, and vendor its wheels for offline devices.
 
-A runtime matches when its ``formats`` include the artifact's format and its ``platforms`` include the
-target platform; a plugin may name the runtime for its native format through ``deeplens_build_runtime``.
+A runtime is a folder with ``runtime.toml``: the artifact formats it runs, the accelerator it uses, the Python
+version and device platforms it supports, and exact requirements per platform. Built-in definitions live in
+``runtimes/``; a project may add its own (``runtime.definitions``), which win over built-ins of the same name.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from deeplens_build.cache import Cache
+from deeplens_build.config import RuntimeConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import BundleError, ConfigError
-from deeplens_build.types import Runtime
+from deeplens_build.report import Reporter
+from deeplens_build.types import Runtime, Wheelhouse
 
 DEFINITION = "runtime.toml"
+PIP_PLATFORMS = {
+    "linux-x86_64": ("manylinux_2_28_x86_64", "manylinux2014_x86_64"),
+    "linux-aarch64": ("manylinux_2_28_aarch64", "manylinux2014_aarch64"),
+}
+"""pip's platform tags for each device platform, newest glibc first."""
 
 
 class _Definition(BaseModel):
@@ -24,39 +36,50 @@ class _Definition(BaseModel):
     name: str
     summary: str
     formats: tuple[str, ...]
+    accelerator: Literal["cpu", "gpu"]
     python: str
-    platforms: tuple[str, ...]
+    platforms: tuple[Literal["linux-x86_64", "linux-aarch64"], ...]
     requirements: dict[str, tuple[str, ...]]
 
 
 def runtimes_dir() -> Path:
-    """Where the runtime definitions are: packaged in the wheel, or ``runtimes/`` of a source checkout."""
+    """The built-in definitions: packaged in the wheel, or ``runtimes/`` of a source checkout."""
     packaged = Path(__file__).parent / "runtimes"
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "runtimes"
 
 
-def load_runtimes(root: Path | None = None) -> tuple[Runtime, ...]:
-    root = root or runtimes_dir()
-    found = []
-    for path in sorted(root.glob(f"*/{DEFINITION}")):
-        try:
-            spec = _Definition.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
-        except (tomllib.TOMLDecodeError, ValidationError) as exc:
-            raise BundleError(f"runtime definition {path} is invalid: {exc}") from exc
-        if spec.name != path.parent.name:
-            raise BundleError(f"runtime definition {path} names itself {spec.name!r}; it must match its folder")
-        missing = [p for p in spec.platforms if p not in spec.requirements]
-        if missing:
-            raise BundleError(f"runtime definition {path} has no requirements for {', '.join(missing)}")
-        found.append(Runtime(name=spec.name, summary=spec.summary, formats=spec.formats, python=spec.python,
-                             platforms=spec.platforms, requirements=spec.requirements,
-                             definition_sha256=file_sha256(path)))
-    return tuple(found)
+def load_runtimes(project: Path | None = None) -> tuple[Runtime, ...]:
+    """Every runtime definition: built-in ones, then the project's, which replace built-ins of the same name."""
+    found: dict[str, Runtime] = {}
+    for root in (runtimes_dir(), project):
+        if root is None:
+            continue
+        if not root.is_dir():
+            raise ConfigError(f"Field `runtime.definitions` points to {root}, which is not a folder")
+        for path in sorted(root.glob(f"*/{DEFINITION}")):
+            runtime = _load(path)
+            found[runtime.name] = runtime
+    return tuple(found.values())
 
 
-def select_runtime(fmt: str, platform: str, *, wanted: str, suggested: str | None,
+def _load(path: Path) -> Runtime:
+    try:
+        spec = _Definition.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise BundleError(f"runtime definition {path} is invalid: {exc}") from exc
+    if spec.name != path.parent.name:
+        raise BundleError(f"runtime definition {path} names itself {spec.name!r}; it must match its folder")
+    missing = [p for p in spec.platforms if p not in spec.requirements]
+    if missing:
+        raise BundleError(f"runtime definition {path} has no requirements for {', '.join(missing)}")
+    return Runtime(name=spec.name, summary=spec.summary, formats=spec.formats, accelerator=spec.accelerator,
+                   python=spec.python, platforms=spec.platforms, requirements=spec.requirements,
+                   definition=path, definition_sha256=file_sha256(path))
+
+
+def select_runtime(fmt: str, platform: str, accelerator: str, *, wanted: str, suggested: str | None,
                    available: tuple[Runtime, ...]) -> Runtime:
-    """Pick the runtime for an artifact of format ``fmt`` on ``platform``.
+    """Pick the runtime for an artifact of format ``fmt`` on a ``platform`` device with ``accelerator``.
 
     :param wanted: ``runtime.name`` from config (``"auto"`` to match).
     :param suggested: the owning plugin's answer to ``deeplens_build_runtime``.
@@ -69,14 +92,60 @@ def select_runtime(fmt: str, platform: str, *, wanted: str, suggested: str | Non
             raise ConfigError(f"runtime {name!r} cannot run a {fmt} artifact on {platform}; runtimes that can: "
                               f"{_names(fits)}")
         return chosen
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        raise BundleError(f"no runtime runs a {fmt} artifact on {platform}; known runtimes: "
-                          + "; ".join(f"{r.name} ({', '.join(r.formats)} on {', '.join(r.platforms)})"
-                                      for r in available))
-    raise ConfigError(f"several runtimes can run a {fmt} artifact on {platform} ({_names(fits)}); "
+    # a GPU device also runs CPU runtimes; a CPU device cannot run a GPU one
+    matching = [r for r in fits if r.accelerator == accelerator] or [r for r in fits if r.accelerator == "cpu"]
+    if len(matching) == 1:
+        return matching[0]
+    if not matching:
+        raise BundleError(f"no runtime runs a {fmt} artifact on a {platform} {accelerator} device; known runtimes: "
+                          + "; ".join(f"{r.name} ({', '.join(r.formats)}, {r.accelerator}, "
+                                      f"{', '.join(r.platforms)})" for r in available))
+    raise ConfigError(f"several runtimes can run a {fmt} artifact on {platform} ({_names(matching)}); "
                       "choose one with `runtime.name`")
+
+
+def vendor_wheels(runtime: Runtime, platform: str, *, config: RuntimeConfig, cache: Cache,
+                  reporter: Reporter) -> Wheelhouse:
+    """Download the runtime's pinned wheels, with their dependencies, for the *device's* platform and Python.
+
+    Runs ``pip download --only-binary=:all: --platform ... --python-version ...``, so an x86_64 build machine
+    vendors an aarch64 device's runtime. Cached by the requirements, platform, Python and package sources.
+    """
+    requirements = list(runtime.requirements[platform])
+    sources = {"index": config.index, "find_links": [str(p) for p in config.find_links]}
+
+    def download(scratch: Path) -> Wheelhouse:
+        command = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version",
+                   runtime.python, "--implementation", "cp", "--dest", str(scratch), "--no-cache-dir",
+                   "--disable-pip-version-check", "--progress-bar", "off"]
+        for tag in PIP_PLATFORMS[platform]:
+            command += ["--platform", tag]
+        for link in config.find_links:
+            command += ["--find-links", str(link)]
+        if not config.index:
+            command.append("--no-index")
+        reporter.step(f"runtime: downloading {', '.join(requirements)} for {platform}, Python {runtime.python}")
+        lines = []
+        with subprocess.Popen([*command, *requirements], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as pip:
+            for line in pip.stdout:  # pip's progress, one line per package collected and saved
+                lines.append(line.rstrip())
+                if line.startswith(("Collecting", "Saved")):
+                    reporter.step(f"  {line.strip()}")
+        if pip.returncode != 0:
+            reason = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["no output"]
+            raise BundleError(f"cannot vendor runtime {runtime.name} for {platform}: {reason[0]} (check "
+                              "`runtime.find_links`, `runtime.index` and the pins in its runtime.toml)")
+        wheels = tuple(sorted(scratch.glob("*.whl")))
+        if not wheels:
+            raise BundleError(f"pip downloaded no wheels for runtime {runtime.name}")
+        return Wheelhouse(wheels=wheels)
+
+    wheelhouse, cached = cache.stage("wheels", {"requirements": requirements, "platform": platform,
+                                                "python": runtime.python, "sources": sources}, Wheelhouse, download)
+    if cached:
+        reporter.step(f"runtime: {len(wheelhouse.wheels)} wheels for {platform} reused from the cache")
+    return wheelhouse
 
 
 def _names(runtimes: list[Runtime]) -> str:

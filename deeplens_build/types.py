@@ -211,10 +211,19 @@ class Runtime:
     name: str
     summary: str
     formats: tuple[str, ...]
+    accelerator: str
     python: str
     platforms: tuple[str, ...]
     requirements: Mapping[str, tuple[str, ...]]
+    definition: Path
     definition_sha256: str
+
+
+@dataclass(frozen=True)
+class Wheelhouse:
+    """A runtime's wheels, downloaded for the device's platform and Python (``runtime.vendor = true``)."""
+
+    wheels: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
