@@ -45,10 +45,11 @@ def main(debug: bool) -> None:
 @click.option("--output", type=click.Path(path_type=Path), help="Folder for the bundle [build.output].")
 @click.option("--signing-key", help="PEM private key or kms:KEY_ID [$DEEPLENS_SIGNING_KEY].")
 @click.option("--no-cache", is_flag=True, help="Rebuild every stage (and refresh the cache).")
+@click.option("--publish", is_flag=True, help="Publish the Lambda version first; the bundle records its ARN.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing the build.")
 @_handle_errors
 def package(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
-            no_cache: bool, as_json: bool) -> None:
+            no_cache: bool, publish: bool, as_json: bool) -> None:
     """Build the bundle: fetch, convert, optimize, check parity, sign."""
     from deeplens_build.config import load_config
     from deeplens_build.pipeline import BuildOptions
@@ -62,7 +63,8 @@ def package(config_path: Path | None, source: str | None, output: Path | None, s
     for failure in manager.failures:
         reporter.warn(f"plugin {failure.name} was skipped: {failure.reason}")
     result = build(config, BuildOptions(source=source, output=output, signing_key=signing_key,
-                                        use_cache=not no_cache), manager=manager, reporter=reporter)
+                                        use_cache=not no_cache, publish=publish), manager=manager,
+                   reporter=reporter)
     if as_json:
         parity = result.parity
         click.echo(json.dumps({
@@ -90,6 +92,33 @@ def package(config_path: Path | None, source: str | None, output: Path | None, s
     click.echo(f"  sizes     source {_size(s.source)}, artifact {_size(s.artifact)}, bundle {_size(s.bundle)}")
     if result.cached_stages:
         click.echo(f"  cache     reused {', '.join(result.cached_stages)}")
+
+
+@main.command("publish-lambda")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project file [./deeplens.toml].")
+@click.option("--json", "as_json", is_flag=True, help="Print the published version as JSON.")
+@_handle_errors
+def publish_lambda_command(config_path: Path | None, as_json: bool) -> None:
+    """Create or update the inference Lambda, publish a version and move its alias to it."""
+    import tempfile
+
+    from deeplens_build.config import load_config
+    from deeplens_build.lambda_package import package_lambda
+    from deeplens_build.publish import publish_lambda
+    from deeplens_build.report import Reporter
+
+    config = load_config(config_path)
+    config.build.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lambda-", dir=config.build.work_dir) as scratch:
+        package = package_lambda(config.lambda_, default_name=config.model.name, workdir=Path(scratch))
+        environment = {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
+        published = publish_lambda(package, config.lambda_, environment=environment, reporter=Reporter())
+    if as_json:
+        click.echo(json.dumps({"name": published.name, "version": published.version, "arn": published.arn,
+                               "alias": published.alias, "alias_arn": published.alias_arn,
+                               "content_version": package.version}, indent=2))
+    else:
+        click.echo(f"published {published.arn} (alias {published.alias}, content {package.version})")
 
 
 @main.command()

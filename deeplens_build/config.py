@@ -95,6 +95,12 @@ class LambdaConfig(_Strict):
     handler: str = "inference.handler"
     name: str | None = None
     version: str = "1.0.0"
+    role: str | None = None
+    runtime: str = "python3.11"
+    memory_size: Annotated[int, Field(ge=128, le=10240)] = 1536
+    timeout: Annotated[int, Field(ge=1, le=900)] = 900
+    alias: str = "live"
+    environment: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("version")
     @classmethod
@@ -120,6 +126,15 @@ class RuntimeConfig(_Strict):
     index: bool = True
 
 
+class GreengrassConfig(_Strict):
+    format: Literal["v2", "v1", "both"] = "v2"
+    bucket: str = "deeplens-greengrass-artifacts"
+    prefix: str = "components"
+    component: str | None = None
+    thing_name: str | None = None
+    model_path: str = "/greengrass-machine-learning/model"
+
+
 class BuildConfig(_Strict):
     work_dir: ProjectPath = Path(".deeplens")
     output: ProjectPath = Path("dist")
@@ -133,6 +148,7 @@ class ProjectConfig(_Strict):
     target: TargetConfig
     runtime: RuntimeConfig
     build: BuildConfig
+    greengrass: GreengrassConfig
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     root: Path = Field(default=Path("."), exclude=True)
     """The folder holding ``deeplens.toml``."""
@@ -146,7 +162,7 @@ class ProjectConfig(_Strict):
         return data
 
 
-_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build")
+_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass")
 
 
 def load_config(path: Path | None) -> ProjectConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from deeplens_build.config import LambdaConfig
@@ -36,14 +37,7 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
         raise ConfigError(f"Field `lambda.handler` is {config.handler!r}, but {source} has no {module}; "
                           "use MODULE.FUNCTION, e.g. inference.handler")
     name = config.name or default_name
-    target = workdir / f"{name}.zip"
-    with zipfile.ZipFile(target, "w") as archive:
-        for rel in files:
-            info = zipfile.ZipInfo(rel, date_time=ZIP_EPOCH)
-            info.external_attr = 0o100644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.create_system = 3  # unix, whatever the build machine is
-            archive.writestr(info, (source / rel).read_bytes(), compresslevel=9)
+    target = write_zip({rel: source / rel for rel in files}, workdir / f"{name}.zip")
     sha256 = file_sha256(target)
     content = hashlib.sha256("".join(f"{r}\0{file_sha256(source / r)}\n" for r in files).encode()).hexdigest()
     return LambdaPackage(path=target, name=name, handler=config.handler,
@@ -73,3 +67,15 @@ def lambda_files(source: Path) -> list[str]:
     if not files:
         raise ConfigError(f"`lambda.source` ({source}) holds no files to package")
     return files
+
+
+def write_zip(entries: Mapping[str, Path], target: Path) -> Path:
+    """A zip whose bytes depend only on the entries' names and contents: sorted, fixed time, mode 0644."""
+    with zipfile.ZipFile(target, "w") as archive:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.external_attr = 0o100644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3  # unix, whatever the build machine is
+            archive.writestr(info, entries[name].read_bytes(), compresslevel=9)
+    return target

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as metadata
+import json
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.fetch import SAGEMAKER_PREFIX, fetch
-from deeplens_build.lambda_package import package_lambda
+from deeplens_build import greengrass
+from deeplens_build.greengrass import component_name
+from deeplens_build.lambda_package import package_lambda, write_zip
+from deeplens_build.publish import publish_lambda
 from deeplens_build.optimize import optimize
 from deeplens_build.parity import check_parity
 from deeplens_build.plugins import PluginManager
@@ -32,9 +36,11 @@ from deeplens_build.types import (
     BundleSizes,
     ConvertedModel,
     Detection,
+    GreengrassDocuments,
     LambdaPackage,
     OptimizedModel,
     ParityReport,
+    PublishedLambda,
     Runtime,
     TrainingOutput,
     Wheelhouse,
@@ -52,6 +58,7 @@ class BuildOptions:
     output: Path | None = None
     signing_key: str | None = None
     use_cache: bool = True
+    publish: bool = False
 
 
 def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginManager,
@@ -147,10 +154,23 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     payload[f"runtime/{runtime.name}/{DEFINITION}"] = runtime.definition
     payload.update({f"runtime/wheels/{wheel.name}": wheel for wheel in wheelhouse.wheels})
 
+    published = None
+    if options.publish:
+        environment = {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
+        published = publish_lambda(lambda_pkg, config.lambda_, environment=environment, reporter=reporter)
+    documents = _greengrass_documents(config, cache, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
+                                      lambda_pkg=lambda_pkg, published=published)
+    payload.update(documents)
+
     manifest = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
                          runtime=runtime, wheelhouse=wheelhouse, lambda_pkg=lambda_pkg,
                          labels="model/labels.txt" if labels else None,
                          tools=tools, plugin_identity=plugin_identity)
+    manifest["lambda"] |= {"published_version": published.version if published else None,
+                           "arn": published.arn if published else None,
+                           "alias": published.alias if published else None}
+    manifest["greengrass"] = {"format": config.greengrass.format, "component": component_name(config),
+                              "documents": sorted(documents)}
     output = options.output or config.build.output
     reporter.step(f"bundle: signing with {signer.description}")
     path, sha256 = write_bundle(payload, manifest, signer, output)
@@ -159,6 +179,47 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     return BuildResult(bundle=path, sha256=sha256, name=config.model.name, version=config.model.version,
                        framework=plugin.framework.name, parity=parity, sizes=sizes, cached_stages=tuple(cached),
                        notes=tuple(reporter.notes), manifest=manifest)
+
+
+def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[str, Path], *, runtime: Runtime,
+                          vendored: bool, lambda_pkg: LambdaPackage,
+                          published: PublishedLambda | None) -> dict[str, Path]:
+    """Write the Greengrass documents for ``config.greengrass.format``; return bundle path → file."""
+    fmt = config.greengrass.format
+    if fmt in ("v1", "both") and published is None:
+        raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
+                          "or set `greengrass.format = \"v2\"`")
+    device_files = {path.name: path for arc, path in payload.items() if not arc.startswith("runtime/") or
+                    arc.startswith("runtime/wheels/")}
+    environment = dict(config.lambda_.environment)
+
+    def write(scratch: Path) -> GreengrassDocuments:
+        documents: dict[str, Any] = {}
+        if fmt in ("v2", "both"):
+            documents["greengrass/recipe.json"] = greengrass.recipe(
+                config, artifacts=device_files, runtime=runtime, vendored=vendored, lambda_pkg=lambda_pkg,
+                environment=environment)
+            if published is not None:
+                documents["greengrass/lambda-component.json"] = greengrass.lambda_component_request(
+                    config, published, environment)
+        files = {}
+        if fmt in ("v1", "both"):
+            archive = write_zip({name: path for name, path in device_files.items() if path != lambda_pkg.path
+                                 and not name.endswith(".whl")}, scratch / "model.zip")
+            files["greengrass/v1/model.zip"] = archive
+            for name, document in greengrass.v1_definitions(config, published, model_archive=archive,
+                                                           environment=environment).items():
+                documents[f"greengrass/v1/{name}.json"] = document
+        for arc, document in documents.items():
+            target = scratch / arc.rsplit("/", 1)[-1]
+            target.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            files[arc] = target
+        return GreengrassDocuments(files=files)
+
+    key = {"payload": {arc: file_sha256(p) for arc, p in payload.items()}, "published": published and published.arn,
+           "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model"})}
+    result, _ = cache.stage("greengrass", key, GreengrassDocuments, write)
+    return dict(result.files)
 
 
 def _configured_source(config: ProjectConfig) -> str:

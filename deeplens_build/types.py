@@ -238,6 +238,24 @@ class LambdaPackage:
 
 
 @dataclass(frozen=True)
+class PublishedLambda:
+    """A published Lambda version; Greengrass references ``arn`` (``...:function:NAME:N``), never ``$LATEST``."""
+
+    name: str
+    version: str
+    arn: str
+    alias: str
+    alias_arn: str
+
+
+@dataclass(frozen=True)
+class GreengrassDocuments:
+    """The Greengrass documents (and the v1 model archive) written for a bundle: bundle path → file."""
+
+    files: Mapping[str, Path]
+
+
+@dataclass(frozen=True)
 class BundleSizes:
     source: int
     artifact: int

@@ -31,7 +31,7 @@ def test_package_builds_a_verified_bundle_and_reports_json(project: Path) -> Non
         names = tar.getnames()
     assert names[:2] == ["manifest.json", "manifest.sig"]
     assert set(names[2:]) == {"model/model.onnx", "model/labels.txt", "lambda/deeplens-test-model.zip",
-                              "runtime/onnxruntime/runtime.toml"}
+                              "runtime/onnxruntime/runtime.toml", "greengrass/recipe.json"}
     assert not any(name.endswith(".pem") for name in names), "the private key never enters a bundle"
 
 

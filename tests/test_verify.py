@@ -50,7 +50,7 @@ def test_without_a_trusted_key_it_says_integrity_only(bundle: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["model/model.onnx", "model/labels.txt", "lambda/deeplens-test-model.zip",
-                                  "runtime/onnxruntime/runtime.toml"])
+                                  "runtime/onnxruntime/runtime.toml", "greengrass/recipe.json"])
 def test_one_changed_byte_in_any_payload_file_fails(bundle: Path, name: str) -> None:
     members = _members(bundle)
     members[name] = _flip(members[name], len(members[name]) // 2)

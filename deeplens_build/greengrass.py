@@ -1,0 +1,166 @@
+"""The Greengrass documents a bundle carries: what a core needs to run the model, its runtime and the Lambda.
+
+- v2: a component recipe (RecipeFormatVersion 2020-01-25) whose artifacts carry the sha256 (base64) of the
+  bundle's files, plus, when the Lambda was published, the ``create_component_version(lambdaFunction=...)``
+  request that turns the versioned Lambda into a pinned component.
+- v1 (DeepLens-era cores): function, resource (the model as an S3 machine-learning resource) and subscription
+  definitions, which :func:`create_v1_group_version` registers and ties into a group version.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from deeplens_build.config import ProjectConfig
+from deeplens_build.errors import ConfigError
+from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime
+
+RECIPE_FORMAT = "2020-01-25"
+ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
+MODEL_RESOURCE_ID = "deeplens-model"
+
+
+def component_name(config: ProjectConfig) -> str:
+    return config.greengrass.component or f"com.deeplens.{config.model.name}"
+
+
+def artifact_uri(config: ProjectConfig, name: str) -> str:
+    """Where ``deeplens-build deploy`` uploads a bundle file: one S3 prefix per component version."""
+    g = config.greengrass
+    return f"s3://{g.bucket}/{g.prefix}/{component_name(config)}/{config.model.version}/{name}"
+
+
+def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Runtime, vendored: bool,
+           lambda_pkg: LambdaPackage, environment: Mapping[str, str]) -> dict[str, Any]:
+    """A v2 component recipe running the inference Lambda's code as a plain, long-lived component.
+
+    :param artifacts: file name on the device → file, for every artifact (names are flat on the device).
+    """
+    name = component_name(config)
+    topic = "$aws/things/{iot:thingName}/infer"
+    module = lambda_pkg.handler.rsplit(".", 1)[0]
+    code_dir = "{artifacts:decompressedPath}/" + lambda_pkg.path.stem
+    requirements = " ".join(shlex.quote(r) for r in runtime.requirements[config.target.platform])
+    install = (f"python3 -m pip install --no-index --find-links {{artifacts:path}} {requirements}" if vendored
+               else f"python3 -m pip install {requirements}")
+    run = (f"python3 -u -c \"import sys, threading; sys.path.insert(0, '{code_dir}'); import {module}; "
+           "threading.Event().wait()\"")
+    return {
+        "RecipeFormatVersion": RECIPE_FORMAT,
+        "ComponentName": name,
+        "ComponentVersion": config.model.version,
+        "ComponentDescription": f"{config.model.name}: {runtime.summary} and its inference loop",
+        "ComponentPublisher": "deeplens-build",
+        "ComponentConfiguration": {"DefaultConfiguration": {
+            "topic": topic,
+            "accessControl": {"aws.greengrass.ipc.mqttproxy": {f"{name}:mqttproxy:1": {
+                "policyDescription": "Publish inference results to the device's infer topic",
+                "operations": ["aws.greengrass#PublishToIoTCore"],
+                "resources": [topic],
+            }}},
+        }},
+        "Manifests": [{
+            "Platform": {"os": "linux", "architecture": ARCHITECTURES[config.target.platform]},
+            "Lifecycle": {
+                "Setenv": {"DEEPLENS_MODEL_DIR": "{artifacts:path}", **environment},
+                "Install": {"Script": install, "Timeout": 900},
+                "Run": {"Script": run},
+            },
+            "Artifacts": [{
+                "Uri": artifact_uri(config, file_name),
+                "Digest": digest_b64(path),
+                "Algorithm": "SHA-256",
+                "Unarchive": "ZIP" if path == lambda_pkg.path else "NONE",
+            } for file_name, path in sorted(artifacts.items())],
+        }],
+    }
+
+
+def lambda_component_request(config: ProjectConfig, published: PublishedLambda,
+                             environment: Mapping[str, str]) -> dict[str, Any]:
+    """The ``create_component_version`` request that imports the published Lambda as a pinned component."""
+    return {"lambdaFunction": {
+        "lambdaArn": published.arn,
+        "componentName": f"{component_name(config)}.lambda",
+        "componentVersion": config.model.version,
+        "componentPlatforms": [{"name": "Linux", "attributes": {
+            "os": "linux", "architecture": ARCHITECTURES[config.target.platform]}}],
+        "componentDependencies": {component_name(config): {
+            "versionRequirement": f"={config.model.version}", "dependencyType": "HARD"}},
+        "componentLambdaParameters": {
+            "eventSources": [],
+            "maxInstancesCount": 1,
+            "pinned": True,  # long-lived: started with the core, kept running, its loop never times out
+            "timeoutInSeconds": config.lambda_.timeout,
+            "environmentVariables": {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **environment},
+            "linuxProcessParams": {"isolationMode": "NoContainer"},
+        },
+    }}
+
+
+def v1_definitions(config: ProjectConfig, published: PublishedLambda, *, model_archive: Path,
+                   environment: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Function, resource and subscription definitions for a Greengrass v1 (DeepLens-era) group."""
+    thing = config.greengrass.thing_name
+    if not thing:
+        raise ConfigError("`greengrass.format` includes v1, whose subscriptions name the device: set "
+                          "`greengrass.thing_name` (the AWS IoT thing of the DeepLens core)")
+    return {
+        "function-definition": {"Functions": [{
+            "Id": published.name,
+            "FunctionArn": published.arn,
+            "FunctionConfiguration": {
+                "Pinned": True,  # long-lived: the loop runs for as long as the core does
+                "Timeout": config.lambda_.timeout,
+                "MemorySize": config.lambda_.memory_size * 1024,  # v1 counts in KB
+                "EncodingType": "json",
+                "Environment": {
+                    "Variables": {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **environment},
+                    "AccessSysfs": True,
+                    "ResourceAccessPolicies": [{"ResourceId": MODEL_RESOURCE_ID, "Permission": "ro"}],
+                },
+            },
+        }]},
+        "resource-definition": {"Resources": [{
+            "Id": MODEL_RESOURCE_ID,
+            "Name": config.model.name,
+            "ResourceDataContainer": {"S3MachineLearningModelResourceData": {
+                "S3Uri": artifact_uri(config, model_archive.name),
+                "DestinationPath": config.greengrass.model_path,
+            }},
+        }]},
+        "subscription-definition": {"Subscriptions": [{
+            "Id": "inference-to-cloud",
+            "Source": published.arn,
+            "Subject": f"$aws/things/{thing}/infer",
+            "Target": "cloud",
+        }]},
+    }
+
+
+def create_v1_group_version(client: Any, definitions: Mapping[str, Mapping[str, Any]], group_id: str) -> str:
+    """Register the v1 definitions with ``client`` (boto3 greengrass) and tie them into a new group version."""
+    function = client.create_function_definition(InitialVersion=definitions["function-definition"])
+    resource = client.create_resource_definition(InitialVersion=definitions["resource-definition"])
+    subscription = client.create_subscription_definition(InitialVersion=definitions["subscription-definition"])
+    version = client.create_group_version(
+        GroupId=group_id,
+        FunctionDefinitionVersionArn=function["LatestVersionArn"],
+        ResourceDefinitionVersionArn=resource["LatestVersionArn"],
+        SubscriptionDefinitionVersionArn=subscription["LatestVersionArn"],
+    )
+    return version["Version"]
+
+
+def digest_b64(path: Path) -> str:
+    """The artifact digest Greengrass checks: base64 of the raw sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return base64.b64encode(digest.digest()).decode()
