@@ -1,0 +1,141 @@
+"""The versioned Lambda and the Greengrass documents: moto as an HTTP server for Lambda, IAM, S3 and Greengrass
+v1; botocore's Stubber (which validates request shapes against the real service model) for greengrassv2."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from helpers import cli, error_line
+
+from deeplens_build import testing
+from deeplens_build.greengrass import create_v1_group_version
+
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "reference" / "greengrass-v2-recipe.schema.json"
+
+
+def _lowercase_keys(value: Any) -> Any:
+    """What the GDK CLI does before validating: recipe keys are case-insensitive, values are not."""
+    if isinstance(value, dict):
+        return {k.lower(): _lowercase_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lowercase_keys(v) for v in value]
+    return value
+
+
+def _bundle_files(bundle: Path) -> dict[str, bytes]:
+    with tarfile.open(bundle) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _role() -> str:
+    return boto3.client("iam").create_role(RoleName="deeplens-lambda", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+
+
+def _project(tmp_path: Path, source: Path, **tables: Any) -> Path:
+    return testing.write_project(tmp_path / "project", source=source, **tables)
+
+
+def _package(config: Path, *extra: str, expect: int = 0):
+    key = testing.signing_key(config.parent)
+    result = cli("package", "--config", config, "--signing-key", key, "--json", *extra, expect=expect)
+    return error_line(result) if expect else json.loads(result.stdout)
+
+
+def test_recipe_passes_the_gdk_schema_and_its_digests_match_the_files(tmp_path: Path, onnx_model_dir: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    report = _package(_project(tmp_path, onnx_model_dir))
+    files = _bundle_files(Path(report["bundle"]))
+    recipe = json.loads(files["greengrass/recipe.json"])
+    jsonschema.validate(_lowercase_keys(recipe), json.loads(SCHEMA.read_text()))
+
+    assert recipe["RecipeFormatVersion"] == "2020-01-25"
+    assert recipe["ComponentName"] == "com.deeplens.deeplens-test-model" and recipe["ComponentVersion"] == "1.0.0"
+    [manifest] = recipe["Manifests"]
+    assert manifest["Platform"] == {"os": "linux", "architecture": "amd64"}
+    by_name = {Path(n).name: data for n, data in files.items() if not n.startswith(("manifest", "greengrass/"))}
+    artifacts = {a["Uri"].rsplit("/", 1)[-1]: a for a in manifest["Artifacts"]}
+    assert set(artifacts) == {"model.onnx", "labels.txt", "deeplens-test-model.zip"}
+    for name, artifact in artifacts.items():
+        assert artifact["Algorithm"] == "SHA-256"
+        assert artifact["Digest"] == base64.b64encode(hashlib.sha256(by_name[name]).digest()).decode()
+        assert artifact["Uri"].startswith("s3://deeplens-greengrass-artifacts/components/")
+    assert artifacts["deeplens-test-model.zip"]["Unarchive"] == "ZIP"
+    assert "$aws/things/{iot:thingName}/infer" in json.dumps(recipe["ComponentConfiguration"])
+
+
+def test_publish_references_the_published_version_never_latest(aws: str, tmp_path: Path,
+                                                                onnx_model_dir: Path) -> None:
+    config = _project(tmp_path, onnx_model_dir, **{"lambda": {"source": "lambda", "role": _role()}})
+    (config.parent / "lambda").mkdir()
+    (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA)
+    first = testing.verify(Path(_package(config, "--publish")["bundle"])).manifest["lambda"]
+    (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA + "\n# v2\n")
+    second = testing.verify(Path(_package(config, "--publish")["bundle"])).manifest["lambda"]
+
+    assert first["published_version"] == "1" and second["published_version"] == "2"
+    assert second["arn"].endswith(":function:deeplens-test-model:2") and "$LATEST" not in second["arn"]
+    client = boto3.client("lambda")
+    alias = client.get_alias(FunctionName="deeplens-test-model", Name="live")
+    assert alias["FunctionVersion"] == "2"
+    function = client.get_function(FunctionName="deeplens-test-model", Qualifier="2")["Configuration"]
+    assert function["Handler"] == "inference.handler" and function["Timeout"] == 900
+    assert function["Environment"]["Variables"]["DEEPLENS_MODEL_DIR"] == "/greengrass-machine-learning/model"
+
+
+def test_publish_without_a_role_names_the_key(aws: str, tmp_path: Path, onnx_model_dir: Path) -> None:
+    message = _package(_project(tmp_path, onnx_model_dir), "--publish", expect=3)
+    assert "publishing the Lambda needs `lambda.role`" in message
+
+
+def test_v1_documents_create_definitions_and_a_group_version(aws: str, tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = _project(tmp_path, onnx_model_dir, greengrass={"format": "both", "thing_name": "deeplens_abc"})
+    text = config.read_text().replace('handler = "inference.handler"',
+                                      f'handler = "inference.handler"\nrole = "{_role()}"')
+    config.write_text(text)
+    files = _bundle_files(Path(_package(config, "--publish")["bundle"]))
+    definitions = {name: json.loads(files[f"greengrass/v1/{name}.json"])
+                   for name in ("function-definition", "resource-definition", "subscription-definition")}
+    function = definitions["function-definition"]["Functions"][0]
+    assert function["FunctionArn"].endswith(":1") and function["FunctionConfiguration"]["Pinned"] is True
+    assert definitions["subscription-definition"]["Subscriptions"][0]["Subject"] == "$aws/things/deeplens_abc/infer"
+    assert "greengrass/v1/model.zip" in files
+
+    client = boto3.client("greengrass")
+    group = client.create_group(Name="deeplens-group")
+    version = create_v1_group_version(client, definitions, group["Id"])
+    stored = client.get_group_version(GroupId=group["Id"], GroupVersionId=version)["Definition"]
+    assert {"FunctionDefinitionVersionArn", "ResourceDefinitionVersionArn",
+            "SubscriptionDefinitionVersionArn"} <= set(stored)
+
+
+def test_v1_without_a_published_lambda_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = _project(tmp_path, onnx_model_dir, greengrass={"format": "v1", "thing_name": "deeplens_abc"})
+    assert "Greengrass v1 documents reference a published Lambda version" in _package(config, expect=3)
+
+
+def test_lambda_component_request_matches_the_greengrassv2_api(aws: str, tmp_path: Path,
+                                                                onnx_model_dir: Path) -> None:
+    config = _project(tmp_path, onnx_model_dir)
+    config.write_text(config.read_text().replace('handler = "inference.handler"',
+                                                 f'handler = "inference.handler"\nrole = "{_role()}"'))
+    files = _bundle_files(Path(_package(config, "--publish")["bundle"]))
+    request = json.loads(files["greengrass/lambda-component.json"])
+    parameters = request["lambdaFunction"]["componentLambdaParameters"]
+    assert parameters["pinned"] is True and request["lambdaFunction"]["lambdaArn"].endswith(":1")
+
+    client = boto3.client("greengrassv2", region_name="us-east-1")
+    with Stubber(client) as stub:  # moto has no greengrassv2; the Stubber checks the request against the model
+        stub.add_response("create_component_version", {
+            "componentName": "com.deeplens.deeplens-test-model.lambda", "componentVersion": "1.0.0",
+            "creationTimestamp": "2026-11-28T00:00:00Z",
+            "status": {"componentState": "DEPLOYABLE"}}, request)
+        answer = client.create_component_version(**request)
+    assert answer["status"]["componentState"] == "DEPLOYABLE"
