@@ -122,6 +122,7 @@ class RuntimeConfig(_Strict):
     name: str = "auto"
     definitions: ProjectPath | None = None
     vendor: bool = False
+    image: bool = False
     find_links: tuple[ProjectPath, ...] = ()
     index: bool = True
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from deeplens_build.config import ProjectConfig
 from deeplens_build.errors import ConfigError
-from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime
+from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
 RECIPE_FORMAT = "2020-01-25"
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
@@ -36,7 +36,7 @@ def artifact_uri(config: ProjectConfig, name: str) -> str:
 
 
 def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Runtime, vendored: bool,
-           lambda_pkg: LambdaPackage, environment: Mapping[str, str]) -> dict[str, Any]:
+           image: RuntimeImage | None, lambda_pkg: LambdaPackage, environment: Mapping[str, str]) -> dict[str, Any]:
     """A v2 component recipe running the inference Lambda's code as a plain, long-lived component.
 
     :param artifacts: file name on the device → file, for every artifact (names are flat on the device).
@@ -48,6 +48,8 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     requirements = " ".join(shlex.quote(r) for r in runtime.requirements[config.target.platform])
     install = (f"python3 -m pip install --no-index --find-links {{artifacts:path}} {requirements}" if vendored
                else f"python3 -m pip install {requirements}")
+    if image is not None:
+        install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
     run = (f"python3 -u -c \"import sys, threading; sys.path.insert(0, '{code_dir}'); import {module}; "
            "threading.Event().wait()\"")
     return {

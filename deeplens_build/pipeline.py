@@ -23,6 +23,7 @@ from deeplens_build.errors import ConfigError
 from deeplens_build.fetch import SAGEMAKER_PREFIX, fetch
 from deeplens_build import greengrass
 from deeplens_build.greengrass import component_name
+from deeplens_build.image import build_image
 from deeplens_build.lambda_package import package_lambda, write_zip
 from deeplens_build.publish import publish_lambda
 from deeplens_build.optimize import optimize
@@ -42,6 +43,7 @@ from deeplens_build.types import (
     ParityReport,
     PublishedLambda,
     Runtime,
+    RuntimeImage,
     TrainingOutput,
     Wheelhouse,
 )
@@ -154,12 +156,17 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     payload[f"runtime/{runtime.name}/{DEFINITION}"] = runtime.definition
     payload.update({f"runtime/wheels/{wheel.name}": wheel for wheel in wheelhouse.wheels})
 
+    image = None
+    if config.runtime.image:
+        image = _runtime_image(config, cache, payload, runtime=runtime, reporter=reporter)
+        payload["runtime/image.tar"] = image.path
+
     published = None
     if options.publish:
         environment = {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
         published = publish_lambda(lambda_pkg, config.lambda_, environment=environment, reporter=reporter)
     documents = _greengrass_documents(config, cache, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
-                                      lambda_pkg=lambda_pkg, published=published)
+                                      image=image, lambda_pkg=lambda_pkg, published=published)
     payload.update(documents)
 
     manifest = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
@@ -169,6 +176,8 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     manifest["lambda"] |= {"published_version": published.version if published else None,
                            "arn": published.arn if published else None,
                            "alias": published.alias if published else None}
+    manifest["runtime"]["image"] = ({"file": "runtime/image.tar", "tag": image.tag, "id": image.image_id}
+                                    if image else None)
     manifest["greengrass"] = {"format": config.greengrass.format, "component": component_name(config),
                               "documents": sorted(documents)}
     output = options.output or config.build.output
@@ -182,30 +191,30 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
 
 
 def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[str, Path], *, runtime: Runtime,
-                          vendored: bool, lambda_pkg: LambdaPackage,
+                          vendored: bool, image: RuntimeImage | None, lambda_pkg: LambdaPackage,
                           published: PublishedLambda | None) -> dict[str, Path]:
     """Write the Greengrass documents for ``config.greengrass.format``; return bundle path → file."""
     fmt = config.greengrass.format
     if fmt in ("v1", "both") and published is None:
         raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
                           "or set `greengrass.format = \"v2\"`")
-    device_files = {path.name: path for arc, path in payload.items() if not arc.startswith("runtime/") or
-                    arc.startswith("runtime/wheels/")}
+    device_files = {path.name: path for arc, path in payload.items()
+                    if not arc.startswith("runtime/") or arc.startswith("runtime/wheels/") or arc == "runtime/image.tar"}
     environment = dict(config.lambda_.environment)
 
     def write(scratch: Path) -> GreengrassDocuments:
         documents: dict[str, Any] = {}
         if fmt in ("v2", "both"):
             documents["greengrass/recipe.json"] = greengrass.recipe(
-                config, artifacts=device_files, runtime=runtime, vendored=vendored, lambda_pkg=lambda_pkg,
-                environment=environment)
+                config, artifacts=device_files, runtime=runtime, vendored=vendored, image=image,
+                lambda_pkg=lambda_pkg, environment=environment)
             if published is not None:
                 documents["greengrass/lambda-component.json"] = greengrass.lambda_component_request(
                     config, published, environment)
         files = {}
         if fmt in ("v1", "both"):
             archive = write_zip({name: path for name, path in device_files.items() if path != lambda_pkg.path
-                                 and not name.endswith(".whl")}, scratch / "model.zip")
+                                 and not name.endswith((".whl", ".tar"))}, scratch / "model.zip")
             files["greengrass/v1/model.zip"] = archive
             for name, document in greengrass.v1_definitions(config, published, model_archive=archive,
                                                            environment=environment).items():
@@ -220,6 +229,22 @@ def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[
            "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model"})}
     result, _ = cache.stage("greengrass", key, GreengrassDocuments, write)
     return dict(result.files)
+
+
+def _runtime_image(config: ProjectConfig, cache: Cache, payload: Mapping[str, Path], *, runtime: Runtime,
+                   reporter: Reporter) -> RuntimeImage:
+    """The runtime image, cached by its contents: an engine stamps each build with a new creation time."""
+    if not config.runtime.vendor:
+        raise ConfigError("`runtime.image = true` puts the vendored wheels into the image: set `runtime.vendor = true`")
+    files = {arc.removeprefix("runtime/") if arc.startswith("runtime/wheels/") else
+             ("runtime.toml" if arc.endswith(DEFINITION) else arc): path for arc, path in payload.items()}
+    tag = f"{config.model.name}-runtime:{config.model.version}"
+    result, hit = cache.stage("image", {"files": {name: file_sha256(p) for name, p in files.items()}, "tag": tag},
+                              RuntimeImage, lambda workdir: build_image(runtime, files, tag=tag, workdir=workdir,
+                                                                        reporter=reporter))
+    if hit:
+        reporter.step(f"runtime: image {tag} unchanged, reused from the cache")
+    return result
 
 
 def _configured_source(config: ProjectConfig) -> str:

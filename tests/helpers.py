@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +60,33 @@ def package_project(workdir: Path, source: Path | str, *, expect: int = 0, **tab
         assert not (config.parent / "dist").exists()
         return error_line(result)
     return json.loads(result.stdout)
+
+
+def wheel(wheelhouse: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A real, installable pure-Python wheel, written by hand (PEP 427)."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
+            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: deeplens-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
+    path = wheelhouse / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def runtime_definition(root: Path, name: str, requirements: list[str], platforms=("linux-x86_64", "linux-aarch64")) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    reqs = "\n".join(f'{p} = {requirements!r}'.replace("'", '"') for p in platforms)
+    (folder / "runtime.toml").write_text(
+        f'name = "{name}"\nsummary = "test runtime"\nformats = ["onnx"]\naccelerator = "cpu"\npython = "3.10"\n'
+        f'platforms = {list(platforms)!r}\n'.replace("'", '"') + f"\n[requirements]\n{reqs}\n")
+    return root

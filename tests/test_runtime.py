@@ -2,47 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import package_project
+from helpers import package_project, runtime_definition, wheel
 
 from deeplens_build import testing
 from deeplens_build.errors import BundleError, ConfigError
 from deeplens_build.runtime import load_runtimes, select_runtime
-
-
-def _wheel(wheelhouse: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A real, installable pure-Python wheel, written by hand (PEP 427)."""
-    wheelhouse.mkdir(parents=True, exist_ok=True)
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": f"VERSION = {version!r}\n",
-        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
-            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: deeplens-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
-              f"{len(text.encode())}" for path, text in files.items()]
-    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
-    path = wheelhouse / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as archive:
-        for member, text in files.items():
-            archive.writestr(member, text)
-    return path
-
-
-def _definition(root: Path, name: str, requirements: list[str], platforms=("linux-x86_64", "linux-aarch64")) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    reqs = "\n".join(f'{p} = {requirements!r}'.replace("'", '"') for p in platforms)
-    (folder / "runtime.toml").write_text(
-        f'name = "{name}"\nsummary = "test runtime"\nformats = ["onnx"]\naccelerator = "cpu"\npython = "3.10"\n'
-        f'platforms = {list(platforms)!r}\n'.replace("'", '"') + f"\n[requirements]\n{reqs}\n")
-    return root
 
 
 @pytest.mark.parametrize(("platform", "accelerator", "expected"), [
@@ -75,10 +43,10 @@ def test_no_fitting_runtime_lists_the_candidates() -> None:
 
 def test_vendors_the_pinned_wheels_with_their_dependencies(tmp_path: Path, onnx_model_dir: Path) -> None:
     wheelhouse = tmp_path / "wheelhouse"
-    _wheel(wheelhouse, "tinyrt", "1.0", requires=("tinydep==2.0",))
-    _wheel(wheelhouse, "tinydep", "2.0")
-    _wheel(wheelhouse, "tinyrt", "1.1")
-    definitions = _definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"])
+    wheel(wheelhouse, "tinyrt", "1.0", requires=("tinydep==2.0",))
+    wheel(wheelhouse, "tinydep", "2.0")
+    wheel(wheelhouse, "tinyrt", "1.1")
+    definitions = runtime_definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"])
     runtime = {"name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
                "find_links": [str(wheelhouse)]}
     report = package_project(tmp_path, onnx_model_dir, runtime=runtime, target={"platform": "linux-aarch64"})
@@ -95,8 +63,8 @@ def test_vendors_the_pinned_wheels_with_their_dependencies(tmp_path: Path, onnx_
 
 def test_missing_wheel_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) -> None:
     wheelhouse = tmp_path / "wheelhouse"
-    _wheel(wheelhouse, "tinyrt", "1.1")
-    definitions = _definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"])
+    wheel(wheelhouse, "tinyrt", "1.1")
+    definitions = runtime_definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"])
     message = package_project(tmp_path, onnx_model_dir, expect=7, runtime={
         "name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
         "find_links": [str(wheelhouse)]})
