@@ -1,14 +1,22 @@
 """The example's inference Lambda, shaped like the AWS DeepLens samples.
 
 Greengrass imports the module once and keeps it alive (pinned, no timeout): the work is a loop started at
-import that takes the newest frame, runs the model, and publishes the top prediction as JSON to
-``$aws/things/<thing>/infer``. The handler itself returns at once.
+import that takes the newest frame, resizes it to the model's input, runs the optimized model with the bundled
+runtime, and publishes the top prediction as JSON to ``$aws/things/<thing>/infer``. The handler returns at once.
+
+Frames come from the DeepLens camera (``awscam``) when there is one; otherwise from ``DEEPLENS_FRAMES`` (a folder
+of ``.npy`` HxWx3 uint8 frames, or of images, or a video file, read with OpenCV), or generated frames. Results go
+through the Greengrass SDK on a v1 core, else one JSON line per frame on stdout. ``DEEPLENS_MAX_FRAMES`` stops the
+loop after N frames (for an emulator or a CI run).
 """
 
+import glob
 import json
 import os
 import threading
 import time
+
+from preprocess import to_tensor
 
 MODEL_DIR = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
 THING = os.environ.get("AWS_IOT_THING_NAME", "deeplens")
@@ -17,55 +25,77 @@ TOPIC = f"$aws/things/{THING}/infer"
 
 def _publisher():
     try:
-        import greengrasssdk  # present on a Greengrass core
+        import greengrasssdk  # present on a Greengrass v1 core
     except ImportError:
-        return lambda payload: print(TOPIC, payload, flush=True)
+        return lambda payload: print(payload, flush=True)
     client = greengrasssdk.client("iot-data")
     return lambda payload: client.publish(topic=TOPIC, payload=payload)
 
 
-def _frames(height, width):
-    """Frames from the DeepLens camera when there is one, else generated frames (for a bench or a CI run)."""
+def _frames(source):
+    """Yield HxWx3 uint8 frames forever (or until the source runs out)."""
     import numpy as np
 
     try:
-        import awscam
+        import awscam  # the DeepLens camera
     except ImportError:
+        awscam = None
+    if awscam is not None:
+        while True:
+            ok, frame = awscam.getLastFrame()
+            if ok:
+                yield frame
+    elif source and os.path.isdir(source):
+        for path in sorted(glob.glob(os.path.join(source, "*"))):
+            if path.endswith(".npy"):
+                yield np.load(path)
+            else:
+                import cv2
+
+                frame = cv2.imread(path)
+                if frame is not None:
+                    yield frame
+    elif source:
+        import cv2
+
+        video = cv2.VideoCapture(source)
+        ok, frame = video.read()
+        while ok:
+            yield frame
+            ok, frame = video.read()
+    else:
         rng = np.random.default_rng(0)
         while True:
-            yield rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    while True:
-        ok, frame = awscam.getLastFrame()
-        if ok:
-            yield frame
+            yield rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
 
 
-def infinite_infer_run():
-    import numpy as np
+def infinite_infer_run(max_frames=None):
     import onnxruntime as ort
 
     publish = _publisher()
     session = ort.InferenceSession(os.path.join(MODEL_DIR, "model.onnx"), providers=ort.get_available_providers())
     model_input = session.get_inputs()[0]
-    _, _, height, width = model_input.shape
     labels_path = os.path.join(MODEL_DIR, "labels.txt")
-    labels = open(labels_path).read().split("\n") if os.path.exists(labels_path) else []
-    for frame in _frames(height, width):
+    labels = open(labels_path).read().splitlines() if os.path.exists(labels_path) else []
+    for count, frame in enumerate(_frames(os.environ.get("DEEPLENS_FRAMES")), start=1):
         start = time.perf_counter()
-        # nearest-neighbour resize keeps the template free of OpenCV; HWC uint8 -> NCHW float32
-        rows = np.linspace(0, frame.shape[0] - 1, height).astype(int)
-        cols = np.linspace(0, frame.shape[1] - 1, width).astype(int)
-        tensor = frame[rows][:, cols].transpose(2, 0, 1)[np.newaxis].astype(np.float32) / 255.0
-        scores = session.run(None, {model_input.name: tensor})[0][0]
+        scores = session.run(None, {model_input.name: to_tensor(frame, model_input.shape)})[0][0]
         top = int(scores.argmax())
         publish(json.dumps({
+            "frame": count,
             "label": labels[top] if top < len(labels) else str(top),
+            "index": top,
             "score": float(scores[top]),
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         }))
+        if max_frames is not None and count >= max_frames:
+            return
 
 
-threading.Thread(target=infinite_infer_run, name="infinite_infer_run", daemon=True).start()
+_MAX = os.environ.get("DEEPLENS_MAX_FRAMES")
+_loop = threading.Thread(target=infinite_infer_run, args=(int(_MAX) if _MAX else None,), name="infinite_infer_run",
+                         daemon=_MAX is None)
+_loop.start()
 
 
 def handler(event, context):
