@@ -103,6 +103,7 @@ def publish_lambda_command(config_path: Path | None, as_json: bool) -> None:
     import tempfile
 
     from deeplens_build.config import load_config
+    from deeplens_build.greengrass import lambda_environment
     from deeplens_build.lambda_package import package_lambda
     from deeplens_build.publish import publish_lambda
     from deeplens_build.report import Reporter
@@ -111,8 +112,8 @@ def publish_lambda_command(config_path: Path | None, as_json: bool) -> None:
     config.build.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lambda-", dir=config.build.work_dir) as scratch:
         package = package_lambda(config.lambda_, default_name=config.model.name, workdir=Path(scratch))
-        environment = {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
-        published = publish_lambda(package, config.lambda_, environment=environment, reporter=Reporter())
+        published = publish_lambda(package, config.lambda_, environment=lambda_environment(config),
+                                   reporter=Reporter())
     if as_json:
         click.echo(json.dumps({"name": published.name, "version": published.version, "arn": published.arn,
                                "alias": published.alias, "alias_arn": published.alias_arn,

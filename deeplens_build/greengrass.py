@@ -29,6 +29,11 @@ def component_name(config: ProjectConfig) -> str:
     return config.greengrass.component or f"com.deeplens.{config.model.name}"
 
 
+def lambda_environment(config: ProjectConfig) -> dict[str, str]:
+    """The Lambda's environment wherever it runs: where the model is, plus the project's own variables."""
+    return {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
+
+
 def artifact_uri(config: ProjectConfig, name: str) -> str:
     """Where ``deeplens-build deploy`` uploads a bundle file: one S3 prefix per component version."""
     g = config.greengrass
@@ -83,8 +88,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     }
 
 
-def lambda_component_request(config: ProjectConfig, published: PublishedLambda,
-                             environment: Mapping[str, str]) -> dict[str, Any]:
+def lambda_component_request(config: ProjectConfig, published: PublishedLambda) -> dict[str, Any]:
     """The ``create_component_version`` request that imports the published Lambda as a pinned component."""
     return {"lambdaFunction": {
         "lambdaArn": published.arn,
@@ -99,14 +103,14 @@ def lambda_component_request(config: ProjectConfig, published: PublishedLambda,
             "maxInstancesCount": 1,
             "pinned": True,  # long-lived: started with the core, kept running, its loop never times out
             "timeoutInSeconds": config.lambda_.timeout,
-            "environmentVariables": {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **environment},
+            "environmentVariables": lambda_environment(config),
             "linuxProcessParams": {"isolationMode": "NoContainer"},
         },
     }}
 
 
-def v1_definitions(config: ProjectConfig, published: PublishedLambda, *, model_archive: Path,
-                   environment: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def v1_definitions(config: ProjectConfig, published: PublishedLambda, *,
+                   model_archive: Path) -> dict[str, dict[str, Any]]:
     """Function, resource and subscription definitions for a Greengrass v1 (DeepLens-era) group."""
     thing = config.greengrass.thing_name
     if not thing:
@@ -122,7 +126,7 @@ def v1_definitions(config: ProjectConfig, published: PublishedLambda, *, model_a
                 "MemorySize": config.lambda_.memory_size * 1024,  # v1 counts in KB
                 "EncodingType": "json",
                 "Environment": {
-                    "Variables": {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **environment},
+                    "Variables": lambda_environment(config),
                     "AccessSysfs": True,
                     "ResourceAccessPolicies": [{"ResourceId": MODEL_RESOURCE_ID, "Permission": "ro"}],
                 },

@@ -22,7 +22,6 @@ from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.fetch import SAGEMAKER_PREFIX, fetch
 from deeplens_build import greengrass
-from deeplens_build.greengrass import component_name
 from deeplens_build.image import build_image
 from deeplens_build.lambda_package import package_lambda, write_zip
 from deeplens_build.publish import publish_lambda
@@ -67,6 +66,9 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
             reporter: Reporter) -> BuildResult:
     """Build the signed bundle for ``config``; on any failure nothing is left at the output path."""
     signer = load_signer(options.signing_key)  # before any heavy work: a missing key fails in a second
+    if config.greengrass.format in ("v1", "both") and not options.publish:
+        raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
+                          "or set `greengrass.format = \"v2\"`")
     source = options.source or _configured_source(config)
     cache = Cache(config.build.work_dir / "cache", reuse=options.use_cache)
     tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
@@ -163,23 +165,16 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
 
     published = None
     if options.publish:
-        environment = {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
-        published = publish_lambda(lambda_pkg, config.lambda_, environment=environment, reporter=reporter)
+        published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
+                                   reporter=reporter)
     documents = _greengrass_documents(config, cache, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
                                       image=image, lambda_pkg=lambda_pkg, published=published)
     payload.update(documents)
 
     manifest = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
-                         runtime=runtime, wheelhouse=wheelhouse, lambda_pkg=lambda_pkg,
-                         labels="model/labels.txt" if labels else None,
-                         tools=tools, plugin_identity=plugin_identity)
-    manifest["lambda"] |= {"published_version": published.version if published else None,
-                           "arn": published.arn if published else None,
-                           "alias": published.alias if published else None}
-    manifest["runtime"]["image"] = ({"file": "runtime/image.tar", "tag": image.tag, "id": image.image_id}
-                                    if image else None)
-    manifest["greengrass"] = {"format": config.greengrass.format, "component": component_name(config),
-                              "documents": sorted(documents)}
+                         runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
+                         published=published, documents=sorted(documents),
+                         labels="model/labels.txt" if labels else None, tools=tools, plugin_identity=plugin_identity)
     output = options.output or config.build.output
     reporter.step(f"bundle: signing with {signer.description}")
     path, sha256 = write_bundle(payload, manifest, signer, output)
@@ -195,11 +190,8 @@ def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[
                           published: PublishedLambda | None) -> dict[str, Path]:
     """Write the Greengrass documents for ``config.greengrass.format``; return bundle path → file."""
     fmt = config.greengrass.format
-    if fmt in ("v1", "both") and published is None:
-        raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
-                          "or set `greengrass.format = \"v2\"`")
-    device_files = {path.name: path for arc, path in payload.items()
-                    if not arc.startswith("runtime/") or arc.startswith("runtime/wheels/") or arc == "runtime/image.tar"}
+    # what the device needs, by file name (Greengrass puts artifacts side by side); not the runtime definition
+    device_files = {path.name: path for arc, path in payload.items() if not arc.endswith(DEFINITION)}
     environment = dict(config.lambda_.environment)
 
     def write(scratch: Path) -> GreengrassDocuments:
@@ -209,15 +201,13 @@ def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[
                 config, artifacts=device_files, runtime=runtime, vendored=vendored, image=image,
                 lambda_pkg=lambda_pkg, environment=environment)
             if published is not None:
-                documents["greengrass/lambda-component.json"] = greengrass.lambda_component_request(
-                    config, published, environment)
+                documents["greengrass/lambda-component.json"] = greengrass.lambda_component_request(config, published)
         files = {}
         if fmt in ("v1", "both"):
             archive = write_zip({name: path for name, path in device_files.items() if path != lambda_pkg.path
                                  and not name.endswith((".whl", ".tar"))}, scratch / "model.zip")
             files["greengrass/v1/model.zip"] = archive
-            for name, document in greengrass.v1_definitions(config, published, model_archive=archive,
-                                                           environment=environment).items():
+            for name, document in greengrass.v1_definitions(config, published, model_archive=archive).items():
                 documents[f"greengrass/v1/{name}.json"] = document
         for arc, document in documents.items():
             target = scratch / arc.rsplit("/", 1)[-1]
@@ -278,9 +268,9 @@ def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
 
 
 def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
-              parity: ParityReport | None, runtime: Runtime, wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage,
-              labels: str | None,
-              tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> dict[str, Any]:
+              parity: ParityReport | None, runtime: Runtime, wheelhouse: Wheelhouse, image: RuntimeImage | None,
+              lambda_pkg: LambdaPackage, published: PublishedLambda | None, documents: list[str],
+              labels: str | None, tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
     platform_name = config.target.platform
     return {
@@ -322,6 +312,7 @@ def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Det
             "requirements": list(runtime.requirements[platform_name]),
             "definition": f"runtime/{runtime.name}/{DEFINITION}",
             "wheels": [{"file": f"runtime/wheels/{w.name}", "sha256": file_sha256(w)} for w in wheelhouse.wheels],
+            "image": {"file": "runtime/image.tar", "tag": image.tag, "id": image.image_id} if image else None,
         },
         "lambda": {
             "name": lambda_pkg.name,
@@ -329,6 +320,11 @@ def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Det
             "version": lambda_pkg.version,
             "file": f"lambda/{lambda_pkg.path.name}",
             "sha256": lambda_pkg.sha256,
+            "published_version": published.version if published else None,
+            "arn": published.arn if published else None,
+            "alias": published.alias if published else None,
         },
+        "greengrass": {"format": config.greengrass.format, "component": greengrass.component_name(config),
+                       "documents": documents},
         "provenance": {"plugin": dict(plugin_identity), "tools": dict(tools)},
     }

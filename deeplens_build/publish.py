@@ -50,9 +50,8 @@ def publish_lambda(package: LambdaPackage, config: LambdaConfig, *, environment:
             alias = client.create_alias(FunctionName=package.name, Name=config.alias, FunctionVersion=version)
     except (ClientError, BotoCoreError) as exc:
         raise AwsError(f"publishing Lambda {package.name} failed: {exc}") from exc
-    arn = published["FunctionArn"]
-    if not arn.endswith(f":{version}"):  # the API answers with the versioned ARN; never hand on $LATEST
-        arn = f"{arn.rsplit(':', 1)[0] if arn.count(':') > 6 else arn}:{version}"
+    # built from the version number, so the bundle can never reference $LATEST
+    arn = f"{published['FunctionArn'].split(':function:')[0]}:function:{package.name}:{version}"
     reporter.step(f"lambda: published {arn} (alias {config.alias})")
     return PublishedLambda(name=package.name, version=version, arn=arn, alias=config.alias,
                            alias_arn=alias["AliasArn"])
