@@ -141,6 +141,38 @@ def verify(bundle: Path, public_key: Path | None) -> None:
                    f"bundle's own key {fingerprint[:16]}…; pass --public-key to check who signed it")
 
 
+@main.command("deploy")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", "target_text", required=True, help="thing:NAME or thing-group:NAME.")
+@click.option("--format", "fmt", type=click.Choice(["v2", "v1"]), default="v2", show_default=True)
+@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The signer's trusted public key (PEM); without it only integrity is checked.")
+@click.option("--rollout-rate", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="v2: devices per minute the IoT job rolls out to.")
+@click.option("--abort-percent", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+              help="v2: cancel the rollout when this share of devices failed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the deployment as JSON.")
+@_handle_errors
+def deploy_command(bundle: Path, target_text: str, fmt: str, public_key: Path | None, rollout_rate: int,
+                   abort_percent: float, as_json: bool) -> None:
+    """Verify the bundle, upload its artifacts to S3, register and deploy it with Greengrass."""
+    from deeplens_build.deploy import Clients, Rollout, deploy, parse_target
+    from deeplens_build.report import Reporter
+
+    result = deploy(bundle, parse_target(target_text), fmt=fmt, public_key=public_key,
+                    rollout=Rollout(maximum_per_minute=rollout_rate, abort_failure_percent=abort_percent),
+                    clients=Clients(), reporter=Reporter(), workdir=Path.cwd() / ".deeplens")
+    if as_json:
+        click.echo(json.dumps({"deployment_id": result.deployment_id, "format": result.format,
+                               "target": f"{result.target.kind}:{result.target.name}", "topic": result.topic,
+                               "component": result.component, "uploaded": list(result.uploaded),
+                               "skipped": list(result.skipped), **result.extra}, indent=2))
+        return
+    click.echo(f"deployment {result.deployment_id} ({result.format}) to {result.target.kind} {result.target.name}")
+    click.echo(f"  uploaded {len(result.uploaded)}, already there {len(result.skipped)}")
+    click.echo(f"  results will appear on MQTT topic {result.topic}")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")

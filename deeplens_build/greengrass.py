@@ -150,12 +150,24 @@ def v1_definitions(config: ProjectConfig, published: PublishedLambda, *,
 
 
 def create_v1_group_version(client: Any, definitions: Mapping[str, Mapping[str, Any]], group_id: str) -> str:
-    """Register the v1 definitions with ``client`` (boto3 greengrass) and tie them into a new group version."""
+    """Register the v1 definitions with ``client`` (boto3 greengrass) and tie them into a new group version.
+
+    The group's current core, device, logger and connector definitions are carried over: a group version
+    replaces every definition, and a group without its core cannot be deployed.
+    """
+    kept: dict[str, str] = {}
+    latest = client.get_group(GroupId=group_id).get("LatestVersion")
+    if latest:
+        current = client.get_group_version(GroupId=group_id, GroupVersionId=latest).get("Definition", {})
+        kept = {k: v for k, v in current.items() if k in (
+            "CoreDefinitionVersionArn", "DeviceDefinitionVersionArn", "LoggerDefinitionVersionArn",
+            "ConnectorDefinitionVersionArn")}
     function = client.create_function_definition(InitialVersion=definitions["function-definition"])
     resource = client.create_resource_definition(InitialVersion=definitions["resource-definition"])
     subscription = client.create_subscription_definition(InitialVersion=definitions["subscription-definition"])
     version = client.create_group_version(
         GroupId=group_id,
+        **kept,
         FunctionDefinitionVersionArn=function["LatestVersionArn"],
         ResourceDefinitionVersionArn=resource["LatestVersionArn"],
         SubscriptionDefinitionVersionArn=subscription["LatestVersionArn"],

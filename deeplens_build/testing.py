@@ -71,7 +71,7 @@ def signing_key(directory: Path) -> Path:
 
 def build(config: Path, *, plugins: Iterable[object] = (), entry_points: bool = True,
           only: Iterable[str] | None = None, source: str | None = None, output: Path | None = None,
-          key: Path | None = None, use_cache: bool = True) -> BuildResult:
+          key: Path | None = None, use_cache: bool = True, publish: bool = False) -> BuildResult:
     """Run ``deeplens-build package`` in-process with ``plugins`` registered beside the installed ones.
 
     :param entry_points: False registers only ``plugins``, so the test sees no other installed plugin.
@@ -79,7 +79,7 @@ def build(config: Path, *, plugins: Iterable[object] = (), entry_points: bool = 
     :param key: the signing key; by default one made beside ``config``.
     """
     manager = build_plugin_manager(extra=plugins, entry_points=entry_points, only=only)
-    options = BuildOptions(source=source, output=output, use_cache=use_cache,
+    options = BuildOptions(source=source, output=output, use_cache=use_cache, publish=publish,
                            signing_key=str(key or signing_key(config.parent)))
     return package(load_config(config), options, manager=manager, reporter=Reporter(quiet=True))
 

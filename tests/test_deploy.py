@@ -1,0 +1,186 @@
+"""`deeplens-build deploy`: S3, IoT, Lambda and Greengrass v1 on moto's HTTP server; greengrassv2 through
+botocore's Stubber; an S3 endpoint that fails the first requests shows the retries and the no-half-registration
+rule."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from helpers import package_project
+
+from deeplens_build import testing
+from deeplens_build.deploy import Clients, Rollout, Target, deploy
+from deeplens_build.errors import AwsError, VerificationError
+from deeplens_build.report import Reporter
+
+BUCKET = "deeplens-greengrass-artifacts"
+
+
+@pytest.fixture
+def bundle(aws: str, tmp_path: Path, onnx_model_dir: Path) -> Path:
+    role = boto3.client("iam").create_role(RoleName="r", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir,
+                                   greengrass={"format": "both", "thing_name": "deeplens_abc"})
+    config.write_text(config.read_text().replace('handler = "inference.handler"',
+                                                 f'handler = "inference.handler"\nrole = "{role}"'))
+    key = testing.signing_key(config.parent)
+    return testing.build(config, key=key, publish=True).bundle
+
+
+def _group_with_core(name: str) -> str:
+    """A Greengrass v1 group with a core, as a DeepLens registration leaves it."""
+    iot, gg = boto3.client("iot"), boto3.client("greengrass")
+    thing = iot.create_thing(thingName="deeplens_abc")["thingArn"]
+    cert = iot.create_keys_and_certificate(setAsActive=True)["certificateArn"]
+    core = gg.create_core_definition(InitialVersion={"Cores": [
+        {"Id": "core", "ThingArn": thing, "CertificateArn": cert, "SyncShadow": False}]})
+    group = gg.create_group(Name=name, InitialVersion={"CoreDefinitionVersionArn": core["LatestVersionArn"]})
+    return group["Id"]
+
+
+def _v2_clients(stub_responses: bool = True) -> tuple[Clients, Stubber]:
+    v2 = boto3.client("greengrassv2", region_name="us-east-1")
+    stub = Stubber(v2)
+    if stub_responses:
+        stub.add_response("create_component_version", {
+            "componentName": "com.deeplens.deeplens-test-model", "componentVersion": "1.0.0",
+            "creationTimestamp": "2026-11-28T00:00:00Z", "status": {"componentState": "REQUESTED"}})
+        stub.add_response("create_deployment", {"deploymentId": "deployment-1"})
+    stub.activate()
+    return Clients(greengrassv2=v2), stub
+
+
+def _deploy(bundle: Path, target: Target, clients: Clients, tmp_path: Path, fmt: str = "v2"):
+    return deploy(bundle, target, fmt=fmt, rollout=Rollout(maximum_per_minute=5, abort_failure_percent=20),
+                  clients=clients, reporter=Reporter(quiet=True), workdir=tmp_path / "work")
+
+
+def test_v2_uploads_then_registers_and_deploys_to_a_thing(bundle: Path, tmp_path: Path) -> None:
+    boto3.client("iot").create_thing(thingName="deeplens_abc")
+    clients, stub = _v2_clients()
+    result = _deploy(bundle, Target("thing", "deeplens_abc"), clients, tmp_path)
+    stub.assert_no_pending_responses()
+    assert result.deployment_id == "deployment-1" and result.topic == "$aws/things/deeplens_abc/infer"
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert {k.rsplit("/", 1)[-1] for k in keys} == {"model.onnx", "labels.txt", "deeplens-test-model.zip"}
+    assert len(result.uploaded) == 3 and result.skipped == ()
+
+    again, stub = _v2_clients()
+    second = _deploy(bundle, Target("thing", "deeplens_abc"), again, tmp_path)
+    assert second.uploaded == () and len(second.skipped) == 3, "same sha256 already in S3: skipped"
+
+
+def test_v1_creates_definitions_group_version_and_deployment(bundle: Path, tmp_path: Path) -> None:
+    group_id = _group_with_core("deeplens-group")
+    result = _deploy(bundle, Target("thing-group", "deeplens-group"), Clients(), tmp_path, fmt="v1")
+    assert result.deployment_id and result.topic == "$aws/things/deeplens_abc/infer"
+    gg = boto3.client("greengrass")
+    definition = gg.get_group_version(GroupId=group_id, GroupVersionId=result.extra["group_version"])["Definition"]
+    assert {"CoreDefinitionVersionArn", "FunctionDefinitionVersionArn", "ResourceDefinitionVersionArn",
+            "SubscriptionDefinitionVersionArn"} <= set(definition), "the core is carried over"
+
+
+def test_cli_prints_deployment_and_topic_as_json(bundle: Path, tmp_path: Path, monkeypatch) -> None:
+    from helpers import cli
+
+    _group_with_core("deeplens-group")
+    monkeypatch.chdir(tmp_path)
+    out = json.loads(cli("deploy", bundle, "--target", "thing-group:deeplens-group", "--format", "v1",
+                         "--json").stdout)
+    assert out["topic"] == "$aws/things/deeplens_abc/infer" and out["deployment_id"]
+
+
+def test_tampered_bundle_is_refused_before_any_upload(bundle: Path, tmp_path: Path) -> None:
+    tampered = tmp_path / "tampered.tar.gz"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    clients, stub = _v2_clients(stub_responses=False)
+    with pytest.raises(VerificationError):
+        _deploy(tampered, Target("thing", "x"), clients, tmp_path)
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=BUCKET)
+
+
+class _FlakyS3:
+    """A loopback proxy to moto that answers the first ``failures`` requests with 503 SlowDown."""
+
+    def __init__(self, upstream: str, failures: int):
+        self.failures, self.seen = failures, 0
+        host, port = upstream.removeprefix("http://").split(":")
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.seen += 1
+                if proxy.seen <= proxy.failures:
+                    error = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                upstream_conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                upstream_conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = upstream_conn.getresponse()
+                payload = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_s3_throttling_is_retried(bundle: Path, tmp_path: Path, aws: str) -> None:
+    boto3.client("iot").create_thing(thingName="deeplens_abc")
+    flaky = _FlakyS3(aws, failures=3)
+    try:
+        clients, stub = _v2_clients()
+        clients.s3 = boto3.client("s3", endpoint_url=flaky.url, config=_retries())
+        result = _deploy(bundle, Target("thing", "deeplens_abc"), clients, tmp_path)
+    finally:
+        flaky.close()
+    assert result.deployment_id == "deployment-1" and len(result.uploaded) == 3
+    assert flaky.seen > 3
+
+
+def test_failed_upload_registers_nothing_and_says_what_was_uploaded(bundle: Path, tmp_path: Path, aws: str) -> None:
+    boto3.client("iot").create_thing(thingName="deeplens_abc")
+    flaky = _FlakyS3(aws, failures=10_000)
+    try:
+        clients, stub = _v2_clients(stub_responses=False)  # any greengrassv2 call would fail the test
+        clients.s3 = boto3.client("s3", endpoint_url=flaky.url, config=_retries())
+        with pytest.raises(AwsError, match=r"uploading s3://.* failed .*uploaded so far: nothing\. Nothing was "
+                                           r"registered"):
+            _deploy(bundle, Target("thing", "deeplens_abc"), clients, tmp_path)
+    finally:
+        flaky.close()
+    stub.assert_no_pending_responses()
+
+
+def _retries():
+    from botocore.config import Config
+
+    return Config(retries={"mode": "standard", "max_attempts": 8})
