@@ -249,6 +249,74 @@ def keygen(out: Path) -> None:
     click.echo(f"public key:  {public} (give it to whoever verifies: deeplens-build verify --public-key)")
 
 
+@main.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--frames", help="A folder of frames (.npy or images) or a video file [generated frames].")
+@click.option("--mqtt", "broker", default="127.0.0.1:1883", show_default=True, help="MQTT broker HOST:PORT.")
+@click.option("--thing", default="deeplens", show_default=True, help="The thing name in the topic.")
+@click.option("--max-frames", type=click.IntRange(1), help="Stop after this many inferences.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), help="Pace frames like a camera would.")
+@click.option("--buffer", type=click.IntRange(1), default=1000, show_default=True,
+              help="Results kept while the broker is down (the oldest are dropped first).")
+@click.option("--device-dir", type=click.Path(path_type=Path), default=Path(".deeplens/device"), show_default=True)
+@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+@_handle_errors
+def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_frames: int | None,
+                fps: float | None, buffer: int, device_dir: Path, public_key: Path | None, as_json: bool) -> None:
+    """Run the bundle as a device would: the Lambda's loop over frames, results on MQTT."""
+    from deeplens_build.device import DeviceOptions, parse_broker, run_device
+    from deeplens_build.report import Reporter
+
+    host, port = parse_broker(broker)
+    options = DeviceOptions(device_dir=device_dir, mqtt_host=host, mqtt_port=port, thing=thing, frames=frames,
+                            max_frames=max_frames, frame_interval=1 / fps if fps else 0.0, buffer=buffer)
+    summary = run_device(bundle, options, reporter=Reporter(), stop=_stop_on_signals(), public_key=public_key)
+    if as_json:
+        click.echo(json.dumps({"frames": summary.frames, "published": summary.published,
+                               "dropped": summary.dropped, "reconnects": summary.reconnects,
+                               "topic": summary.topic}, indent=2))
+    else:
+        click.echo(f"{summary.frames} inferences, {summary.published} published to {summary.topic}, "
+                   f"{summary.dropped} dropped, {summary.reconnects} reconnects")
+
+
+@main.command("watch")
+@click.option("--mqtt", "broker", default="127.0.0.1:1883", show_default=True, help="MQTT broker HOST:PORT.")
+@click.option("--thing", default="deeplens", show_default=True)
+@click.option("--count", type=click.IntRange(1), help="Exit after this many results.")
+@click.option("--json", "as_json", is_flag=True, help="Print each result as a JSON line.")
+@_handle_errors
+def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> None:
+    """Print results live as they arrive (top label, score, latency), like the DeepLens project output."""
+    from deeplens_build.device import parse_broker, topic_for, watch
+
+    host, port = parse_broker(broker)
+
+    def emit(result: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            click.echo(f"{result.get('frame', ''):>6} {result.get('label', '?'):<20} "
+                       f"{result.get('score', float('nan')):.3f} {result.get('latency_ms', float('nan')):.1f} ms")
+
+    if not as_json:
+        click.echo(f"watching {topic_for(thing)} on {host}:{port}", err=True)
+    watch(host, port, thing, count=count, emit=emit, stop=_stop_on_signals())
+
+
+def _stop_on_signals():
+    """An event set by SIGINT or SIGTERM, so long-running commands stop cleanly."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB"):

@@ -77,6 +77,7 @@ def infinite_infer_run(max_frames=None):
     model_input = session.get_inputs()[0]
     labels_path = os.path.join(MODEL_DIR, "labels.txt")
     labels = open(labels_path).read().splitlines() if os.path.exists(labels_path) else []
+    interval = float(os.environ.get("DEEPLENS_FRAME_INTERVAL", "0"))  # an emulated camera's frame period
     for count, frame in enumerate(_frames(os.environ.get("DEEPLENS_FRAMES")), start=1):
         start = time.perf_counter()
         scores = session.run(None, {model_input.name: to_tensor(frame, model_input.shape)})[0][0]
@@ -90,6 +91,7 @@ def infinite_infer_run(max_frames=None):
         }))
         if max_frames is not None and count >= max_frames:
             return
+        time.sleep(interval)
 
 
 _MAX = os.environ.get("DEEPLENS_MAX_FRAMES")
