@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_mxnet.py
 	$(BIN)/python bench/bench_tensorflow.py
 	$(BIN)/python bench/bench_caffe.py
+	$(BIN)/python bench/bench_device.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens
