@@ -23,7 +23,8 @@ def _model():
 
     keras.utils.set_random_seed(0)
     image = keras.Input((224, 224, 3), name="image")
-    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(16, 3, strides=2, padding="same")(image)))
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same")(image)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
     x = keras.layers.Add()([x, keras.layers.DepthwiseConv2D(3, padding="same")(x)])
     x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)

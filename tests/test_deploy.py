@@ -13,7 +13,6 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import Stubber
-from helpers import package_project
 
 from deeplens_build import testing
 from deeplens_build.deploy import Clients, Rollout, Target, deploy

@@ -65,7 +65,8 @@ def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -
         final = max(snapshots)
         chosen = snapshots[final]
         if len(snapshots) > 1:
-            notes.append(f"{len(snapshots)} Caffe snapshots found (iterations {', '.join(map(str, sorted(snapshots)))}):"
+            iterations = ", ".join(map(str, sorted(snapshots)))
+            notes.append(f"{len(snapshots)} Caffe snapshots found (iterations {iterations}):"
                          f" packaging only the highest, {chosen}")
     elif len(weights) == 1:
         chosen = weights[0]
@@ -169,7 +170,8 @@ def _prototxt(source: TrainingOutput, settings: Mapping[str, Any]) -> str:
     wanted = settings.get("prototxt")
     if wanted is not None:
         if wanted not in candidates:
-            raise ConversionError(f"`plugins.caffe.prototxt` is {wanted!r}, not one of {', '.join(candidates) or 'none'}")
+            raise ConversionError(f"`plugins.caffe.prototxt` is {wanted!r}, not one of "
+                                  f"{', '.join(candidates) or 'none'}")
         return wanted
     deploy = [c for c in candidates if "deploy" in c.rsplit("/", 1)[-1].lower()]
     if len(deploy) == 1:

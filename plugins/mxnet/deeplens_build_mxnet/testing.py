@@ -71,5 +71,6 @@ def save_checkpoints(folder: Path, build: Callable, shapes: dict[str, tuple[int,
         module.set_params(drift, stats)
         module.save_checkpoint(str(folder / prefix), epoch)
     if shapes_file:
-        (folder / "model-shapes.json").write_text(json.dumps([{"name": n, "shape": list(s)} for n, s in shapes.items()]))
+        entries = [{"name": name, "shape": list(shape)} for name, shape in shapes.items()]
+        (folder / "model-shapes.json").write_text(json.dumps(entries))
     return folder
