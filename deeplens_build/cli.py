@@ -198,7 +198,10 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo(f"  sizes   {_size(opt['size_before'])} → {_size(opt['size_after'])} ({', '.join(opt['passes'])})")
     click.echo(f"  runtime {m['runtime']['name']} on {m['runtime']['platform']}: "
                f"{', '.join(m['runtime']['requirements'])}")
-    click.echo(f"  lambda  {m['lambda']['name']} {m['lambda']['version']} ({m['lambda']['handler']})")
+    published = f", published {m['lambda']['arn']}" if m["lambda"].get("arn") else ", not published"
+    click.echo(f"  lambda  {m['lambda']['name']} {m['lambda']['version']} ({m['lambda']['handler']}{published})")
+    click.echo(f"  greengrass {m['greengrass']['format']}: {m['greengrass']['component']} "
+               f"({', '.join(m['greengrass']['documents'])})")
     src, prov = m["source"], m["provenance"]
     click.echo(f"  source  {src['origin']} ({src['kind']}, sha256 {src['sha256'][:16]}…): "
                f"{', '.join(src['model_files'])}")
