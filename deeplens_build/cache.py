@@ -28,6 +28,16 @@ CACHE_FORMAT = 1
 """Bump when a stage's result type changes shape, so old entries are ignored instead of misread."""
 
 
+TOOL_CACHE_VARIABLES = ("XDG_CACHE_HOME", "KERAS_HOME")
+"""Where the tools we drive write on their own: onnxruntime's telemetry keeps a device id under
+$XDG_CACHE_HOME (else ~/.cache) at import, and Keras writes $KERAS_HOME/keras.json (else ~/.keras)."""
+
+
+def tool_cache_environment(work_dir: Path) -> dict[str, str]:
+    """Point the tools' own caches into the work folder, unless the user already chose where they go."""
+    return {name: os.environ.get(name) or str(work_dir / "tool-cache" / name.lower()) for name in TOOL_CACHE_VARIABLES}
+
+
 class Cache:
     def __init__(self, root: Path, *, reuse: bool = True):
         """:param reuse: False (``--no-cache``) rebuilds every stage, and stores the fresh results."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build.bundle import verify_bundle
+from deeplens_build.cache import tool_cache_environment
 from deeplens_build.errors import BundleError, UsageError
 from deeplens_build.report import Reporter
 
@@ -73,7 +74,8 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
         archive.extractall(code)
     python = _runtime_python(root, manifest, reporter)
     module = manifest["lambda"]["handler"].rsplit(".", 1)[0]
-    env = {**os.environ, "DEEPLENS_MODEL_DIR": str(root / "model"), "AWS_IOT_THING_NAME": options.thing,
+    env = {**os.environ, **tool_cache_environment(options.device_dir),
+           "DEEPLENS_MODEL_DIR": str(root / "model"), "AWS_IOT_THING_NAME": options.thing,
            "PYTHONUNBUFFERED": "1", "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval)}
     if options.frames:
         env["DEEPLENS_FRAMES"] = str(Path(options.frames).resolve())

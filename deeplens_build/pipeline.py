@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as metadata
 import json
+import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 from deeplens_build import __version__
 from deeplens_build.bundle import write_bundle
-from deeplens_build.cache import Cache
+from deeplens_build.cache import Cache, tool_cache_environment
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
@@ -66,6 +67,7 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
             reporter: Reporter) -> BuildResult:
     """Build the signed bundle for ``config``; on any failure nothing is left at the output path."""
     signer = load_signer(options.signing_key)  # before any heavy work: a missing key fails in a second
+    os.environ.update(tool_cache_environment(config.build.work_dir))  # before onnxruntime or keras is imported
     if config.greengrass.format in ("v1", "both") and not options.publish:
         raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
                           "or set `greengrass.format = \"v2\"`")

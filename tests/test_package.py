@@ -99,3 +99,22 @@ def test_user_sample_inputs_join_the_parity_check(tmp_path: Path, onnx_model_dir
     report = package_json(config)
     manifest = json.loads(cli("inspect", report["bundle"], "--json").stdout)
     assert manifest["parity"]["samples"] == 3
+
+
+def test_nothing_is_written_outside_the_project_folders(tmp_path: Path, onnx_model_dir: Path) -> None:
+    """A fresh process, as a user runs it: onnxruntime and keras caches land in the work folder, not in HOME."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir)
+    key = testing.signing_key(tmp_path / "keys")
+    before = {p for p in tmp_path.rglob("*") if "project" not in p.parts}
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "KERAS_HOME")} | {"HOME": str(home)}
+    subprocess.run([sys.executable, "-m", "deeplens_build.cli", "package", "--config", str(config),
+                    "--signing-key", str(key)], env=env, check=True, capture_output=True, cwd=tmp_path)
+    assert not any(home.iterdir()), f"written to HOME: {sorted(home.rglob('*'))}"
+    assert {p for p in tmp_path.rglob("*") if "project" not in p.parts} == before
+    assert {p.name for p in config.parent.iterdir()} == {"deeplens.toml", "lambda", ".deeplens", "dist"}
