@@ -33,10 +33,6 @@ class TensorSpec:
     dtype: str
     layout: str | None = None
 
-    @property
-    def is_static(self) -> bool:
-        return all(isinstance(d, int) and d > 0 for d in self.shape)
-
 
 @dataclass(frozen=True)
 class SageMakerJob:
