@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -12,6 +13,14 @@ _CHUNK = 1 << 20
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256, read once per build: the cache keys, the recipe and the manifest all ask for the same
+    files, which may be hundreds of MB. Keyed by inode, size and change times, so a changed file is read again."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, identity: tuple[int, int, int, int]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):

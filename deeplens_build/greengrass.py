@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from deeplens_build.config import ProjectConfig
+from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
@@ -177,8 +177,4 @@ def create_v1_group_version(client: Any, definitions: Mapping[str, Mapping[str, 
 
 def digest_b64(path: Path) -> str:
     """The artifact digest Greengrass checks: base64 of the raw sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return base64.b64encode(digest.digest()).decode()
+    return base64.b64encode(bytes.fromhex(file_sha256(path))).decode()

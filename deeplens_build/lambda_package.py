@@ -7,13 +7,12 @@ Files that look like secrets are refused, never silently dropped: the user must 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from deeplens_build.config import LambdaConfig
-from deeplens_build.digest import file_sha256
+from deeplens_build.digest import file_sha256, tree_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.types import LambdaPackage
 
@@ -39,7 +38,7 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
     name = config.name or default_name
     target = write_zip({rel: source / rel for rel in files}, workdir / f"{name}.zip")
     sha256 = file_sha256(target)
-    content = hashlib.sha256("".join(f"{r}\0{file_sha256(source / r)}\n" for r in files).encode()).hexdigest()
+    content = tree_sha256(source, files)
     return LambdaPackage(path=target, name=name, handler=config.handler,
                          version=f"{config.version}+{content[:12]}", sha256=sha256)
 
