@@ -151,7 +151,7 @@ class _Mqtt:
         self.pending: deque[str] = deque(maxlen=options.buffer)
         self.lock = threading.Lock()
         self.connected = threading.Event()
-        self.published = self.dropped = self.reconnects = self.connects = 0
+        self.published = self.dropped = self.connects = 0
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"deeplens-device-{options.thing}")
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_connect = self._on_connect
@@ -163,7 +163,6 @@ class _Mqtt:
         if reason.is_failure:
             return
         self.connects += 1
-        self.reconnects = max(0, self.connects - 1)
         self.connected.set()
         with self.lock:
             while self.pending:
@@ -195,7 +194,7 @@ class _Mqtt:
         self.client.loop_stop()
         self.client.disconnect()
         return {"published": self.published, "dropped": self.dropped + len(self.pending),
-                "reconnects": self.reconnects}
+                "reconnects": max(0, self.connects - 1)}
 
 
 def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, stop: threading.Event) -> int:

@@ -29,11 +29,20 @@ def cli(*args: str | Path, expect: int = 0) -> Result:
     return result
 
 
-def package_json(config: Path, *extra: str | Path) -> dict[str, Any]:
-    key = config.parent / "signing-key.pem"
-    if not key.exists():
-        cli("keygen", "--out", key)
-    result = cli("package", "--config", config, "--signing-key", key, "--json", *extra)
+def package_json(config: Path, *extra: str | Path, expect: int = 0) -> Any:
+    """Run ``package --json`` on ``config`` with a key made beside it.
+
+    :return: the JSON report; or, with a non-zero ``expect``, the one ``error:`` line, after checking that no
+        traceback was printed and nothing was left at the output path.
+    """
+    from deeplens_build import testing
+
+    key = testing.signing_key(config.parent)
+    result = cli("package", "--config", config, "--signing-key", key, "--json", *extra, expect=expect)
+    if expect:
+        assert "Traceback" not in result.output
+        assert not (config.parent / "dist").exists()
+        return error_line(result)
     return json.loads(result.stdout)
 
 
@@ -45,21 +54,10 @@ def error_line(result: Result) -> str:
 
 
 def package_project(workdir: Path, source: Path | str, *, expect: int = 0, **tables: Any) -> Any:
-    """Write a project under ``workdir`` for ``source`` and run ``package --json`` on it.
-
-    :return: the JSON report; or, with a non-zero ``expect``, the one ``error:`` line, after checking that no
-        traceback was printed and nothing was left at the output path.
-    """
+    """Write a project under ``workdir`` for ``source`` and run :func:`package_json` on it."""
     from deeplens_build import testing
 
-    config = testing.write_project(workdir / "project", source=source, **tables)
-    key = testing.signing_key(config.parent)
-    result = cli("package", "--config", config, "--signing-key", key, "--json", expect=expect)
-    if expect:
-        assert "Traceback" not in result.output
-        assert not (config.parent / "dist").exists()
-        return error_line(result)
-    return json.loads(result.stdout)
+    return package_json(testing.write_project(workdir / "project", source=source, **tables), expect=expect)
 
 
 def wheel(wheelhouse: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import cli, error_line
+from helpers import cli, error_line, package_json
 
 from deeplens_build import testing
 
@@ -28,36 +28,30 @@ def _upload(bucket: str, key: str, path: Path) -> None:
     s3.upload_file(str(path), bucket, key)
 
 
-def _package(config: Path, *extra: str, expect: int = 0):
-    key = testing.signing_key(config.parent)
-    return cli("package", "--config", config, "--signing-key", key, "--json", *extra, expect=expect)
-
-
 def test_packages_an_s3_model_tar_gz(aws: str, tmp_path: Path, model_tar: Path) -> None:
     _upload("deeplens-models", "jobs/run-1/output/model.tar.gz", model_tar)
     config = testing.write_project(tmp_path / "p", source="s3://deeplens-models/jobs/run-1/output/model.tar.gz")
-    result = _package(config)
-    report = json.loads(result.stdout)
+    report = package_json(config)
     manifest = testing.verify(Path(report["bundle"])).manifest
     assert manifest["source"]["kind"] == "s3"
     assert manifest["source"]["origin"] == "s3://deeplens-models/jobs/run-1/output/model.tar.gz"
     assert report["warnings"] == []
 
-    again = json.loads(_package(config).stdout)
+    again = package_json(config)
     assert again["sha256"] == report["sha256"]
 
 
 def test_warns_about_a_bucket_the_deeplens_policies_cannot_read(aws: str, tmp_path: Path, model_tar: Path) -> None:
     _upload("team-models", "model.tar.gz", model_tar)
     config = testing.write_project(tmp_path / "p", source="s3://team-models/model.tar.gz")
-    report = json.loads(_package(config).stdout)
+    report = package_json(config)
     assert len(report["warnings"]) == 1 and "bucket 'team-models' does not start with 'deeplens'" in report["warnings"][0]
 
 
 def test_missing_s3_object_is_a_clear_error(aws: str, tmp_path: Path) -> None:
     boto3.client("s3").create_bucket(Bucket="deeplens-models")
     config = testing.write_project(tmp_path / "p", source="s3://deeplens-models/missing/model.tar.gz")
-    message = error_line(_package(config, expect=4))
+    message = package_json(config, expect=4)
     assert "s3://deeplens-models/missing/model.tar.gz does not exist" in message
     assert not (config.parent / "dist").exists()
 
@@ -85,7 +79,7 @@ def test_packages_a_sagemaker_training_job_and_records_it(aws: str, tmp_path: Pa
     _upload(bucket, key, model_tar)
 
     config = testing.write_project(tmp_path / "p", source="sagemaker-job:deeplens-job-1")
-    report = json.loads(_package(config).stdout)
+    report = package_json(config)
     manifest = testing.verify(Path(report["bundle"])).manifest
     assert manifest["source"]["kind"] == "sagemaker-job"
     recorded = manifest["source"]["sagemaker"]
@@ -96,7 +90,7 @@ def test_packages_a_sagemaker_training_job_and_records_it(aws: str, tmp_path: Pa
 
 def test_unknown_training_job_is_a_clear_error(aws: str, tmp_path: Path) -> None:
     config = testing.write_project(tmp_path / "p", source="sagemaker-job:nope")
-    assert "SageMaker training job 'nope' could not be described" in error_line(_package(config, expect=4))
+    assert "SageMaker training job 'nope' could not be described" in package_json(config, expect=4)
 
 
 def test_signs_with_an_aws_kms_key_and_verifies_against_its_public_key(aws: str, tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import cli, error_line
+from helpers import cli, error_line, package_json
 
 from deeplens_build import (
     ConvertedModel,
@@ -18,17 +18,9 @@ from deeplens_build import (
 from deeplens_build.errors import ParityError
 
 
-def _package(config: Path, expect: int) -> str:
-    key = testing.signing_key(config.parent)
-    result = cli("package", "--config", config, "--signing-key", key, expect=expect)
-    assert "Traceback" not in result.output
-    assert not (config.parent / "dist").exists() or not any((config.parent / "dist").iterdir())
-    return error_line(result)
-
-
 def test_rejects_model_name_without_deeplens_prefix(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir, name="squeezenet")
-    message = _package(config, expect=3)
+    message = package_json(config, expect=3)
     assert "Field `model.name` model names must start with 'deeplens-'" in message
     assert "'deeplens-squeezenet'" in message
 
@@ -37,7 +29,7 @@ def test_rejects_corrupt_onnx(tmp_path: Path) -> None:
     source = tmp_path / "out"
     source.mkdir()
     (source / "model.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 3)
-    message = _package(testing.write_project(tmp_path / "p", source=source), expect=5)
+    message = package_json(testing.write_project(tmp_path / "p", source=source), expect=5)
     assert message.startswith("error: plugin 'onnx' could not convert model.onnx:")
     assert "model.onnx is not a valid ONNX model" in message
 
@@ -46,41 +38,41 @@ def test_no_plugin_claims_the_files(tmp_path: Path) -> None:
     source = tmp_path / "out"
     source.mkdir()
     (source / "weights.bin").write_bytes(b"0" * 10)
-    message = _package(testing.write_project(tmp_path / "p", source=source), expect=4)
+    message = package_json(testing.write_project(tmp_path / "p", source=source), expect=4)
     assert "no plugin recognises the model" in message and "weights.bin" in message
     assert "installed plugins: caffe (deeplens-build-caffe 0.1.0), mxnet (deeplens-build-mxnet 0.1.0), onnx" in message
 
 
 def test_unknown_explicit_framework_lists_the_installed_plugins(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "pytorch"})
-    message = _package(config, expect=5)
+    message = package_json(config, expect=5)
     assert "no plugin provides framework 'pytorch'; installed: caffe (deeplens-build-caffe 0.1.0), mxnet" in message
 
 
 def test_missing_lambda_folder_names_the_key(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir,
                                    **{"lambda": {"source": "no-such-folder"}})
-    assert "Field `lambda.source` points to" in _package(config, expect=3)
+    assert "Field `lambda.source` points to" in package_json(config, expect=3)
 
 
 def test_missing_labels_file_names_the_key(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"labels": "nope.txt"})
-    assert "Field `model.labels` points to" in _package(config, expect=3)
+    assert "Field `model.labels` points to" in package_json(config, expect=3)
 
 
 def test_unknown_config_key_is_named(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir, parity={"tolerence": 0.1})
-    assert "Field `parity.tolerence` is not a known setting" in _package(config, expect=3)
+    assert "Field `parity.tolerence` is not a known setting" in package_json(config, expect=3)
 
 
 def test_bad_shape_is_named_with_its_key_path(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir, inputs={"data": {"shape": [1, -3]}})
-    assert "Field `model.inputs.data.shape.1`" in _package(config, expect=3)
+    assert "Field `model.inputs.data.shape.1`" in package_json(config, expect=3)
 
 
 def test_shape_for_an_input_the_model_lacks(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir, inputs={"image": {"shape": [1, 3]}})
-    assert "`model.inputs` names image, which the model does not have; its inputs are data" in _package(config, 3)
+    assert "`model.inputs` names image, which the model does not have; its inputs are data" in package_json(config, expect=3)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

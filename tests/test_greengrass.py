@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.stub import Stubber
-from helpers import cli, error_line
+from helpers import package_json
 
 from deeplens_build import testing
 from deeplens_build.greengrass import create_v1_group_version
@@ -43,15 +43,9 @@ def _project(tmp_path: Path, source: Path, **tables: Any) -> Path:
     return testing.write_project(tmp_path / "project", source=source, **tables)
 
 
-def _package(config: Path, *extra: str, expect: int = 0):
-    key = testing.signing_key(config.parent)
-    result = cli("package", "--config", config, "--signing-key", key, "--json", *extra, expect=expect)
-    return error_line(result) if expect else json.loads(result.stdout)
-
-
 def test_recipe_passes_the_gdk_schema_and_its_digests_match_the_files(tmp_path: Path, onnx_model_dir: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    report = _package(_project(tmp_path, onnx_model_dir))
+    report = package_json(_project(tmp_path, onnx_model_dir))
     files = _bundle_files(Path(report["bundle"]))
     recipe = json.loads(files["greengrass/recipe.json"])
     jsonschema.validate(_lowercase_keys(recipe), json.loads(SCHEMA.read_text()))
@@ -76,9 +70,9 @@ def test_publish_references_the_published_version_never_latest(aws: str, tmp_pat
     config = _project(tmp_path, onnx_model_dir, **{"lambda": {"source": "lambda", "role": _role()}})
     (config.parent / "lambda").mkdir()
     (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA)
-    first = testing.verify(Path(_package(config, "--publish")["bundle"])).manifest["lambda"]
+    first = testing.verify(Path(package_json(config, "--publish")["bundle"])).manifest["lambda"]
     (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA + "\n# v2\n")
-    second = testing.verify(Path(_package(config, "--publish")["bundle"])).manifest["lambda"]
+    second = testing.verify(Path(package_json(config, "--publish")["bundle"])).manifest["lambda"]
 
     assert first["published_version"] == "1" and second["published_version"] == "2"
     assert second["arn"].endswith(":function:deeplens-test-model:2") and "$LATEST" not in second["arn"]
@@ -91,7 +85,7 @@ def test_publish_references_the_published_version_never_latest(aws: str, tmp_pat
 
 
 def test_publish_without_a_role_names_the_key(aws: str, tmp_path: Path, onnx_model_dir: Path) -> None:
-    message = _package(_project(tmp_path, onnx_model_dir), "--publish", expect=3)
+    message = package_json(_project(tmp_path, onnx_model_dir), "--publish", expect=3)
     assert "publishing the Lambda needs `lambda.role`" in message
 
 
@@ -100,7 +94,7 @@ def test_v1_documents_create_definitions_and_a_group_version(aws: str, tmp_path:
     text = config.read_text().replace('handler = "inference.handler"',
                                       f'handler = "inference.handler"\nrole = "{_role()}"')
     config.write_text(text)
-    files = _bundle_files(Path(_package(config, "--publish")["bundle"]))
+    files = _bundle_files(Path(package_json(config, "--publish")["bundle"]))
     definitions = {name: json.loads(files[f"greengrass/v1/{name}.json"])
                    for name in ("function-definition", "resource-definition", "subscription-definition")}
     function = definitions["function-definition"]["Functions"][0]
@@ -118,7 +112,7 @@ def test_v1_documents_create_definitions_and_a_group_version(aws: str, tmp_path:
 
 def test_v1_without_a_published_lambda_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) -> None:
     config = _project(tmp_path, onnx_model_dir, greengrass={"format": "v1", "thing_name": "deeplens_abc"})
-    assert "Greengrass v1 documents reference a published Lambda version" in _package(config, expect=3)
+    assert "Greengrass v1 documents reference a published Lambda version" in package_json(config, expect=3)
 
 
 def test_lambda_component_request_matches_the_greengrassv2_api(aws: str, tmp_path: Path,
@@ -126,7 +120,7 @@ def test_lambda_component_request_matches_the_greengrassv2_api(aws: str, tmp_pat
     config = _project(tmp_path, onnx_model_dir)
     config.write_text(config.read_text().replace('handler = "inference.handler"',
                                                  f'handler = "inference.handler"\nrole = "{_role()}"'))
-    files = _bundle_files(Path(_package(config, "--publish")["bundle"]))
+    files = _bundle_files(Path(package_json(config, "--publish")["bundle"]))
     request = json.loads(files["greengrass/lambda-component.json"])
     parameters = request["lambdaFunction"]["componentLambdaParameters"]
     assert parameters["pinned"] is True and request["lambdaFunction"]["lambdaArn"].endswith(":1")
