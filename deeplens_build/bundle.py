@@ -154,6 +154,17 @@ def verify_bundle(path: Path, trusted_key: Path | None = None) -> Verified:
     return Verified(manifest=manifest, trusted=trusted_key is not None)
 
 
+def unpack_bundle(path: Path, dest: Path, trusted_key: Path | None = None) -> Verified:
+    """Verify the bundle, then extract it into ``dest``: a device or a deploy only ever uses what verified.
+
+    :return: the verified manifest; every file it lists is then at ``dest / entry["path"]``.
+    """
+    verified = verify_bundle(path, trusted_key)
+    with _open(path) as tar, _damage_is_a_verification_error(path):
+        tar.extractall(dest, filter="data")  # verify checked: regular files with plain relative names only
+    return verified
+
+
 @contextlib.contextmanager
 def _damage_is_a_verification_error(path: Path) -> Iterator[None]:
     try:

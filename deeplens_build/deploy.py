@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tarfile
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import greengrass
-from deeplens_build.bundle import verify_bundle
+from deeplens_build.bundle import unpack_bundle
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import AwsError, UsageError
 from deeplens_build.report import Reporter
@@ -86,16 +85,17 @@ def parse_target(text: str) -> Target:
 def deploy(bundle: Path, target: Target, *, fmt: str, rollout: Rollout, clients: Clients, reporter: Reporter,
            public_key: Path | None = None, workdir: Path) -> Deployment:
     """Verify ``bundle``, upload what ``fmt`` needs, then register and deploy it to ``target``."""
-    manifest = verify_bundle(bundle, public_key).manifest  # refuses a changed, unsigned or foreign bundle
-    documents = set(manifest["greengrass"]["documents"])
-    needed = "greengrass/recipe.json" if fmt == "v2" else "greengrass/v1/function-definition.json"
-    if needed not in documents:
-        raise UsageError(f"{bundle.name} has no Greengrass {fmt} documents (it was built with greengrass.format = "
-                         f"{manifest['greengrass']['format']!r}); rebuild it or deploy with --format "
-                         f"{'v1' if fmt == 'v2' else 'v2'}")
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deploy-", dir=workdir) as scratch:
-        files = _unpack(bundle, Path(scratch))
+        # refuses a changed, unsigned or foreign bundle before anything is uploaded
+        manifest = unpack_bundle(bundle, Path(scratch), public_key).manifest
+        documents = set(manifest["greengrass"]["documents"])
+        needed = "greengrass/recipe.json" if fmt == "v2" else "greengrass/v1/function-definition.json"
+        if needed not in documents:
+            raise UsageError(f"{bundle.name} has no Greengrass {fmt} documents (it was built with greengrass.format "
+                             f"= {manifest['greengrass']['format']!r}); rebuild it or deploy with --format "
+                             f"{'v1' if fmt == 'v2' else 'v2'}")
+        files = {entry["path"]: Path(scratch) / entry["path"] for entry in manifest["files"]}
         if fmt == "v2":
             recipe = json.loads(files["greengrass/recipe.json"].read_text())
             uploads = {a["Uri"]: _by_name(files, a["Uri"]) for a in recipe["Manifests"][0]["Artifacts"]}
@@ -107,12 +107,6 @@ def deploy(bundle: Path, target: Target, *, fmt: str, rollout: Rollout, clients:
             "S3MachineLearningModelResourceData"]["S3Uri"]
         uploaded, skipped = _upload_all(clients.s3, {uri: files["greengrass/v1/model.zip"]}, reporter)
         return _deploy_v1(clients, definitions, target, uploaded, skipped)
-
-
-def _unpack(bundle: Path, scratch: Path) -> dict[str, Path]:
-    with tarfile.open(bundle) as tar:
-        tar.extractall(scratch, filter="data")  # verified above: regular files with plain names only
-        return {m.name: scratch / m.name for m in tar.getmembers()}
 
 
 def _by_name(files: Mapping[str, Path], uri: str) -> Path:
