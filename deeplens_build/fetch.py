@@ -1,8 +1,8 @@
 """Fetch stage: turn a source (folder, archive, ``s3://`` URI, ``sagemaker-job:NAME``) into a TrainingOutput.
 
-Archives are extracted with tarfile's ``data`` filter (no absolute paths, no ``..``, no links leaving the
-folder, no device files) under size and member-count limits checked before each member is written, into a
-cache folder that is renamed into place only when complete. Nothing is ever written outside the work folder.
+Archives are extracted by :mod:`deeplens_build.archive` (regular files and folders only, plain relative
+paths, no link ever followed) under size and member-count limits checked before each member is written, into
+a cache folder that is renamed into place only when complete. Nothing is ever written outside the work folder.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 import shutil
 import tarfile
-from collections.abc import Iterator
+import zlib
 from pathlib import Path
 
+from deeplens_build.archive import Extractor, UnsafeMember, check_end, header_bytes, member_parts, open_tar
 from deeplens_build.cache import Cache
 from deeplens_build.config import FetchConfig
 from deeplens_build.digest import file_sha256, tree_sha256
@@ -24,13 +25,6 @@ BUCKET_PREFIX = "deeplens"
 SAGEMAKER_PREFIX = "sagemaker-job:"
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/(?P<key>.+)$")
 _FRAMEWORK_HINTS = ("mxnet", "tensorflow", "pytorch", "caffe", "onnx", "xgboost", "sklearn")
-_TAR_FILTER_PROBLEMS = {
-    tarfile.AbsolutePathError: "has an absolute path",
-    tarfile.OutsideDestinationError: "would be written outside the extraction folder",
-    tarfile.AbsoluteLinkError: "is a link to an absolute path",
-    tarfile.LinkOutsideDestinationError: "is a link pointing outside the extraction folder",
-    tarfile.SpecialFileError: "is a device, FIFO or other special file",
-}
 
 
 def fetch(source: str, *, cache: Cache, limits: FetchConfig, reporter: Reporter) -> TrainingOutput:
@@ -48,15 +42,19 @@ def fetch(source: str, *, cache: Cache, limits: FetchConfig, reporter: Reporter)
     if path.is_file():
         return _from_file(path, kind="archive" if _is_tar(path) else "file", origin=path.name,
                           cache=cache, limits=limits, reporter=reporter)
+    if path.exists():
+        raise SourceError(f"source {source!r} is not a regular file or folder (a device, FIFO or socket); "
+                          "give a folder, a model.tar.gz or a model file")
     raise SourceError(f"source {source!r} does not exist; give a folder, a model.tar.gz, an s3://BUCKET/KEY URI "
                       f"or {SAGEMAKER_PREFIX}NAME")
 
 
-def _from_directory(path: Path) -> TrainingOutput:
+def _from_directory(path: Path, origin: str | None = None) -> TrainingOutput:
+    """:param origin: how to name the source in messages, when ``path`` is an internal extraction folder."""
     files = tuple(sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                          if p.is_file() and not p.is_symlink()))
     if not files:
-        raise SourceError(f"source folder {path} holds no files")
+        raise SourceError(f"source {origin or path} holds no files; point it at the training output")
     return TrainingOutput(root=path.resolve(), files=files, sha256=tree_sha256(path, files),
                           size=sum((path / f).stat().st_size for f in files), kind="directory", origin=path.name)
 
@@ -73,7 +71,7 @@ def _from_file(path: Path, *, kind: str, origin: str, cache: Cache, limits: Fetc
             shutil.copyfile(path, tree / path.name)
         else:
             extract(path, tree, limits=limits, reporter=reporter, origin=origin)
-        unpacked = _from_directory(tree)
+        unpacked = _from_directory(tree, origin)
         return TrainingOutput(root=tree, files=unpacked.files, sha256=sha256, size=path.stat().st_size,
                               kind=kind, origin=origin)
 
@@ -86,56 +84,71 @@ def _from_file(path: Path, *, kind: str, origin: str, cache: Cache, limits: Fetc
                           kind=kind, origin=origin, sagemaker=job)
 
 
+_ARCHIVE_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 def _is_tar(path: Path) -> bool:
+    """Whether ``path`` is a tar archive; one that says it is (by name or compression) but is not is damaged.
+
+    :raises SourceError: for a damaged or mislabelled archive, which no plugin could recognise either.
+    """
     try:
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
+        with open(path, "rb") as f:
+            head = f.read(6)
+        with open_tar(path):  # not tarfile.is_tarfile: it would read a hostile first header whole
+            return True
+    except UnsafeMember:
+        return True  # a tar archive with a hostile first header: extract() names the problem
+    except (OSError, EOFError, zlib.error, tarfile.TarError):
+        pass
+    named = path.name.lower().endswith(_ARCHIVE_NAMES)
+    if head.startswith(b"PK\x03\x04") and named:
+        raise SourceError(f"{path.name} is a zip file, not a tar archive; pass the extracted folder, or "
+                          "re-pack it with `tar -czf model.tar.gz -C FOLDER .`")
+    if named or head.startswith(_COMPRESSED_MAGIC):
+        raise SourceError(f"archive {path.name} is damaged or not a tar archive ({path.stat().st_size} bytes); "
+                          "download it again or pass the extracted folder")
+    return False
 
 
 def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporter, origin: str) -> None:
-    """Extract ``archive`` into ``dest`` (which must not exist), refusing anything unsafe.
+    """Extract ``archive`` into ``dest`` (which must not exist), refusing anything unsafe (see :mod:`archive`).
+
+    Header bytes count against ``fetch.max_bytes`` like file contents do, checked before each member is read.
 
     :raises SourceError: naming the member and the problem; ``dest`` is then removed.
     """
-    dest.mkdir(parents=True)
+    total = 0
+    member: tarfile.TarInfo | None = None
     try:
-        with tarfile.open(archive, mode="r:*") as tar, \
+        with open_tar(archive) as tar, Extractor(dest) as out, \
                 reporter.progress(total=None, desc=f"extract {origin}", unit="file") as bar:
-            tar.extractall(dest, members=_screened(tar, limits, origin, bar), filter="data")
-    except tarfile.FilterError as exc:
-        problem = next((text for cls, text in _TAR_FILTER_PROBLEMS.items() if isinstance(exc, cls)),
-                       "is unsafe to extract")
+            for count, member in enumerate(tar, start=1):
+                total += header_bytes(member) + (member.size if member.isreg() else 0)
+                if count > limits.max_members:
+                    raise SourceError(f"archive {origin} has more than {limits.max_members} members; refusing to "
+                                      "extract it (raise `fetch.max_members` if the archive is trusted)")
+                if total > limits.max_bytes:
+                    raise SourceError(f"archive {origin} expands to more than {limits.max_bytes} bytes; refusing "
+                                      "to extract it (raise `fetch.max_bytes` if the archive is trusted)")
+                out.add(tar, member, member_parts(member))
+                bar.update(1)
+            member = None
+            check_end(tar)
+    except UnsafeMember as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise SourceError(f"archive {origin}: member {exc.tarinfo.name!r} {problem}; refusing to extract it. "
-                          "Rebuild the archive from the training output folder with relative paths.") from exc
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        which = f"member {member.name!r}" if member is not None and member.name else "the archive"
+        raise SourceError(f"archive {origin}: {which} {exc}; refusing to extract it. Rebuild the archive from "
+                          "the training output folder with relative paths.") from exc
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        raise SourceError(f"archive {origin} is damaged or not a tar archive ({exc}); "
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise SourceError(f"archive {origin} is damaged or not a tar archive ({problem}); "
                           "download it again or pass the extracted folder") from exc
     except SourceError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-
-
-def _screened(tar: tarfile.TarFile, limits: FetchConfig, origin: str, bar) -> Iterator[tarfile.TarInfo]:
-    """Yield members one at a time, stopping before one that would pass a limit (a decompression bomb).
-
-    The ``data`` filter would quietly strip a leading ``/``; an absolute path in a training output is refused.
-    """
-    total = 0
-    for count, member in enumerate(tar, start=1):
-        if member.name.startswith(("/", "\\")):
-            raise tarfile.AbsolutePathError(member)
-        total += member.size
-        if count > limits.max_members:
-            raise SourceError(f"archive {origin} has more than {limits.max_members} members; refusing to extract "
-                              "it (raise `fetch.max_members` if the archive is trusted)")
-        if total > limits.max_bytes:
-            raise SourceError(f"archive {origin} expands to more than {limits.max_bytes} bytes; refusing to "
-                              "extract it (raise `fetch.max_bytes` if the archive is trusted)")
-        bar.update(1)
-        yield member
 
 
 def _aws_client(service: str):
