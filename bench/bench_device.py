@@ -51,10 +51,11 @@ def main() -> None:
             options = DeviceOptions(device_dir=root / "device", mqtt_port=port, frames=str(frames),
                                     max_frames=FRAMES)
             one = DeviceOptions(device_dir=root / "device", mqtt_port=port, frames=str(frames), max_frames=1)
+            key = project / "signing-key.pub.pem"  # testing.build signed with the key beside the project
             startup = median_seconds(lambda: run_device(bundle, one, reporter=Reporter(quiet=True),
-                                                        stop=threading.Event()), repeat=3)
+                                                        stop=threading.Event(), public_key=key), repeat=3)
             device = median_seconds(lambda: run_device(bundle, options, reporter=Reporter(quiet=True),
-                                                       stop=threading.Event()), repeat=3) - startup
+                                                       stop=threading.Event(), public_key=key), repeat=3) - startup
         finally:
             broker.terminate()
 

@@ -69,8 +69,7 @@ def member_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
     """
     name = member.name
     if member.issym() or member.islnk():
-        raise UnsafeMember("is a link; training outputs and bundles need none, so links are refused "
-                           "(archive the files themselves, e.g. `tar -h` follows links)")
+        raise UnsafeMember("is a link; training outputs and bundles need none, so links are refused")
     if not (member.isreg() or member.isdir()):
         raise UnsafeMember("is a device, FIFO or other special file")
     if "\0" in name:
@@ -108,16 +107,21 @@ class Extractor:
 
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
         """Write ``member`` (a folder, or a regular file streamed from ``tar``) at ``parts`` under the folder."""
-        folder = self._folder(parts if member.isdir() else parts[:-1])
+        if member.isdir():
+            os.close(self._folder(parts))
+            return
+        source = tar.extractfile(member)
+        assert source is not None  # a regular file, checked by member_parts
+        self.add_stream(source, parts)
+
+    def add_stream(self, source: IO[bytes], parts: tuple[str, ...]) -> None:
+        """Write the file at ``parts`` (creating its folders) from ``source``; it must not exist yet."""
+        folder = self._folder(parts[:-1])
         try:
-            if member.isdir():
-                return
             try:
                 fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
             except FileExistsError:
                 raise UnsafeMember("appears twice, or as both a file and a folder") from None
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file, checked by member_parts
             with os.fdopen(fd, "wb") as target:
                 for block in iter(lambda: source.read(_CHUNK), b""):
                     target.write(block)

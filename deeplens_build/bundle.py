@@ -12,23 +12,34 @@ import contextlib
 import gzip
 import hashlib
 import io
-import json
 import os
 import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import IO
 
 from deeplens_build import signing
+from deeplens_build.archive import Extractor, UnsafeMember, check_end, member_parts, open_tar
 from deeplens_build.digest import file_sha256
-from deeplens_build.errors import BundleError, VerificationError
+from deeplens_build.errors import BundleError, SigningError, UsageError, VerificationError
+from deeplens_build.manifest import (
+    MANIFEST,
+    MAX_MANIFEST,
+    MAX_SIGNATURE,
+    SIGNATURE,
+    BuildRecord,
+    FileEntry,
+    Manifest,
+    SigningRecord,
+    build_manifest,
+    parse_manifest,
+)
+from deeplens_build.names import check_bundle_path
+from deeplens_build.report import Reporter
 
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-SCHEMA = "deeplens-build/bundle@1"
 SUFFIX = ".tar.gz"
 
 
@@ -36,33 +47,37 @@ SUFFIX = ".tar.gz"
 class Verified:
     """A bundle whose signature and every file checked out."""
 
-    manifest: Mapping[str, Any]
+    manifest: Manifest
     trusted: bool
     """True when the signature was checked against a key the user trusts, not only the bundle's own."""
+    fingerprint: str
+    """sha256 of the key that signed it, computed from the key itself (never taken from the manifest)."""
 
 
 def bundle_name(name: str, version: str) -> str:
     return f"{name}-{version}{SUFFIX}"
 
 
-def write_bundle(payload: Mapping[str, Path], manifest: Mapping[str, Any], signer: signing.Signer,
-                 output_dir: Path) -> tuple[Path, str]:
-    """Write ``<name>-<version>.tar.gz`` into ``output_dir`` atomically; return its path and sha256.
+def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signing.Signer,
+                 output_dir: Path) -> tuple[Path, str, Manifest]:
+    """Write ``<name>-<version>.tar.gz`` into ``output_dir`` atomically; return its path, sha256 and manifest.
 
     :param payload: archive path → file on disk, for every file but the manifest and its signature.
-    :param manifest: everything but ``files`` and ``signing``, which are added here.
     """
     for arcname in payload:
-        _check_member_name(arcname, BundleError)
-    files = [{"path": arc, "size": payload[arc].stat().st_size, "sha256": file_sha256(payload[arc])}
-             for arc in sorted(payload)]
-    full = {**manifest, "schema": SCHEMA, "files": files,
-            "signing": {"algorithm": signing.ALGORITHM, "public_key": signer.public_key_pem,
-                        "fingerprint": signing.fingerprint(signer.public_key_pem)}}
-    manifest_bytes = (json.dumps(full, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        try:
+            check_bundle_path(arcname)
+        except ValueError as exc:
+            raise BundleError(f"bundle member name {exc}") from exc
+    files = tuple(FileEntry(path=arc, size=payload[arc].stat().st_size, sha256=file_sha256(payload[arc]))
+                  for arc in sorted(payload))
+    manifest = build_manifest(record, files, SigningRecord(
+        algorithm=signing.ALGORITHM, public_key=signer.public_key_pem,
+        fingerprint=signing.fingerprint(signer.public_key_pem)))
+    manifest_bytes = manifest.to_json()
     signature = signer.sign(manifest_bytes)
 
-    target = output_dir / bundle_name(full["name"], full["version"])
+    target = output_dir / bundle_name(manifest.name, manifest.version)
     output_dir.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=output_dir)
     try:
@@ -79,7 +94,7 @@ def write_bundle(payload: Mapping[str, Path], manifest: Mapping[str, Any], signe
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return target, file_sha256(target)
+    return target, file_sha256(target), manifest
 
 
 def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:
@@ -92,113 +107,174 @@ def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:
     tar.addfile(info, data)
 
 
-def read_manifest(path: Path) -> Mapping[str, Any]:
-    """The bundle's manifest, unverified (for ``inspect``)."""
+def require_signer(action: str, trusted_key: Path | None, allow_any_signer: bool, reporter: Reporter) -> None:
+    """Refuse to act on a bundle nobody vouched for, unless the user says so out loud.
+
+    :param action: what is about to happen, e.g. "run executes the bundle's code on this machine".
+    """
+    if trusted_key is None and not allow_any_signer:
+        raise UsageError(f"{action}: pass --public-key with the signer's public key (`make package` makes "
+                         ".deeplens/dev-signing-key.pub.pem), or --allow-any-signer to accept whoever signed it")
+    if trusted_key is None:
+        reporter.warn("--allow-any-signer: the signature is checked against the bundle's own key only; anyone "
+                      "could have built this bundle")
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The bundle's manifest, validated but its signature unchecked (for ``inspect``)."""
     with _open(path) as tar, _damage_is_a_verification_error(path):
         for member in tar:
             if member.name == MANIFEST and member.isreg():
-                return _parse_manifest(tar.extractfile(member).read(), path)
+                return parse_manifest(_small(tar, member, MAX_MANIFEST, path), path.name)
     raise VerificationError(f"{path.name} has no {MANIFEST}; it is not a deeplens-build bundle")
 
 
 def verify_bundle(path: Path, trusted_key: Path | None = None) -> Verified:
-    """Check the manifest's signature, then every file's size and sha256; no file is extracted to disk.
+    """Check the manifest's signature, then every file's size and sha256; nothing is written to disk.
 
     :raises VerificationError: naming the first problem found.
     """
+    return _read_bundle(path, trusted_key, None)
+
+
+def unpack_bundle(path: Path, dest: Path, trusted_key: Path | None = None) -> Verified:
+    """Verify the bundle while extracting it into ``dest`` (which must not exist), in one pass over the file.
+
+    One pass, so what is extracted is exactly what was verified, even if the file changes meanwhile; on any
+    problem ``dest`` is removed. A device or a deploy only ever uses what verified.
+
+    :return: the verified manifest; every file it lists is then at ``dest / entry.path``.
+    """
+    with Extractor(dest) as out:
+        return _read_bundle(path, trusted_key, out)
+
+
+def _read_bundle(path: Path, trusted_key: Path | None, out: Extractor | None) -> Verified:
     seen: dict[str, tuple[int, str]] = {}
     manifest_bytes = signature = None
     with _open(path) as tar, _damage_is_a_verification_error(path):
         for member in tar:
-            _check_member_name(member.name, VerificationError)
-            if not member.isreg():
-                raise VerificationError(f"{path.name}: {member.name!r} is not a regular file; bundles hold "
-                                        "regular files only")
+            try:
+                parts = member_parts(member)
+            except UnsafeMember as exc:
+                raise VerificationError(f"{path.name}: member {member.name!r} {exc}; bundles hold regular files "
+                                        "only") from exc
+            if not member.isreg() or "/".join(parts) != member.name:
+                raise VerificationError(f"{path.name}: {member.name!r} is not a regular file with a plain "
+                                        "relative path; bundles hold nothing else")
             if member.name in seen:
                 raise VerificationError(f"{path.name}: {member.name!r} appears twice")
-            data = tar.extractfile(member)
             if member.name in (MANIFEST, SIGNATURE):
-                content = data.read()
+                content = _small(tar, member, MAX_MANIFEST if member.name == MANIFEST else MAX_SIGNATURE, path)
                 seen[member.name] = (len(content), "")
                 manifest_bytes, signature = ((content, signature) if member.name == MANIFEST
                                              else (manifest_bytes, content))
+                continue
+            digest = hashlib.sha256()
+            data = _Hashing(tar.extractfile(member), digest)
+            if out is not None:
+                out.add_stream(data, parts)
             else:
-                digest = hashlib.sha256()
-                for block in iter(lambda: data.read(1 << 20), b""):
-                    digest.update(block)
-                seen[member.name] = (member.size, digest.hexdigest())
+                for _ in iter(lambda: data.read(1 << 20), b""):
+                    pass
+            seen[member.name] = (member.size, digest.hexdigest())
+        check_end(tar)
     if manifest_bytes is None:
         raise VerificationError(f"{path.name} has no {MANIFEST}; it is not a deeplens-build bundle")
     if signature is None:
         raise VerificationError(f"{path.name} has no {SIGNATURE}: the bundle is unsigned")
-    manifest = _parse_manifest(manifest_bytes, path)
-    embedded = str(manifest.get("signing", {}).get("public_key", ""))
+    manifest = parse_manifest(manifest_bytes, path.name)
+    embedded = manifest.signing.public_key
+    try:
+        signer = signing.fingerprint(embedded)
+    except SigningError as exc:
+        raise VerificationError(f"{path.name}: the manifest's signing key is unusable ({exc})") from exc
+    if signer != manifest.signing.fingerprint:
+        raise VerificationError(f"{path.name}: the manifest's fingerprint {manifest.signing.fingerprint[:16]}… is "
+                                f"not its key's ({signer[:16]}…); the bundle was tampered with")
     key = embedded
     if trusted_key is not None:
-        key = trusted_key.read_text(encoding="ascii")
-        if signing.fingerprint(key) != signing.fingerprint(embedded):
-            raise VerificationError(f"{path.name} was signed by key {signing.fingerprint(embedded)[:16]}…, not by "
-                                    f"the trusted key {trusted_key.name} ({signing.fingerprint(key)[:16]}…)")
+        key = _trusted(trusted_key)
+        if signing.fingerprint(key) != signer:
+            raise VerificationError(f"{path.name} was signed by key {signer[:16]}…, not by the trusted key "
+                                    f"{trusted_key.name} ({signing.fingerprint(key)[:16]}…)")
     signing.verify(key, manifest_bytes, signature)
-    listed = {entry["path"]: entry for entry in manifest["files"]}
+    listed = {entry.path: entry for entry in manifest.files}
+    if len(listed) != len(manifest.files) or set(listed) & {MANIFEST, SIGNATURE}:
+        raise VerificationError(f"{path.name}: {MANIFEST} lists a file twice, or lists itself")
     for name, entry in listed.items():
         if name not in seen:
             raise VerificationError(f"{path.name}: {name} is listed in the manifest but missing from the bundle")
         size, sha256 = seen[name]
-        if size != entry["size"] or sha256 != entry["sha256"]:
+        if size != entry.size or sha256 != entry.sha256:
             raise VerificationError(f"{path.name}: {name} was changed (sha256 {sha256[:16]}…, the manifest says "
-                                    f"{entry['sha256'][:16]}…)")
+                                    f"{entry.sha256[:16]}…)")
     extra = sorted(set(seen) - set(listed) - {MANIFEST, SIGNATURE})
     if extra:
         raise VerificationError(f"{path.name}: {extra[0]} is in the bundle but not in the manifest")
-    return Verified(manifest=manifest, trusted=trusted_key is not None)
+    return Verified(manifest=manifest, trusted=trusted_key is not None, fingerprint=signer)
 
 
-def unpack_bundle(path: Path, dest: Path, trusted_key: Path | None = None) -> Verified:
-    """Verify the bundle, then extract it into ``dest``: a device or a deploy only ever uses what verified.
+def _trusted(key: Path) -> str:
+    try:
+        text = key.read_text(encoding="ascii")
+        signing.fingerprint(text)
+    except (OSError, UnicodeDecodeError, SigningError) as exc:
+        raise VerificationError(f"--public-key {key} is not a PEM public key ({exc})") from exc
+    return text
 
-    :return: the verified manifest; every file it lists is then at ``dest / entry["path"]``.
-    """
-    verified = verify_bundle(path, trusted_key)
-    with _open(path) as tar, _damage_is_a_verification_error(path):
-        tar.extractall(dest, filter="data")  # verify checked: regular files with plain relative names only
-    return verified
+
+class _Hashing(io.RawIOBase):
+    """A member's stream that hashes what is read from it, so extracting and checking take one read."""
+
+    def __init__(self, source: IO[bytes] | None, digest: hashlib._Hash):
+        assert source is not None  # regular files only, checked before
+        self._source, self._digest = source, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._source.read(size)
+        self._digest.update(block)
+        return block
+
+
+def _small(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int, path: Path) -> bytes:
+    if member.size > limit:
+        raise VerificationError(f"{path.name}: {member.name} is {member.size} bytes, more than the {limit} it may "
+                                "hold")
+    source = tar.extractfile(member)
+    assert source is not None
+    return source.read()
 
 
 @contextlib.contextmanager
 def _damage_is_a_verification_error(path: Path) -> Iterator[None]:
     try:
         yield
+    except UnsafeMember as exc:
+        raise VerificationError(f"{path.name}: a member {exc}; it is not a bundle deeplens-build wrote") from exc
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise VerificationError(f"{path.name} is damaged ({exc}); build or download it again") from exc
 
 
-def _open(path: Path) -> tarfile.TarFile:
-    if not path.is_file():
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[tarfile.TarFile]:
+    """The bundle as a tar archive over a gzip stream this module owns, so its trailer can be checked."""
+    if not path.exists():
         raise VerificationError(f"bundle {path} does not exist")
-    try:
-        return tarfile.open(path, mode="r:gz")
-    except (tarfile.TarError, OSError) as exc:
-        raise VerificationError(f"{path.name} is not a bundle archive ({exc})") from exc
-
-
-def _parse_manifest(data: bytes, path: Path) -> Mapping[str, Any]:
-    try:
-        manifest = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VerificationError(f"{path.name}: {MANIFEST} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or not _valid_files(manifest.get("files")):
-        raise VerificationError(f"{path.name}: {MANIFEST} is not a {SCHEMA} manifest")
-    return manifest
-
-
-def _valid_files(files: object) -> bool:
-    return isinstance(files, list) and all(
-        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
-        and isinstance(f.get("sha256"), str) for f in files)
-
-
-def _check_member_name(name: str, error: type[Exception]) -> None:
-    pure = PurePosixPath(name)
-    if pure.is_absolute() or ".." in pure.parts or str(pure) != name or not name:
-        raise error(f"bundle member name {name!r} is not a plain relative path")
+    if not path.is_file():
+        raise VerificationError(f"bundle {path} is not a regular file (a folder, device or FIFO); give the "
+                                f"{SUFFIX} file that `deeplens-build package` wrote")
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as stream, \
+            _damage_is_a_verification_error(path):
+        if raw.read(2) != b"\x1f\x8b":
+            raise VerificationError(f"{path.name} is not a bundle archive (not a {SUFFIX} file)")
+        raw.seek(0)
+        try:
+            tar = open_tar(fileobj=stream, mode="r:")
+        except tarfile.TarError as exc:
+            raise VerificationError(f"{path.name} is not a bundle archive ({exc})") from exc
+        with tar:
+            yield tar

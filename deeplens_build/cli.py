@@ -16,20 +16,35 @@ from typing import Any
 import click
 
 from deeplens_build import __version__
-from deeplens_build.errors import DeepLensBuildError
+from deeplens_build.errors import DeepLensBuildError, ExitCode
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One ``error:`` line and the error's exit code; anything unexpected is still one line, never a trace."""
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except DeepLensBuildError as exc:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(int(exc.exit_code))
+        except Exception as exc:  # the last resort: a bug of ours, reported without a traceback
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            message = " ".join(str(exc).split())[:500] or "(no message)"
+            click.echo(f"error: internal error: {type(exc).__name__}: {message} (run with --debug for the "
+                       "traceback; please report it)", err=True)
+            sys.exit(int(ExitCode.INTERNAL))
     return wrapper
+
+
+_SIGNER_HELP = ("The signer's trusted public key (PEM). Without it the bundle is refused, unless "
+                "--allow-any-signer.")
+_ANY_SIGNER_HELP = "Accept a bundle verified against its own embedded key only (anyone could have signed it)."
 
 
 @click.group()
@@ -132,7 +147,7 @@ def verify(bundle: Path, public_key: Path | None) -> None:
     from deeplens_build.bundle import verify_bundle
 
     result = verify_bundle(bundle, public_key)
-    fingerprint = result.manifest["signing"]["fingerprint"]
+    fingerprint = result.fingerprint
     if result.trusted:
         click.echo(f"verified: {bundle.name} is signed by the trusted key {fingerprint[:16]}… and every file "
                    "matches its manifest")
@@ -145,21 +160,22 @@ def verify(bundle: Path, public_key: Path | None) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--target", "target_text", required=True, help="thing:NAME or thing-group:NAME.")
 @click.option("--format", "fmt", type=click.Choice(["v2", "v1"]), default="v2", show_default=True)
-@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="The signer's trusted public key (PEM); without it only integrity is checked.")
+@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=_SIGNER_HELP)
+@click.option("--allow-any-signer", is_flag=True, help=_ANY_SIGNER_HELP)
 @click.option("--rollout-rate", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="v2: devices per minute the IoT job rolls out to.")
 @click.option("--abort-percent", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="v2: cancel the rollout when this share of devices failed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the deployment as JSON.")
 @_handle_errors
-def deploy_command(bundle: Path, target_text: str, fmt: str, public_key: Path | None, rollout_rate: int,
-                   abort_percent: float, as_json: bool) -> None:
+def deploy_command(bundle: Path, target_text: str, fmt: str, public_key: Path | None, allow_any_signer: bool,
+                   rollout_rate: int, abort_percent: float, as_json: bool) -> None:
     """Verify the bundle, upload its artifacts to S3, register and deploy it with Greengrass."""
     from deeplens_build.deploy import Clients, Rollout, deploy, parse_target
     from deeplens_build.report import Reporter
 
     result = deploy(bundle, parse_target(target_text), fmt=fmt, public_key=public_key,
+                    allow_any_signer=allow_any_signer,
                     rollout=Rollout(maximum_per_minute=rollout_rate, abort_failure_percent=abort_percent),
                     clients=Clients(), reporter=Reporter(), workdir=Path.cwd() / ".deeplens")
     if as_json:
@@ -183,32 +199,28 @@ def inspect(bundle: Path, as_json: bool) -> None:
 
     m = read_manifest(bundle)
     if as_json:
-        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        click.echo(json.dumps(m.to_dict(), indent=2, sort_keys=True))
         return
-    model = m["model"]
-    click.echo(f"{m['name']} {m['version']}  ({m['framework']}, {model['format']}, {model['precision']})")
-    for kind in ("inputs", "outputs"):
-        for spec in model[kind]:
-            layout = f" {spec['layout']}" if spec.get("layout") else ""
-            click.echo(f"  {kind[:-1]:6} {spec['name']} {spec['shape']} {spec['dtype']}{layout}")
-    if parity := m.get("parity"):
-        click.echo(f"  parity  max abs diff {parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:.3g}), "
-                   f"max rel diff {parity['max_rel_diff']:.3g}, {parity['samples']} samples, seed {parity['seed']}")
-    opt = m["optimization"]
-    click.echo(f"  sizes   {_size(opt['size_before'])} → {_size(opt['size_after'])} ({', '.join(opt['passes'])})")
-    click.echo(f"  runtime {m['runtime']['name']} on {m['runtime']['platform']}: "
-               f"{', '.join(m['runtime']['requirements'])}")
-    published = f", published {m['lambda']['arn']}" if m["lambda"].get("arn") else ", not published"
-    click.echo(f"  lambda  {m['lambda']['name']} {m['lambda']['version']} ({m['lambda']['handler']}{published})")
-    click.echo(f"  greengrass {m['greengrass']['format']}: {m['greengrass']['component']} "
-               f"({', '.join(m['greengrass']['documents'])})")
-    src, prov = m["source"], m["provenance"]
-    click.echo(f"  source  {src['origin']} ({src['kind']}, sha256 {src['sha256'][:16]}…): "
-               f"{', '.join(src['model_files'])}")
-    plugin = prov["plugin"]
-    click.echo(f"  built   by deeplens-build {prov['tools']['deeplens-build']}, plugin {plugin['name']} "
-               f"({plugin['distribution']} {plugin['version']})")
-    click.echo(f"  files   {len(m['files'])}, signed by {m['signing']['fingerprint'][:16]}…")
+    model = m.model
+    click.echo(f"{m.name} {m.version}  ({m.framework}, {model.format}, {model.precision})")
+    for kind, specs in (("input", model.inputs), ("output", model.outputs)):
+        for spec in specs:
+            layout = f" {spec.layout}" if spec.layout else ""
+            click.echo(f"  {kind:6} {spec.name} {list(spec.shape)} {spec.dtype}{layout}")
+    if parity := m.parity:
+        click.echo(f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g}), "
+                   f"max rel diff {parity.max_rel_diff:.3g}, {parity.samples} samples, seed {parity.seed}")
+    opt = m.optimization
+    click.echo(f"  sizes   {_size(opt.size_before)} → {_size(opt.size_after)} ({', '.join(opt.passes)})")
+    click.echo(f"  runtime {m.runtime.name} on {m.runtime.platform}: {', '.join(m.runtime.requirements)}")
+    published = f", published {m.lambda_.arn}" if m.lambda_.arn else ", not published"
+    click.echo(f"  lambda  {m.lambda_.name} {m.lambda_.version} ({m.lambda_.handler}{published})")
+    click.echo(f"  greengrass {m.greengrass.format}: {m.greengrass.component} ({', '.join(m.greengrass.documents)})")
+    src, plugin = m.source, m.provenance.plugin
+    click.echo(f"  source  {src.origin} ({src.kind}, sha256 {src.sha256[:16]}…): {', '.join(src.model_files)}")
+    click.echo(f"  built   by deeplens-build {m.provenance.tools.get('deeplens-build', '?')}, plugin {plugin.name} "
+               f"({plugin.distribution} {plugin.version})")
+    click.echo(f"  files   {len(m.files)}, signed by {m.signing.fingerprint[:16]}… (unverified: run verify)")
 
 
 @main.command()
@@ -261,12 +273,15 @@ def keygen(out: Path) -> None:
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), help="Pace frames like a camera would.")
 @click.option("--buffer", type=click.IntRange(1), default=1000, show_default=True,
               help="Results kept while the broker is down (the oldest are dropped first).")
-@click.option("--device-dir", type=click.Path(path_type=Path), default=Path(".deeplens/device"), show_default=True)
-@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--device-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".deeplens/device"),
+              show_default=True)
+@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=_SIGNER_HELP)
+@click.option("--allow-any-signer", is_flag=True, help=_ANY_SIGNER_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @_handle_errors
 def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_frames: int | None,
-                fps: float | None, buffer: int, device_dir: Path, public_key: Path | None, as_json: bool) -> None:
+                fps: float | None, buffer: int, device_dir: Path, public_key: Path | None, allow_any_signer: bool,
+                as_json: bool) -> None:
     """Run the bundle as a device would: the Lambda's loop over frames, results on MQTT."""
     from deeplens_build.device import DeviceOptions, parse_broker, run_device
     from deeplens_build.report import Reporter
@@ -274,7 +289,8 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
     host, port = parse_broker(broker)
     options = DeviceOptions(device_dir=device_dir, mqtt_host=host, mqtt_port=port, thing=thing, frames=frames,
                             max_frames=max_frames, frame_interval=1 / fps if fps else 0.0, buffer=buffer)
-    summary = run_device(bundle, options, reporter=Reporter(), stop=_stop_on_signals(), public_key=public_key)
+    summary = run_device(bundle, options, reporter=Reporter(), stop=_stop_on_signals(), public_key=public_key,
+                         allow_any_signer=allow_any_signer)
     if as_json:
         click.echo(json.dumps({"frames": summary.frames, "published": summary.published,
                                "dropped": summary.dropped, "reconnects": summary.reconnects,
@@ -292,7 +308,8 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
 @_handle_errors
 def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> None:
     """Print results live as they arrive (top label, score, latency), like the DeepLens project output."""
-    from deeplens_build.device import parse_broker, topic_for, watch
+    from deeplens_build.device import parse_broker, watch
+    from deeplens_build.manifest import infer_topic
 
     host, port = parse_broker(broker)
 
@@ -304,7 +321,7 @@ def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> 
                        f"{result.get('score', float('nan')):.3f} {result.get('latency_ms', float('nan')):.1f} ms")
 
     if not as_json:
-        click.echo(f"watching {topic_for(thing)} on {host}:{port}", err=True)
+        click.echo(f"watching {infer_topic(thing)} on {host}:{port}", err=True)
     watch(host, port, thing, count=count, emit=emit, stop=_stop_on_signals())
 
 

@@ -6,7 +6,6 @@ any working directory.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,20 +15,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
+    Strict,
     ValidationError,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
+from deeplens_build import names
 from deeplens_build.errors import ConfigError
 
 CONFIG_NAME = "deeplens.toml"
-MODEL_PREFIX = "deeplens-"
-_SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+MAX_RANDOM_SAMPLES = 1000
+"""Each sample is a full input tensor held in memory: 1000 camera frames is already a generous check."""
 
 
 def _resolve(value: Path, info: ValidationInfo) -> Path:
@@ -37,7 +34,17 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return (base / value).resolve() if base is not None and not value.is_absolute() else value
 
 
+def _folder_or_absent(value: Path) -> Path:
+    if value.exists() and not value.is_dir():
+        raise ValueError(f"points to {value}, which is a file; point it at a folder (it is created if missing)")
+    return value
+
+
 ProjectPath = Annotated[Path, AfterValidator(_resolve)]
+ProjectFolder = Annotated[Path, AfterValidator(_resolve), AfterValidator(_folder_or_absent)]
+# TOML has real numbers: a number written as a string ("8") is a mistake to report, not to coerce
+Count = Annotated[int, Strict(), Field(ge=1)]
+Finite = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -45,13 +52,13 @@ class _Strict(BaseModel):
 
 
 class InputConfig(_Strict):
-    shape: tuple[PositiveInt, ...] | None = None
+    shape: tuple[Count, ...] | None = None
     layout: Literal["NCHW", "NHWC"] | None = None
 
 
 class ModelConfig(_Strict):
-    name: str
-    version: str = "1.0.0"
+    name: Annotated[str, AfterValidator(names.check_model_name)]
+    version: Annotated[str, AfterValidator(names.check_version)] = "1.0.0"
     framework: str = "auto"
     source: str | None = None
     precision: Literal["fp32", "fp16"] = "fp32"
@@ -59,28 +66,11 @@ class ModelConfig(_Strict):
     labels: ProjectPath | None = None
     inputs: dict[str, InputConfig] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _deeplens_prefix(cls, name: str) -> str:
-        if not name.startswith(MODEL_PREFIX):
-            raise ValueError(f"model names must start with {MODEL_PREFIX!r}, because the default DeepLens service "
-                             f"policies only allow such names; rename it, e.g. {MODEL_PREFIX + name!r}")
-        if not _MODEL_NAME.match(name):
-            raise ValueError("use lowercase letters, digits and '-' only")
-        return name
-
-    @field_validator("version")
-    @classmethod
-    def _semver(cls, version: str) -> str:
-        if not _SEMVER.match(version):
-            raise ValueError(f"{version!r} is not a semantic version such as 1.0.0")
-        return version
-
 
 class ParityConfig(_Strict):
-    tolerance: PositiveFloat | None = None
-    seed: int = 0
-    random_samples: PositiveInt = 4
+    tolerance: Finite | None = None
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)] = 0
+    random_samples: Annotated[int, Strict(), Field(ge=1, le=MAX_RANDOM_SAMPLES)] = 4
     samples: tuple[ProjectPath, ...] = ()
 
     def tolerance_for(self, precision: str) -> float:
@@ -92,25 +82,20 @@ class ParityConfig(_Strict):
 
 class LambdaConfig(_Strict):
     source: ProjectPath
-    handler: str = "inference.handler"
-    name: str | None = None
-    version: str = "1.0.0"
+    handler: Annotated[str, AfterValidator(names.check_handler)] = "inference.handler"
+    name: Annotated[str, AfterValidator(names.check_lambda_name)] | None = None
+    version: Annotated[str, AfterValidator(names.check_version)] = "1.0.0"
     role: str | None = None
     runtime: str = "python3.11"
-    memory_size: Annotated[int, Field(ge=128, le=10240)] = 1536
-    timeout: Annotated[int, Field(ge=1, le=900)] = 900
-    alias: str = "live"
-    environment: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("version")
-    @classmethod
-    def _semver(cls, version: str) -> str:
-        return ModelConfig._semver(version)
+    memory_size: Annotated[int, Strict(), Field(ge=128, le=10240)] = 1536
+    timeout: Annotated[int, Strict(), Field(ge=1, le=900)] = 900
+    alias: Annotated[str, AfterValidator(names.check_lambda_name)] = "live"
+    environment: dict[Annotated[str, AfterValidator(names.check_variable)], str] = Field(default_factory=dict)
 
 
 class FetchConfig(_Strict):
-    max_bytes: PositiveInt = 8 * 1024**3
-    max_members: PositiveInt = 10_000
+    max_bytes: Count = 8 * 1024**3
+    max_members: Count = 10_000
 
 
 class TargetConfig(_Strict):
@@ -137,8 +122,8 @@ class GreengrassConfig(_Strict):
 
 
 class BuildConfig(_Strict):
-    work_dir: ProjectPath = Path(".deeplens")
-    output: ProjectPath = Path("dist")
+    work_dir: ProjectFolder = Path(".deeplens")
+    output: ProjectFolder = Path("dist")
 
 
 class ProjectConfig(_Strict):
@@ -185,16 +170,4 @@ def parse_config(data: dict[str, Any], *, root: Path, where: str = CONFIG_NAME) 
     try:
         return ProjectConfig.model_validate({**data, "root": root}, context={"base": root})
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_first_problem(exc)}") from exc
-
-
-def _first_problem(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "missing":
-        return f"Field `{key}` is required"
-    if error["type"] == "extra_forbidden":
-        return f"Field `{key}` is not a known setting; check its spelling against README.md"
-    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-    return f"Field `{key}` {message[0].lower() + message[1:]}{more}"
+        raise ConfigError(f"{where}: {names.first_problem(exc)}") from exc

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import greengrass
-from deeplens_build.bundle import unpack_bundle
+from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import AwsError, UsageError
+from deeplens_build.manifest import (
+    GREENGRASS_DIR,
+    RECIPE,
+    V1_DEFINITIONS,
+    V1_MODEL_ARCHIVE,
+    infer_topic,
+    v1_definition,
+)
 from deeplens_build.report import Reporter
 
 _TARGET = re.compile(r"^(?P<kind>thing|thing-group):(?P<name>[A-Za-z0-9_:.-]+)$")
@@ -32,7 +40,7 @@ class Target:
 
     @property
     def topic(self) -> str:
-        return f"$aws/things/{self.name if self.kind == 'thing' else '+'}/infer"
+        return infer_topic(self.name if self.kind == "thing" else "+")
 
 
 @dataclass(frozen=True)
@@ -83,35 +91,38 @@ def parse_target(text: str) -> Target:
 
 
 def deploy(bundle: Path, target: Target, *, fmt: str, rollout: Rollout, clients: Clients, reporter: Reporter,
-           public_key: Path | None = None, workdir: Path) -> Deployment:
-    """Verify ``bundle``, upload what ``fmt`` needs, then register and deploy it to ``target``."""
+           public_key: Path | None = None, allow_any_signer: bool = False, workdir: Path) -> Deployment:
+    """Verify ``bundle``, upload what ``fmt`` needs, then register and deploy it to ``target``.
+
+    :param allow_any_signer: deploy a bundle verified against its own embedded key only; without it, and
+        without ``public_key``, the bundle is refused.
+    """
+    require_signer("deploy sends the bundle's code to devices", public_key, allow_any_signer, reporter)
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deploy-", dir=workdir) as scratch:
         # refuses a changed, unsigned or foreign bundle before anything is uploaded
-        manifest = unpack_bundle(bundle, Path(scratch), public_key).manifest
-        documents = set(manifest["greengrass"]["documents"])
-        needed = "greengrass/recipe.json" if fmt == "v2" else "greengrass/v1/function-definition.json"
-        if needed not in documents:
+        manifest = unpack_bundle(bundle, Path(scratch) / "bundle", public_key).manifest
+        needed = RECIPE if fmt == "v2" else v1_definition(V1_DEFINITIONS[0])
+        if needed not in manifest.greengrass.documents:
             raise UsageError(f"{bundle.name} has no Greengrass {fmt} documents (it was built with greengrass.format "
-                             f"= {manifest['greengrass']['format']!r}); rebuild it or deploy with --format "
+                             f"= {manifest.greengrass.format!r}); rebuild it or deploy with --format "
                              f"{'v1' if fmt == 'v2' else 'v2'}")
-        files = {entry["path"]: Path(scratch) / entry["path"] for entry in manifest["files"]}
+        files = {entry.path: Path(scratch) / "bundle" / entry.path for entry in manifest.files}
         if fmt == "v2":
-            recipe = json.loads(files["greengrass/recipe.json"].read_text())
+            recipe = json.loads(files[RECIPE].read_text())
             uploads = {a["Uri"]: _by_name(files, a["Uri"]) for a in recipe["Manifests"][0]["Artifacts"]}
             uploaded, skipped = _upload_all(clients.s3, uploads, reporter)
-            return _deploy_v2(clients, recipe, files["greengrass/recipe.json"], target, rollout, uploaded, skipped)
-        definitions = {name: json.loads(files[f"greengrass/v1/{name}.json"].read_text())
-                       for name in ("function-definition", "resource-definition", "subscription-definition")}
+            return _deploy_v2(clients, recipe, files[RECIPE], target, rollout, uploaded, skipped)
+        definitions = {name: json.loads(files[v1_definition(name)].read_text()) for name in V1_DEFINITIONS}
         uri = definitions["resource-definition"]["Resources"][0]["ResourceDataContainer"][
             "S3MachineLearningModelResourceData"]["S3Uri"]
-        uploaded, skipped = _upload_all(clients.s3, {uri: files["greengrass/v1/model.zip"]}, reporter)
+        uploaded, skipped = _upload_all(clients.s3, {uri: files[V1_MODEL_ARCHIVE]}, reporter)
         return _deploy_v1(clients, definitions, target, uploaded, skipped)
 
 
 def _by_name(files: Mapping[str, Path], uri: str) -> Path:
     name = uri.rsplit("/", 1)[-1]
-    return next(path for arc, path in files.items() if path.name == name and not arc.startswith("greengrass/"))
+    return next(path for arc, path in files.items() if path.name == name and not arc.startswith(GREENGRASS_DIR))
 
 
 def _upload_all(s3: Any, uploads: Mapping[str, Path], reporter: Reporter) -> tuple[tuple[str, ...], tuple[str, ...]]:

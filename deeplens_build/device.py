@@ -1,10 +1,12 @@
 """A local device for development and CI: what a Greengrass core does with a bundle, on this machine.
 
-verify → unpack into a device folder → the runtime environment (a virtual environment from the vendored wheels,
-or this interpreter when the bundle vendors none) → the Lambda module imported in a child process, its loop
-running over the frames → every result it prints published as JSON to ``$aws/things/<thing>/infer`` on an MQTT
-broker. While the broker is down, results wait in a bounded buffer (the oldest are dropped first) and the client
-reconnects; SIGINT/SIGTERM, or ``max_frames`` results, stop the device cleanly.
+verify and unpack (one pass) into a device folder → the runtime environment (a virtual environment from the
+vendored wheels, or this interpreter when the bundle vendors none) → the Lambda module imported in a child
+process with a clean environment, its loop running over the frames → every result it prints published as JSON
+to ``$aws/things/<thing>/infer`` on an MQTT broker. While the broker is down, results wait in a bounded buffer
+(the oldest are dropped first) and the client reconnects; SIGINT/SIGTERM, or ``max_frames`` results, stop the
+device cleanly. A Lambda whose loop dies, an unreachable broker, lost results or fewer results than asked for
+end ``run`` with an error, as a core would restart a component that exits with one.
 """
 
 from __future__ import annotations
@@ -15,19 +17,28 @@ import queue
 import shutil
 import subprocess
 import sys
-import tarfile
+import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deeplens_build.bundle import verify_bundle
+from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.cache import tool_cache_environment
-from deeplens_build.errors import BundleError, UsageError
+from deeplens_build.errors import BundleError, DeviceError, UsageError
+from deeplens_build.greengrass import LAMBDA_RUNNER
+from deeplens_build.manifest import MODEL_DIR, MODEL_DIR_VARIABLE, THING_VARIABLE, WHEELS_DIR, Manifest, infer_topic
 from deeplens_build.report import Reporter
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for the broker before ``run`` or ``watch`` gives up."""
+PASSED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ", "AWS_REGION", "AWS_DEFAULT_REGION")
+"""What a Lambda gets from the environment ``run`` was started in: what a Greengrass core would also give it,
+and nothing secret (no credentials, no signing key)."""
 
 
 @dataclass(frozen=True)
@@ -51,42 +62,43 @@ class DeviceSummary:
     topic: str
 
 
+class DeviceRunError(DeviceError):
+    """``run`` ended badly; ``summary`` says what did happen."""
+
+    def __init__(self, message: str, summary: DeviceSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
 def parse_broker(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--mqtt {text!r} is not HOST:PORT")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--mqtt {text!r} is not HOST:PORT with a port from 1 to 65535")
     return host, int(port)
 
 
-def topic_for(thing: str) -> str:
-    return f"$aws/things/{thing}/infer"
-
-
 def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop: threading.Event,
-               public_key: Path | None = None) -> DeviceSummary:
-    manifest = verify_bundle(bundle, public_key).manifest  # a device runs only what verifies
-    root = options.device_dir / f"{manifest['name']}-{manifest['version']}"
-    shutil.rmtree(root, ignore_errors=True)
-    with tarfile.open(bundle) as tar:
-        tar.extractall(root, filter="data")
+               public_key: Path | None = None, allow_any_signer: bool = False) -> DeviceSummary:
+    """Run ``bundle``'s Lambda until ``stop``, ``max_frames`` results, or the Lambda's end.
+
+    :param allow_any_signer: run a bundle verified against its own embedded key only; without it, and without
+        ``public_key``, the bundle is refused: running it executes its code on this machine.
+    :raises DeviceError: when the broker is unreachable, the Lambda dies, or results were lost or missing.
+    """
+    require_signer("run executes the bundle's code on this machine", public_key, allow_any_signer, reporter)
+    device_dir = options.device_dir.resolve()
+    root, manifest = _install(bundle, device_dir, public_key)
     code = root / "code"
-    with zipfile.ZipFile(root / manifest["lambda"]["file"]) as archive:
+    with zipfile.ZipFile(root / manifest.lambda_.file) as archive:
         archive.extractall(code)
     python = _runtime_python(root, manifest, reporter)
-    module = manifest["lambda"]["handler"].rsplit(".", 1)[0]
-    env = {**os.environ, **tool_cache_environment(options.device_dir),
-           "DEEPLENS_MODEL_DIR": str(root / "model"), "AWS_IOT_THING_NAME": options.thing,
-           "PYTHONUNBUFFERED": "1", "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval)}
-    if options.frames:
-        env["DEEPLENS_FRAMES"] = str(Path(options.frames).resolve())
-    if options.max_frames:
-        env["DEEPLENS_MAX_FRAMES"] = str(options.max_frames)
-    script = (f"import sys, threading; sys.path.insert(0, {str(code)!r}); import {module}; "
-              "threading.Event().wait()")  # as on a core: the module lives on after import
-    reporter.step(f"device: {manifest['name']} {manifest['version']} in {root}, publishing to "
-                  f"{options.mqtt_host}:{options.mqtt_port} {topic_for(options.thing)}")
-    child = subprocess.Popen([python, "-c", script], cwd=code, env=env, stdout=subprocess.PIPE, text=True)
-    link = _Mqtt(options, reporter)
+    topic = infer_topic(options.thing)
+    link = _Mqtt(options, reporter)  # before the Lambda starts: an unreachable broker fails in seconds
+    reporter.step(f"device: {manifest.name} {manifest.version} in {root}, publishing to "
+                  f"{options.mqtt_host}:{options.mqtt_port} {topic}")
+    child = subprocess.Popen([python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)], cwd=code,
+                             env=_lambda_environment(root, device_dir, manifest, options), stdout=subprocess.PIPE,
+                             text=True)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True).start()
     frames = 0
@@ -104,16 +116,57 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
                 frames += 1
                 link.publish(line.strip())
     finally:
+        ended = child.poll()
         child.terminate()
         try:
             child.wait(timeout=10)
         except subprocess.TimeoutExpired:
             child.kill()
-        summary = link.close()
-    if child.returncode not in (0, -15) and frames == 0:
-        raise BundleError(f"the Lambda {module} exited with {child.returncode} before any inference; run "
-                          "it with --debug or check its output above")
-    return DeviceSummary(frames=frames, **summary, topic=topic_for(options.thing))
+            child.wait()
+        counts = link.close()
+    summary = DeviceSummary(frames=frames, **counts, topic=topic)
+    if ended not in (None, 0):
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} after {frames} "
+                             "result(s) (its output is above); on a core the nucleus would restart it", summary)
+    if options.max_frames is not None and frames < options.max_frames and not stop.is_set():
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {frames} of the "
+                             f"{options.max_frames} results asked for (did its frames run out?)", summary)
+    if summary.dropped:
+        raise DeviceRunError(f"{summary.dropped} of {frames} result(s) never reached the MQTT broker at "
+                             f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
+    return summary
+
+
+def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[Path, Manifest]:
+    """Verify and unpack the bundle into ``<device_dir>/<name>-<version>``, replacing an earlier install."""
+    device_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".install-", dir=device_dir))
+    try:
+        # a device runs only what verifies; name and version are validated before they make a path
+        manifest = unpack_bundle(bundle, scratch / "bundle", public_key).manifest
+        root = device_dir / f"{manifest.name}-{manifest.version}"
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(scratch / "bundle", root)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return root, manifest
+
+
+def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions) -> dict[str, str]:
+    """What a Greengrass core gives a Lambda, plus what the bundle declares; nothing else from this shell."""
+    home = root / "home"
+    home.mkdir(exist_ok=True)
+    env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
+    env.update(manifest.lambda_.environment)
+    env.update(tool_cache_environment(device_dir))
+    env.update({"HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1",
+                MODEL_DIR_VARIABLE: str(root / MODEL_DIR), THING_VARIABLE: options.thing,
+                "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval)})
+    if options.frames:
+        env["DEEPLENS_FRAMES"] = str(Path(options.frames).resolve())
+    if options.max_frames:
+        env["DEEPLENS_MAX_FRAMES"] = str(options.max_frames)
+    return env
 
 
 def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
@@ -122,42 +175,65 @@ def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def _runtime_python(root: Path, manifest: dict[str, Any], reporter: Reporter) -> str:
+def _runtime_python(root: Path, manifest: Manifest, reporter: Reporter) -> str:
     """The device's interpreter: a venv with the vendored wheels, or this one when nothing was vendored."""
-    wheels = manifest["runtime"]["wheels"]
-    if not wheels:
-        reporter.note(f"runtime {manifest['runtime']['name']}: the bundle vendors no wheels, using this "
-                      f"interpreter ({sys.executable})")
+    runtime = manifest.runtime
+    if not runtime.wheels:
+        reporter.note(f"runtime {runtime.name}: the bundle vendors no wheels, using this interpreter "
+                      f"({sys.executable})")
         return sys.executable
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     done = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
-                           str(root / "runtime" / "wheels"), *manifest["runtime"]["requirements"]],
-                          capture_output=True, text=True)
+                           str(root / WHEELS_DIR), *runtime.requirements], capture_output=True, text=True)
     if done.returncode != 0:
         raise BundleError(f"the runtime's vendored wheels do not install here: {done.stderr.strip()[-300:]}")
     return python
+
+
+def _client(prefix: str) -> Any:
+    """A paho client with an id of its own: two clients with one id make the broker drop the older one."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-{uuid.uuid4().hex[:12]}")
+    client.reconnect_delay_set(min_delay=1, max_delay=2)
+    client.connect_timeout = CONNECT_TIMEOUT
+    return client
+
+
+def _connect(client: Any, host: str, port: int, ready: threading.Event) -> None:
+    """Connect now (so a wrong address fails in seconds, not never), then keep reconnecting in the background.
+
+    :param ready: set by the client's callbacks once the broker accepted (and, for ``watch``, subscribed).
+    """
+    try:
+        client.connect(host, port, keepalive=10)
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"cannot reach the MQTT broker at {host}:{port} ({exc}); start one (e.g. mosquitto) "
+                          "or pass --mqtt HOST:PORT") from exc
+    client.loop_start()
+    if not ready.wait(CONNECT_TIMEOUT):
+        client.loop_stop()
+        raise DeviceError(f"the MQTT broker at {host}:{port} did not accept the connection within "
+                          f"{CONNECT_TIMEOUT:.0f} s")
 
 
 class _Mqtt:
     """Publish with QoS 1; while disconnected, keep up to ``buffer`` results and reconnect in the background."""
 
     def __init__(self, options: DeviceOptions, reporter: Reporter):
-        import paho.mqtt.client as mqtt
-
-        self.topic = topic_for(options.thing)
+        self.topic = infer_topic(options.thing)
         self.reporter = reporter
         self.pending: deque[str] = deque(maxlen=options.buffer)
         self.lock = threading.Lock()
         self.connected = threading.Event()
+        self.closing = False
         self.published = self.dropped = self.connects = 0
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"deeplens-device-{options.thing}")
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client = _client(f"deeplens-device-{options.thing}")
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.connect_async(options.mqtt_host, options.mqtt_port, keepalive=10)
-        self.client.loop_start()
+        _connect(self.client, options.mqtt_host, options.mqtt_port, self.connected)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -169,7 +245,7 @@ class _Mqtt:
                 self._send(self.pending.popleft())
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self.closing:
             self.reporter.warn("MQTT broker lost; buffering results and reconnecting")
         self.connected.clear()
 
@@ -191,21 +267,30 @@ class _Mqtt:
         while self.pending and time.monotonic() < deadline:  # give a reconnect the chance to flush
             time.sleep(0.1)
         time.sleep(0.2)
-        self.client.loop_stop()
+        self.closing = True
         self.client.disconnect()
+        self.client.loop_stop()
         return {"published": self.published, "dropped": self.dropped + len(self.pending),
                 "reconnects": max(0, self.connects - 1)}
 
 
-def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, stop: threading.Event) -> int:
-    """Subscribe to the thing's infer topic and hand every result to ``emit``; return how many arrived."""
-    import paho.mqtt.client as mqtt
+def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, stop: threading.Event,
+          subscribed: threading.Event | None = None) -> int:
+    """Subscribe to the thing's infer topic and hand every result to ``emit``; return how many arrived.
 
+    :param subscribed: set once the broker confirmed the subscription, so a caller can start publishing.
+    :raises DeviceError: when the broker cannot be reached.
+    """
     received = 0
     done = threading.Event()
+    ready = subscribed or threading.Event()
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe(topic_for(thing), qos=1)
+        if not reason.is_failure:
+            client.subscribe(infer_topic(thing), qos=1)
+
+    def on_subscribe(client: Any, userdata: Any, mid: Any, reasons: Any, properties: Any) -> None:
+        ready.set()
 
     def on_message(client: Any, userdata: Any, message: Any) -> None:
         nonlocal received
@@ -218,15 +303,13 @@ def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, sto
         if count is not None and received >= count:
             done.set()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"deeplens-watch-{os.getpid()}")
-    client.reconnect_delay_set(min_delay=1, max_delay=2)
-    client.on_connect, client.on_message = on_connect, on_message
-    client.connect_async(host, port, keepalive=10)
-    client.loop_start()
+    client = _client("deeplens-watch")
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    _connect(client, host, port, ready)
     try:
         while not done.is_set() and not stop.is_set():
             done.wait(0.2)
     finally:
-        client.loop_stop()
         client.disconnect()
+        client.loop_stop()
     return received

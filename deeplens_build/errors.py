@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     VERIFY = 8
     SIGNING = 9
     AWS = 10
+    DEVICE = 11
 
 
 class DeepLensBuildError(Exception):
@@ -69,3 +70,9 @@ class SigningError(DeepLensBuildError):
 
 class AwsError(DeepLensBuildError):
     exit_code = ExitCode.AWS
+
+
+class DeviceError(DeepLensBuildError):
+    """The local device (``run``, ``watch``) could not do its job: a broker unreachable, a Lambda that died."""
+
+    exit_code = ExitCode.DEVICE

@@ -139,8 +139,8 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
     except UnsafeMember as exc:
         shutil.rmtree(dest, ignore_errors=True)
         which = f"member {member.name!r}" if member is not None and member.name else "the archive"
-        raise SourceError(f"archive {origin}: {which} {exc}; refusing to extract it. Rebuild the archive from "
-                          "the training output folder with relative paths.") from exc
+        raise SourceError(f"archive {origin}: {which} {exc}; refusing to extract it. Re-create the archive from "
+                          "the training output folder with relative paths (`tar -czhf` stores files, not links).") from exc
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

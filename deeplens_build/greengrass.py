@@ -18,11 +18,21 @@ from typing import Any
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
+from deeplens_build.manifest import MODEL_DIR_VARIABLE, infer_topic
 from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
 RECIPE_FORMAT = "2020-01-25"
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
 MODEL_RESOURCE_ID = "deeplens-model"
+LAMBDA_RUNNER = ("import importlib, os, sys, threading, traceback; "
+                 "threading.excepthook = lambda a: (traceback.print_exception(a.exc_type, a.exc_value, "
+                 "a.exc_traceback), os._exit(1)); "
+                 "sys.path.insert(0, sys.argv[2]); importlib.import_module(sys.argv[1]); "
+                 "[t.join() for t in threading.enumerate() if t is not threading.main_thread()]")
+"""How a core (and ``deeplens-build run``) runs the Lambda: ``python -c LAMBDA_RUNNER MODULE CODE_DIR``. The
+module is an argument, never pasted into code; the process lives as long as the module's threads do, and exits
+non-zero as soon as one dies with an error, so the nucleus restarts the component instead of keeping a process
+whose loop is gone."""
 
 
 def component_name(config: ProjectConfig) -> str:
@@ -31,7 +41,7 @@ def component_name(config: ProjectConfig) -> str:
 
 def lambda_environment(config: ProjectConfig) -> dict[str, str]:
     """The Lambda's environment wherever it runs: where the model is, plus the project's own variables."""
-    return {"DEEPLENS_MODEL_DIR": config.greengrass.model_path, **config.lambda_.environment}
+    return {MODEL_DIR_VARIABLE: config.greengrass.model_path, **config.lambda_.environment}
 
 
 def artifact_uri(config: ProjectConfig, name: str) -> str:
@@ -47,7 +57,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     :param artifacts: file name on the device → file, for every artifact (names are flat on the device).
     """
     name = component_name(config)
-    topic = "$aws/things/{iot:thingName}/infer"
+    topic = infer_topic("{iot:thingName}")
     module = lambda_pkg.handler.rsplit(".", 1)[0]
     code_dir = "{artifacts:decompressedPath}/" + lambda_pkg.path.stem
     requirements = " ".join(shlex.quote(r) for r in runtime.requirements[config.target.platform])
@@ -55,8 +65,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
                else f"python3 -m pip install {requirements}")
     if image is not None:
         install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
-    run = (f"python3 -u -c \"import sys, threading; sys.path.insert(0, '{code_dir}'); import {module}; "
-           "threading.Event().wait()\"")
+    run = f"python3 -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
     return {
         "RecipeFormatVersion": RECIPE_FORMAT,
         "ComponentName": name,
@@ -74,7 +83,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
         "Manifests": [{
             "Platform": {"os": "linux", "architecture": ARCHITECTURES[config.target.platform]},
             "Lifecycle": {
-                "Setenv": {"DEEPLENS_MODEL_DIR": "{artifacts:path}", **environment},
+                "Setenv": {MODEL_DIR_VARIABLE: "{artifacts:path}", **environment},
                 "Install": {"Script": install, "Timeout": 900},
                 "Run": {"Script": run},
             },
@@ -143,7 +152,7 @@ def v1_definitions(config: ProjectConfig, published: PublishedLambda, *,
         "subscription-definition": {"Subscriptions": [{
             "Id": "inference-to-cloud",
             "Source": published.arn,
-            "Subject": f"$aws/things/{thing}/infer",
+            "Subject": infer_topic(thing),
             "Target": "cloud",
         }]},
     }

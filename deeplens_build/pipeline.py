@@ -25,6 +25,29 @@ from deeplens_build.fetch import SAGEMAKER_PREFIX, fetch
 from deeplens_build import greengrass
 from deeplens_build.image import build_image
 from deeplens_build.lambda_package import package_lambda, write_zip
+from deeplens_build.manifest import (
+    IMAGE,
+    LABELS,
+    LAMBDA_COMPONENT,
+    LAMBDA_DIR,
+    MODEL_DIR,
+    RECIPE,
+    RUNTIME_DIR,
+    V1_MODEL_ARCHIVE,
+    WHEELS_DIR,
+    BuildRecord,
+    GreengrassRecord,
+    ImageRecord,
+    LambdaRecord,
+    ModelRecord,
+    OptimizationRecord,
+    PluginRecord,
+    ProvenanceRecord,
+    RuntimeRecord,
+    SourceRecord,
+    WheelRecord,
+    v1_definition,
+)
 from deeplens_build.publish import publish_lambda
 from deeplens_build.optimize import optimize
 from deeplens_build.parity import check_parity
@@ -153,17 +176,17 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     labels = config.model.labels or converted.labels
     if labels is not None and not labels.is_file():
         raise ConfigError(f"Field `model.labels` points to {labels}, which is not a file")
-    payload = {f"model/{p.name}": p for p in optimized.files}
+    payload = {f"{MODEL_DIR}/{p.name}": p for p in optimized.files}
     if labels is not None:
-        payload["model/labels.txt"] = labels
-    payload[f"lambda/{lambda_pkg.path.name}"] = lambda_pkg.path
-    payload[f"runtime/{runtime.name}/{DEFINITION}"] = runtime.definition
-    payload.update({f"runtime/wheels/{wheel.name}": wheel for wheel in wheelhouse.wheels})
+        payload[LABELS] = labels
+    payload[f"{LAMBDA_DIR}/{lambda_pkg.path.name}"] = lambda_pkg.path
+    payload[f"{RUNTIME_DIR}/{runtime.name}/{DEFINITION}"] = runtime.definition
+    payload.update({f"{WHEELS_DIR}/{wheel.name}": wheel for wheel in wheelhouse.wheels})
 
     image = None
     if config.runtime.image:
         image = _runtime_image(config, cache, payload, runtime=runtime, reporter=reporter)
-        payload["runtime/image.tar"] = image.path
+        payload[IMAGE] = image.path
 
     published = None
     if options.publish:
@@ -173,13 +196,13 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
                                       image=image, lambda_pkg=lambda_pkg, published=published)
     payload.update(documents)
 
-    manifest = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
+    record = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
                          runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
                          published=published, documents=sorted(documents),
-                         labels="model/labels.txt" if labels else None, tools=tools, plugin_identity=plugin_identity)
+                         labels=LABELS if labels else None, tools=tools, plugin_identity=plugin_identity)
     output = options.output or config.build.output
     reporter.step(f"bundle: signing with {signer.description}")
-    path, sha256 = write_bundle(payload, manifest, signer, output)
+    path, sha256, manifest = write_bundle(payload, record, signer, output)
     sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),
                         bundle=path.stat().st_size)
     return BuildResult(bundle=path, sha256=sha256, name=config.model.name, version=config.model.version,
@@ -199,18 +222,18 @@ def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[
     def write(scratch: Path) -> GreengrassDocuments:
         documents: dict[str, Any] = {}
         if fmt in ("v2", "both"):
-            documents["greengrass/recipe.json"] = greengrass.recipe(
+            documents[RECIPE] = greengrass.recipe(
                 config, artifacts=device_files, runtime=runtime, vendored=vendored, image=image,
                 lambda_pkg=lambda_pkg, environment=environment)
             if published is not None:
-                documents["greengrass/lambda-component.json"] = greengrass.lambda_component_request(config, published)
+                documents[LAMBDA_COMPONENT] = greengrass.lambda_component_request(config, published)
         files = {}
         if fmt in ("v1", "both"):
             archive = write_zip({name: path for name, path in device_files.items() if path != lambda_pkg.path
                                  and not name.endswith((".whl", ".tar"))}, scratch / "model.zip")
-            files["greengrass/v1/model.zip"] = archive
+            files[V1_MODEL_ARCHIVE] = archive
             for name, document in greengrass.v1_definitions(config, published, model_archive=archive).items():
-                documents[f"greengrass/v1/{name}.json"] = document
+                documents[v1_definition(name)] = document
         for arc, document in documents.items():
             target = scratch / arc.rsplit("/", 1)[-1]
             target.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -272,61 +295,36 @@ def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
 def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
               parity: ParityReport | None, runtime: Runtime, wheelhouse: Wheelhouse, image: RuntimeImage | None,
               lambda_pkg: LambdaPackage, published: PublishedLambda | None, documents: list[str],
-              labels: str | None, tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> dict[str, Any]:
+              labels: str | None, tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> BuildRecord:
     """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
     platform_name = config.target.platform
-    return {
-        "name": config.model.name,
-        "version": config.model.version,
-        "framework": detection.plugin.framework.name,
-        "source": {
-            "kind": training.kind,
-            "origin": training.origin,
-            "sha256": training.sha256,
-            "size": training.size,
-            "model_files": list(detection.model.files),
-            "notes": list(detection.model.notes),
-            "sagemaker": dataclasses.asdict(training.sagemaker) if training.sagemaker else None,
-        },
-        "model": {
-            "format": optimized.format,
-            "file": f"model/{optimized.path.name}",
-            "files": [f"model/{p.name}" for p in optimized.files],
-            "labels": labels,
-            "precision": optimized.precision,
-            "task": config.model.task,
-            "inputs": [dataclasses.asdict(s) for s in optimized.inputs],
-            "outputs": [dataclasses.asdict(s) for s in optimized.outputs],
-        },
-        "optimization": {
-            "passes": list(optimized.passes),
-            "opset": optimized.opset,
-            "size_before": optimized.size_before,
-            "size_after": optimized.size_after,
-        },
-        "parity": dataclasses.asdict(parity) if parity else None,
-        "runtime": {
-            "name": runtime.name,
-            "summary": runtime.summary,
-            "accelerator": runtime.accelerator,
-            "python": runtime.python,
-            "platform": platform_name,
-            "requirements": list(runtime.requirements[platform_name]),
-            "definition": f"runtime/{runtime.name}/{DEFINITION}",
-            "wheels": [{"file": f"runtime/wheels/{w.name}", "sha256": file_sha256(w)} for w in wheelhouse.wheels],
-            "image": {"file": "runtime/image.tar", "tag": image.tag, "id": image.image_id} if image else None,
-        },
-        "lambda": {
-            "name": lambda_pkg.name,
-            "handler": lambda_pkg.handler,
-            "version": lambda_pkg.version,
-            "file": f"lambda/{lambda_pkg.path.name}",
-            "sha256": lambda_pkg.sha256,
-            "published_version": published.version if published else None,
-            "arn": published.arn if published else None,
-            "alias": published.alias if published else None,
-        },
-        "greengrass": {"format": config.greengrass.format, "component": greengrass.component_name(config),
-                       "documents": documents},
-        "provenance": {"plugin": dict(plugin_identity), "tools": dict(tools)},
-    }
+    return BuildRecord(
+        name=config.model.name,
+        version=config.model.version,
+        framework=detection.plugin.framework.name,
+        source=SourceRecord(kind=training.kind, origin=training.origin, sha256=training.sha256, size=training.size,
+                            model_files=detection.model.files, notes=detection.model.notes,
+                            sagemaker=training.sagemaker),
+        model=ModelRecord(format=optimized.format, file=f"{MODEL_DIR}/{optimized.path.name}",
+                          files=tuple(f"{MODEL_DIR}/{p.name}" for p in optimized.files), labels=labels,
+                          precision=optimized.precision, task=config.model.task, inputs=optimized.inputs,
+                          outputs=optimized.outputs),
+        optimization=OptimizationRecord(passes=optimized.passes, opset=optimized.opset,
+                                        size_before=optimized.size_before, size_after=optimized.size_after),
+        parity=parity,
+        runtime=RuntimeRecord(
+            name=runtime.name, summary=runtime.summary, accelerator=runtime.accelerator, python=runtime.python,
+            platform=platform_name, requirements=runtime.requirements[platform_name],
+            definition=f"{RUNTIME_DIR}/{runtime.name}/{DEFINITION}",
+            wheels=tuple(WheelRecord(file=f"{WHEELS_DIR}/{w.name}", sha256=file_sha256(w)) for w in wheelhouse.wheels),
+            image=ImageRecord(file=IMAGE, tag=image.tag, id=image.image_id) if image else None),
+        lambda_=LambdaRecord(
+            name=lambda_pkg.name, handler=lambda_pkg.handler, version=lambda_pkg.version,
+            file=f"{LAMBDA_DIR}/{lambda_pkg.path.name}", sha256=lambda_pkg.sha256,
+            environment=dict(config.lambda_.environment),
+            published_version=published.version if published else None, arn=published.arn if published else None,
+            alias=published.alias if published else None),
+        greengrass=GreengrassRecord(format=config.greengrass.format, component=greengrass.component_name(config),
+                                    documents=tuple(documents)),
+        provenance=ProvenanceRecord(plugin=PluginRecord(**plugin_identity), tools=dict(tools)),
+    )

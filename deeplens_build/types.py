@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deeplens_build.manifest import Manifest
 
 LABEL_FILES = ("labels.txt", "synset.txt", "classes.txt")
 """Names a class-labels file goes by in training outputs (``synset.txt`` is MXNet's and DeepLens's)."""
@@ -280,4 +283,4 @@ class BuildResult:
     sizes: BundleSizes
     cached_stages: tuple[str, ...]
     notes: tuple[str, ...]
-    manifest: Mapping[str, Any]
+    manifest: Manifest

@@ -32,7 +32,7 @@ def test_packages_an_s3_model_tar_gz(aws: str, tmp_path: Path, model_tar: Path) 
     _upload("deeplens-models", "jobs/run-1/output/model.tar.gz", model_tar)
     config = testing.write_project(tmp_path / "p", source="s3://deeplens-models/jobs/run-1/output/model.tar.gz")
     report = package_json(config)
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["source"]["kind"] == "s3"
     assert manifest["source"]["origin"] == "s3://deeplens-models/jobs/run-1/output/model.tar.gz"
     assert report["warnings"] == []
@@ -80,7 +80,7 @@ def test_packages_a_sagemaker_training_job_and_records_it(aws: str, tmp_path: Pa
 
     config = testing.write_project(tmp_path / "p", source="sagemaker-job:deeplens-job-1")
     report = package_json(config)
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["source"]["kind"] == "sagemaker-job"
     recorded = manifest["source"]["sagemaker"]
     assert recorded["name"] == "deeplens-job-1" and recorded["framework_hint"] == "mxnet"

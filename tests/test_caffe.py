@@ -27,7 +27,7 @@ def test_tar_with_snapshots_packages_the_highest_iteration(tmp_path: Path, snaps
     report = package_project(tmp_path, archive, model={"precision": precision})
     assert report["framework"] == "caffe" and report["parity"]["passed"]
     assert any("packaging only the highest, model_iter_3000.caffemodel" in n for n in report["notes"])
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["source"]["model_files"] == ["deploy.prototxt", "model_iter_3000.caffemodel"]
     assert manifest["model"]["inputs"][0]["shape"] == [1, 3, 16, 16]
     assert manifest["model"]["inputs"][0]["layout"] == "NCHW"

@@ -13,6 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import Stubber
+from helpers import cli, error_line
 
 from deeplens_build import testing
 from deeplens_build.deploy import Clients, Rollout, Target, deploy
@@ -59,7 +60,8 @@ def _v2_clients(stub_responses: bool = True) -> tuple[Clients, Stubber]:
 
 def _deploy(bundle: Path, target: Target, clients: Clients, tmp_path: Path, fmt: str = "v2"):
     return deploy(bundle, target, fmt=fmt, rollout=Rollout(maximum_per_minute=5, abort_failure_percent=20),
-                  clients=clients, reporter=Reporter(quiet=True), workdir=tmp_path / "work")
+                  clients=clients, reporter=Reporter(quiet=True), workdir=tmp_path / "work",
+                  public_key=tmp_path / "project" / "signing-key.pub.pem")
 
 
 def test_v2_uploads_then_registers_and_deploys_to_a_thing(bundle: Path, tmp_path: Path) -> None:
@@ -88,13 +90,23 @@ def test_v1_creates_definitions_group_version_and_deployment(bundle: Path, tmp_p
 
 
 def test_cli_prints_deployment_and_topic_as_json(bundle: Path, tmp_path: Path, monkeypatch) -> None:
-    from helpers import cli
-
     _group_with_core("deeplens-group")
     monkeypatch.chdir(tmp_path)
     out = json.loads(cli("deploy", bundle, "--target", "thing-group:deeplens-group", "--format", "v1",
-                         "--json").stdout)
+                         "--public-key", tmp_path / "project" / "signing-key.pub.pem", "--json").stdout)
     assert out["topic"] == "$aws/things/deeplens_abc/infer" and out["deployment_id"]
+
+
+def test_deploy_without_a_trusted_key_is_refused_unless_any_signer_is_allowed(bundle: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    refused = cli("deploy", bundle, "--target", "thing:deeplens_abc", "--format", "v1", expect=2)
+    assert "pass --public-key with the signer's public key" in error_line(refused)
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=BUCKET), "nothing uploaded"
+    _group_with_core("deeplens-group")
+    allowed = cli("deploy", bundle, "--target", "thing-group:deeplens-group", "--format", "v1",
+                  "--allow-any-signer")
+    assert "warning: --allow-any-signer" in allowed.output and "deployment" in allowed.stdout
 
 
 def test_tampered_bundle_is_refused_before_any_upload(bundle: Path, tmp_path: Path) -> None:

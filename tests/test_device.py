@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import cli, error_line, files_under
+
 from deeplens_build import onnxtools, testing
-from deeplens_build.device import DeviceOptions, run_device, watch
-from deeplens_build.errors import VerificationError
+from deeplens_build.device import DeviceOptions, DeviceRunError, DeviceSummary, run_device, watch
+from deeplens_build.errors import DeviceError, UsageError, VerificationError
 from deeplens_build.report import Reporter
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
@@ -69,6 +71,29 @@ def example_bundle(tmp_path_factory) -> Path:
     return testing.build(project / "deeplens.toml").bundle
 
 
+def _key(bundle: Path) -> Path:
+    """The public key beside the project that built ``bundle`` (``testing.build`` signs with it)."""
+    return bundle.parent.parent / "signing-key.pub.pem"
+
+
+def _run(bundle: Path, options: DeviceOptions, stop: threading.Event | None = None) -> DeviceSummary:
+    return run_device(bundle, options, reporter=Reporter(quiet=True), stop=stop or threading.Event(),
+                      public_key=_key(bundle))
+
+
+def _lambda_bundle(tmp_path: Path, onnx_model_dir: Path, loop: str, **lambda_settings: object) -> Path:
+    """A bundle whose Lambda runs ``loop`` (Python, indented 4) in its module-level thread."""
+    code = tmp_path / "lambda-src"
+    code.mkdir()
+    body = "\n".join("    " + line for line in loop.strip().splitlines())
+    (code / "inference.py").write_text(f"import json, os, threading\n\n\ndef _loop():\n{body}\n\n\n"
+                                       "threading.Thread(target=_loop).start()\n\n\n"
+                                       "def handler(event, context):\n    return None\n")
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, **{"lambda": {
+        "source": str(code), "handler": "inference.handler", **lambda_settings}})
+    return testing.build(config).bundle
+
+
 def _frames(folder: Path, count: int) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(11)
@@ -79,11 +104,11 @@ def _frames(folder: Path, count: int) -> Path:
 
 def _subscribe(port: int, count: int) -> tuple[list[dict], threading.Thread, threading.Event]:
     received: list[dict] = []
-    stop = threading.Event()
-    thread = threading.Thread(target=watch, args=("127.0.0.1", port, THING),
-                              kwargs={"count": count, "emit": received.append, "stop": stop}, daemon=True)
+    stop, subscribed = threading.Event(), threading.Event()
+    thread = threading.Thread(target=watch, args=("127.0.0.1", port, THING), daemon=True,
+                              kwargs={"count": count, "emit": received.append, "stop": stop, "subscribed": subscribed})
     thread.start()
-    time.sleep(0.5)  # subscribed before the device publishes
+    assert subscribed.wait(10), "watch subscribed before the device publishes"
     return received, thread, stop
 
 
@@ -93,7 +118,7 @@ def test_twenty_frames_give_twenty_messages_equal_to_onnxruntime(broker: Broker,
     received, thread, _ = _subscribe(broker.port, 20)
     options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING,
                             frames=str(frames), max_frames=20)
-    summary = run_device(example_bundle, options, reporter=Reporter(quiet=True), stop=threading.Event())
+    summary = _run(example_bundle, options)
     thread.join(timeout=20)
     assert summary.frames == summary.published == 20 and summary.topic == f"$aws/things/{THING}/infer"
     assert sorted(r["frame"] for r in received) == list(range(1, 21))
@@ -118,8 +143,8 @@ def test_tampered_bundle_is_refused(example_bundle: Path, tmp_path: Path) -> Non
     tampered.write_bytes(bytes(data))
     with pytest.raises(VerificationError):
         run_device(tampered, DeviceOptions(device_dir=tmp_path / "device"), reporter=Reporter(quiet=True),
-                   stop=threading.Event())
-    assert not (tmp_path / "device").exists()
+                   stop=threading.Event(), public_key=_key(example_bundle))
+    assert files_under(tmp_path / "device") == set(), "nothing of a bundle that failed to verify is installed"
 
 
 def test_broker_restart_buffers_and_reconnects(broker: Broker, example_bundle: Path, tmp_path: Path) -> None:
@@ -127,8 +152,7 @@ def test_broker_restart_buffers_and_reconnects(broker: Broker, example_bundle: P
                             frame_interval=0.05)
     received, thread, stop_watch = _subscribe(broker.port, 40)
     result: dict = {}
-    device = threading.Thread(target=lambda: result.setdefault("summary", run_device(
-        example_bundle, options, reporter=Reporter(quiet=True), stop=threading.Event())))
+    device = threading.Thread(target=lambda: result.setdefault("summary", _run(example_bundle, options)))
     device.start()
     deadline = time.monotonic() + 30
     while len(received) < 5 and time.monotonic() < deadline:
@@ -144,21 +168,119 @@ def test_broker_restart_buffers_and_reconnects(broker: Broker, example_bundle: P
     assert summary.published == 40 and summary.dropped == 0, "buffered results were sent after reconnecting"
 
 
-def test_buffer_is_bounded_when_the_broker_never_answers(example_bundle: Path, tmp_path: Path) -> None:
+def test_buffer_is_bounded_and_lost_results_fail_the_run(broker: Broker, example_bundle: Path,
+                                                          tmp_path: Path) -> None:
+    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=40,
+                            frame_interval=0.05, buffer=5)
+    received, _, stop_watch = _subscribe(broker.port, 40)
+    errors: list[DeviceRunError] = []
+
+    def device() -> None:
+        try:
+            _run(example_bundle, options)
+        except DeviceRunError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=device)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(received) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    broker.stop()  # and it never comes back
+    thread.join(timeout=60)
+    stop_watch.set()
+    [error] = errors
+    summary = error.summary
+    assert summary.frames == 40 and summary.published + summary.dropped == 40
+    assert summary.dropped >= 40 - summary.published and summary.dropped > 5, "the oldest were dropped"
+    assert "never reached the MQTT broker" in str(error)
+
+
+def test_unreachable_broker_fails_in_seconds(example_bundle: Path, tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=closed_port, thing=THING, max_frames=12,
-                            buffer=5)
-    summary = run_device(example_bundle, options, reporter=Reporter(quiet=True), stop=threading.Event())
-    assert (summary.frames, summary.published, summary.dropped) == (12, 0, 12)
+    with pytest.raises(DeviceError, match=f"cannot reach the MQTT broker at 127.0.0.1:{closed_port}"):
+        _run(example_bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=closed_port, max_frames=2))
+
+
+def test_run_refuses_a_bundle_nobody_vouched_for(example_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="pass --public-key with the signer's public key"):
+        run_device(example_bundle, DeviceOptions(device_dir=tmp_path / "device"), reporter=Reporter(quiet=True),
+                   stop=threading.Event())
+    assert not (tmp_path / "device").exists()
+
+
+def test_lambda_gets_a_clean_environment(broker: Broker, tmp_path: Path, onnx_model_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, 'print(json.dumps({"frame": 1, "env": dict(os.environ)}))',
+                            environment={"DECLARED": "yes"})
+    monkeypatch.setenv("DEEPLENS_SIGNING_KEY", "-----BEGIN PRIVATE KEY----- secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("GITHUB_TOKEN", "secret")
+    received, thread, _ = _subscribe(broker.port, 1)
+    _run(bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=1))
+    thread.join(timeout=20)
+    env = received[0]["env"]
+    assert "secret" not in json.dumps(env), "nothing secret of this shell reaches the Lambda"
+    assert not {"DEEPLENS_SIGNING_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "GITHUB_TOKEN"} & set(env)
+    assert env["DECLARED"] == "yes" and env["AWS_IOT_THING_NAME"] == THING
+    assert Path(env["DEEPLENS_MODEL_DIR"]).is_absolute() and (Path(env["DEEPLENS_MODEL_DIR"]) / "model.onnx").is_file()
+
+
+def test_a_dying_loop_ends_run_with_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
+for frame in range(1, 4):
+    print(json.dumps({"frame": frame}), flush=True)
+raise RuntimeError("camera unplugged")
+""")
+    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=10)
+    with pytest.raises(DeviceRunError, match="exited with code 1 after 3 result") as error:
+        _run(bundle, options)
+    assert error.value.summary.frames == error.value.summary.published == 3
+
+
+def test_fewer_results_than_asked_for_is_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
+for frame in range(1, 3):
+    print(json.dumps({"frame": frame}), flush=True)
+""")
+    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=5)
+    with pytest.raises(DeviceRunError, match="stopped after 2 of the 5 results"):
+        _run(bundle, options)
+
+
+def test_run_as_the_readme_shows_it_with_the_default_relative_device_dir(broker: Broker, example_bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "deeplens_build.cli", "run", str(example_bundle), "--public-key",
+               str(_key(example_bundle)), "--mqtt", f"127.0.0.1:{broker.port}", "--max-frames", "3", "--json"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["frames"] == summary["published"] == 3
+    assert "MQTT broker lost" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / ".deeplens" / "device").is_dir()
+
+
+@pytest.mark.parametrize("broker_text", ["127.0.0.1:99999", "127.0.0.1:0", "localhost", ":1883"])
+def test_bad_broker_address_is_a_usage_error(broker_text: str) -> None:
+    result = cli("watch", "--mqtt", broker_text, expect=2)
+    assert "is not HOST:PORT with a port from 1 to 65535" in error_line(result)
+
+
+def test_watch_without_a_broker_fails_instead_of_waiting(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    result = cli("watch", "--mqtt", f"127.0.0.1:{closed_port}", expect=11)
+    assert "cannot reach the MQTT broker" in error_line(result)
 
 
 def test_sigterm_stops_the_device_cleanly(broker: Broker, example_bundle: Path, tmp_path: Path) -> None:
     received, thread, stop_watch = _subscribe(broker.port, 3)
     command = [sys.executable, "-m", "deeplens_build.cli", "run", str(example_bundle), "--mqtt",
                f"127.0.0.1:{broker.port}", "--thing", THING, "--fps", "20", "--device-dir", str(tmp_path / "d"),
-               "--json"]
+               "--public-key", str(_key(example_bundle)), "--json"]
     device = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     thread.join(timeout=30)
     device.send_signal(signal.SIGTERM)

@@ -13,7 +13,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
 def test_example_builds_a_verified_mxnet_bundle_from_its_final_checkpoint(tmp_path: Path) -> None:
     project = shutil.copytree(EXAMPLE, tmp_path / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
     result = testing.build(project / "deeplens.toml")
-    manifest = testing.verify(result.bundle).manifest
+    manifest = testing.verify(result.bundle).manifest.to_dict()
     assert result.framework == "mxnet" and result.parity.passed
     assert manifest["source"]["model_files"] == ["model-symbol.json", "model-0003.params", "model-shapes.json"]
     assert manifest["model"]["labels"] == "model/labels.txt" and manifest["model"]["precision"] == "fp16"

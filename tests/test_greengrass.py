@@ -70,9 +70,9 @@ def test_publish_references_the_published_version_never_latest(aws: str, tmp_pat
     config = _project(tmp_path, onnx_model_dir, **{"lambda": {"source": "lambda", "role": _role()}})
     (config.parent / "lambda").mkdir()
     (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA)
-    first = testing.verify(Path(package_json(config, "--publish")["bundle"])).manifest["lambda"]
+    first = testing.verify(Path(package_json(config, "--publish")["bundle"])).manifest.to_dict()["lambda"]
     (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA + "\n# v2\n")
-    second = testing.verify(Path(package_json(config, "--publish")["bundle"])).manifest["lambda"]
+    second = testing.verify(Path(package_json(config, "--publish")["bundle"])).manifest.to_dict()["lambda"]
 
     assert first["published_version"] == "1" and second["published_version"] == "2"
     assert second["arn"].endswith(":function:deeplens-test-model:2") and "$LATEST" not in second["arn"]

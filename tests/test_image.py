@@ -36,7 +36,7 @@ def _image_project(tmp_path: Path) -> dict:
 def test_image_round_trip_build_save_load_files(engine, tmp_path: Path, onnx_model_dir: Path) -> None:
     report = package_project(tmp_path, onnx_model_dir, runtime=_image_project(tmp_path))
     bundle = Path(report["bundle"])
-    manifest = testing.verify(bundle).manifest
+    manifest = testing.verify(bundle).manifest.to_dict()
     image = manifest["runtime"]["image"]
     assert image["file"] == "runtime/image.tar" and image["tag"] == "deeplens-test-model-runtime:1.0.0"
     with tarfile.open(bundle) as tar:

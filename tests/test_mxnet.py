@@ -38,7 +38,7 @@ def test_sagemaker_tar_with_three_checkpoints_packages_the_final_one(tmp_path: P
     assert report["framework"] == "mxnet" and report["parity"]["passed"]
     assert report["parity"]["max_abs_diff"] <= (1e-4 if precision == "fp32" else 1e-2)
     assert any("packaging only the final one, epoch 3" in n and "checkpoint_frequency" in n for n in report["notes"])
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["source"]["model_files"] == ["model-symbol.json", "model-0003.params", "model-shapes.json"]
     assert manifest["model"]["inputs"][0] == {"name": "data", "shape": [1, 3, 32, 32], "dtype": "float32",
                                               "layout": "NCHW"}
@@ -50,7 +50,7 @@ def test_nested_folder_without_shapes_file_uses_the_configured_shape(tmp_path: P
     nested = tmp_path / "out" / "model"
     shutil.copytree(residual_checkpoints, nested, ignore=shutil.ignore_patterns("model-shapes.json"))
     report = package_project(tmp_path, tmp_path / "out", inputs={"data": {"shape": [1, 3, 32, 32]}})
-    assert read_manifest(Path(report["bundle"]))["source"]["model_files"] == [
+    assert read_manifest(Path(report["bundle"])).to_dict()["source"]["model_files"] == [
         "model/model-symbol.json", "model/model-0003.params"]
 
 
@@ -66,7 +66,7 @@ def test_softmax_output_model_exports_and_matches(tmp_path: Path) -> None:
                                             {"data": (1, 3, 16, 16)}, epochs=1)
     report = package_project(tmp_path, source)
     assert report["parity"]["passed"]
-    manifest = read_manifest(Path(report["bundle"]))
+    manifest = read_manifest(Path(report["bundle"])).to_dict()
     assert [i["name"] for i in manifest["model"]["inputs"]] == ["data"], "the label input is not a model input"
 
 
@@ -74,7 +74,7 @@ def test_multi_input_model(tmp_path: Path) -> None:
     source = mxnet_testing.save_checkpoints(tmp_path / "out", mxnet_testing.two_input_net,
                                             {"image": (1, 3, 8, 8), "features": (1, 5)}, epochs=2)
     report = package_project(tmp_path, source, model={"task": "other"})
-    manifest = read_manifest(Path(report["bundle"]))
+    manifest = read_manifest(Path(report["bundle"])).to_dict()
     assert [(i["name"], i["shape"]) for i in manifest["model"]["inputs"]] == [("image", [1, 3, 8, 8]),
                                                                              ("features", [1, 5])]
     assert report["parity"]["passed"]
@@ -100,7 +100,7 @@ def test_native_format_keeps_symbol_and_params_with_the_mxnet_runtime(tmp_path: 
                                                                      residual_checkpoints: Path) -> None:
     report = package_project(tmp_path, residual_checkpoints, plugins={"mxnet": {"format": "native"}})
     assert report["parity"] is None
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["model"]["format"] == "mxnet-symbol"
     assert manifest["model"]["files"] == ["model/model-symbol.json", "model/model-0000.params"]
     assert manifest["runtime"]["name"] == "mxnet"

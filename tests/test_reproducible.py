@@ -55,10 +55,10 @@ def test_changed_setting_rebuilds_only_what_depends_on_it(project: Path) -> None
 def test_changed_lambda_source_gets_a_new_content_version(project: Path) -> None:
     from deeplens_build.bundle import read_manifest
 
-    first = read_manifest(Path(package_json(project)["bundle"]))["lambda"]["version"]
+    first = read_manifest(Path(package_json(project)["bundle"])).to_dict()["lambda"]["version"]
     handler = project.parent / "lambda" / "inference.py"
     handler.write_text(handler.read_text() + "\n# changed\n")
-    second = read_manifest(Path(package_json(project)["bundle"]))["lambda"]["version"]
+    second = read_manifest(Path(package_json(project)["bundle"])).to_dict()["lambda"]["version"]
     assert first != second and first.startswith("1.0.0+") and second.startswith("1.0.0+")
 
 

@@ -50,7 +50,7 @@ def test_vendors_the_pinned_wheels_with_their_dependencies(tmp_path: Path, onnx_
     runtime = {"name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
                "find_links": [str(wheelhouse)]}
     report = package_project(tmp_path, onnx_model_dir, runtime=runtime, target={"platform": "linux-aarch64"})
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     wheels = {w["file"]: w["sha256"] for w in manifest["runtime"]["wheels"]}
     assert set(wheels) == {"runtime/wheels/tinyrt-1.0-py3-none-any.whl", "runtime/wheels/tinydep-2.0-py3-none-any.whl"}
     assert wheels["runtime/wheels/tinyrt-1.0-py3-none-any.whl"] == hashlib.sha256(

@@ -63,7 +63,7 @@ def test_tf_serving_layout_packages_the_highest_version(tmp_path: Path, serving_
     report = package_project(tmp_path, serving_tar, model={"precision": precision})
     assert report["framework"] == "tensorflow" and report["parity"]["passed"]
     assert any("TF Serving versions 1, 2 found: packaging the highest, 2" in n for n in report["notes"])
-    manifest = testing.verify(Path(report["bundle"])).manifest
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["source"]["model_files"][0] == "model/2/saved_model.pb"
     assert all(f.startswith("model/2/") for f in manifest["source"]["model_files"])
     assert manifest["model"]["inputs"] == [{"name": "image", "shape": [1, 32, 32, 3], "dtype": "float32",
@@ -84,7 +84,7 @@ def test_custom_signature_with_two_outputs(tmp_path: Path) -> None:
     tf.saved_model.save(module, str(tmp_path / "out"), signatures={"score": module.score})
     report = package_project(tmp_path, tmp_path / "out", model={"task": "other"},
                       plugins={"tensorflow": {"signature": "score"}})
-    manifest = read_manifest(Path(report["bundle"]))
+    manifest = read_manifest(Path(report["bundle"])).to_dict()
     assert sorted(o["name"] for o in manifest["model"]["outputs"]) == ["embedding", "scores"]
     assert {o["name"] for o in manifest["parity"]["outputs"]} == {"embedding", "scores"}
 

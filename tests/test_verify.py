@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 from helpers import cli, error_line, package_json
 
-from deeplens_build import testing
-from deeplens_build.bundle import MANIFEST, SIGNATURE
+from deeplens_build import signing, testing
+from deeplens_build.device import DeviceOptions, run_device
+from deeplens_build.errors import VerificationError
+from deeplens_build.manifest import MANIFEST, SIGNATURE
+from deeplens_build.report import Reporter
+from deeplens_build.signing import load_signer
 
 
 @pytest.fixture
@@ -110,7 +117,7 @@ def test_duplicate_member_and_link_are_refused(bundle: Path) -> None:
         tar.addfile(link)
     target = bundle.with_name("linked.tar.gz")
     target.write_bytes(gzip.compress(raw.getvalue()))
-    assert "'model/link' is not a regular file" in error_line(cli("verify", target, expect=8))
+    assert "'model/link' is a link" in error_line(cli("verify", target, expect=8))
 
 
 def test_truncated_or_foreign_file_is_a_clear_error(bundle: Path, tmp_path: Path) -> None:
@@ -121,3 +128,128 @@ def test_truncated_or_foreign_file_is_a_clear_error(bundle: Path, tmp_path: Path
     foreign.write_text("hello")
     assert "is not a bundle archive" in error_line(cli("verify", foreign, expect=8))
     assert "does not exist" in error_line(cli("verify", tmp_path / "nope.tar.gz", expect=8))
+
+
+def _resigned(bundle: Path, key: Path, change) -> Path:
+    """The bundle with its manifest changed by ``change(dict)`` and validly signed again by ``key``: what a
+    holder of any key (or of the signer's, with --allow-any-signer) can hand to verify, inspect, run or deploy."""
+    members = _members(bundle)
+    manifest = json.loads(members[MANIFEST])
+    change(manifest)
+    members[MANIFEST] = json.dumps(manifest).encode()
+    members[SIGNATURE] = load_signer(str(key)).sign(members[MANIFEST])
+    return _rewrite(bundle, members)
+
+
+def _set(path: str, value: object):
+    def change(manifest: dict) -> None:
+        *parents, last = path.split(".")
+        target = manifest
+        for part in parents:
+            target = target[part]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+    return change
+
+
+_DELETE = object()
+HOSTILE_MANIFESTS = {
+    "name with parent parts": ("name", "deeplens-../../victim", "Field `name`"),
+    "name without prefix": ("name", "victim", "Field `name`"),
+    "handler as code": ("lambda.handler", "os;import os;os.system('id').x", "Field `lambda.handler`"),
+    "lambda file outside": ("lambda.file", "../evil.zip", "Field `lambda.file`"),
+    "missing fingerprint": ("signing.fingerprint", _DELETE, "Field `signing.fingerprint` is required"),
+    "missing model": ("model", _DELETE, "Field `model` is required"),
+    "size as a string": ("optimization.size_after", "12", "Field `optimization.size_after`"),
+    "version as a number": ("version", 1, "Field `version`"),
+    "environment with a bad name": ("lambda.environment", {"A B": "x"}, "Field `lambda.environment"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+def test_malformed_signed_manifest_is_a_verification_error_naming_the_field(bundle: Path, project: Path,
+                                                                            case: str) -> None:
+    path, value, expected = HOSTILE_MANIFESTS[case]
+    hostile = _resigned(bundle, project.parent / "signing-key.pem", _set(path, value))
+    for command in (("verify", hostile), ("inspect", hostile)):
+        line = error_line(cli(*command, expect=8))
+        assert "manifest.json is malformed" in line and expected in line, line
+
+
+def test_fingerprint_is_computed_from_the_key_never_taken_from_the_manifest(bundle: Path, project: Path,
+                                                                           tmp_path: Path) -> None:
+    other = testing.signing_key(tmp_path / "other")
+    claimed = signing.fingerprint(other.with_name("signing-key.pub.pem").read_text())
+    hostile = _resigned(bundle, project.parent / "signing-key.pem", _set("signing.fingerprint", claimed))
+    assert "is not its key's" in error_line(cli("verify", hostile, expect=8))
+    own = signing.fingerprint((project.parent / "signing-key.pub.pem").read_text())
+    assert own[:16] in cli("verify", bundle).stdout
+
+
+def test_run_never_builds_a_path_from_an_unvalidated_name(bundle: Path, project: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    hostile = _resigned(bundle, project.parent / "signing-key.pem", _set("name", "../../victim"))
+    with pytest.raises(VerificationError, match="Field `name`"):
+        run_device(hostile, DeviceOptions(device_dir=tmp_path / "a" / "b"), reporter=Reporter(quiet=True),
+                   stop=threading.Event(), public_key=project.parent / "signing-key.pub.pem")
+    assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_oversized_manifest_or_signature_is_refused_unread(bundle: Path) -> None:
+    members = _members(bundle)
+    members[MANIFEST] = b" " * (17 << 20)
+    assert "manifest.json is 17825792 bytes, more than" in error_line(cli("verify", _rewrite(bundle, members),
+                                                                          expect=8))
+    members = _members(bundle)
+    members[SIGNATURE] = b"\0" * 4096
+    assert "manifest.sig is 4096 bytes, more than the 1024" in error_line(cli("verify", _rewrite(bundle, members),
+                                                                             expect=8))
+
+
+def test_pax_header_bomb_in_a_bundle_is_refused(bundle: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in _members(bundle).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "model/labels.txt":
+                info.pax_headers = {"comment": "x" * (8 << 20)}
+            tar.addfile(info, io.BytesIO(data))
+    target = bundle.with_name("bomb.tar.gz")
+    target.write_bytes(gzip.compress(raw.getvalue()))
+    assert "extended (PAX/GNU) header of" in error_line(cli("verify", target, expect=8))
+
+
+def test_damaged_gzip_trailer_is_refused(bundle: Path, tmp_path: Path) -> None:
+    data = bundle.read_bytes()
+    for offset, what in ((-8, "CRC"), (-3, "length")):
+        damaged = tmp_path / f"{what}.tar.gz"
+        damaged.write_bytes(_flip(data, len(data) + offset))
+        assert "is damaged" in error_line(cli("verify", damaged, expect=8)), what
+
+
+def test_a_second_gzip_member_appended_is_refused(bundle: Path, tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("lambda/evil.py")
+        payload = b"import os\n"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    appended = tmp_path / "appended.tar.gz"
+    appended.write_bytes(bundle.read_bytes() + gzip.compress(raw.getvalue()))
+    assert "has data after the end of the archive" in error_line(cli("verify", appended, expect=8))
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(bundle.read_bytes() + b"trailing bytes")
+    assert "is damaged" in error_line(cli("verify", garbage, expect=8))
+
+
+@pytest.mark.parametrize("special", ["folder", "/dev/zero", "fifo"])
+def test_verify_of_something_not_a_file_says_so(tmp_path: Path, special: str) -> None:
+    path = {"folder": tmp_path, "/dev/zero": Path("/dev/zero"), "fifo": tmp_path / "b.tar.gz"}[special]
+    if special == "fifo":
+        os.mkfifo(path)
+    assert "is not a regular file" in error_line(cli("verify", path, expect=8))

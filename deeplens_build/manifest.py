@@ -1,0 +1,227 @@
+"""The bundle's manifest as typed, frozen classes, and the layout and device contract it describes.
+
+The pipeline builds a :class:`BuildRecord`; :mod:`bundle` adds the file list and the signer and writes the
+:class:`Manifest`; every reader (``verify``, ``inspect``, ``deploy``, ``run``) gets it back validated. A bundle is
+input from someone else: its names become folder names and its handler a module to import, so every field is
+checked on read as strictly as ``deeplens.toml`` is, and a malformed manifest is a verification error that
+names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from deeplens_build import names
+from deeplens_build.errors import VerificationError
+from deeplens_build.types import ParityReport, SageMakerJob, TensorSpec
+
+SCHEMA = "deeplens-build/bundle@1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+MAX_MANIFEST = 16 << 20
+"""Bytes a manifest may hold: a few KiB in practice; read whole, so bounded."""
+MAX_SIGNATURE = 1024
+"""Bytes a signature may hold: a DER ECDSA P-256 signature is at most 72."""
+
+MODEL_DIR = "model"
+LABELS = f"{MODEL_DIR}/labels.txt"
+LAMBDA_DIR = "lambda"
+RUNTIME_DIR = "runtime"
+WHEELS_DIR = f"{RUNTIME_DIR}/wheels"
+IMAGE = f"{RUNTIME_DIR}/image.tar"
+GREENGRASS_DIR = "greengrass"
+RECIPE = f"{GREENGRASS_DIR}/recipe.json"
+LAMBDA_COMPONENT = f"{GREENGRASS_DIR}/lambda-component.json"
+V1_DIR = f"{GREENGRASS_DIR}/v1"
+V1_MODEL_ARCHIVE = f"{V1_DIR}/model.zip"
+V1_DEFINITIONS = ("function-definition", "resource-definition", "subscription-definition")
+
+MODEL_DIR_VARIABLE = "DEEPLENS_MODEL_DIR"
+"""The device contract: the Lambda finds the bundle's model folder in this environment variable."""
+THING_VARIABLE = "AWS_IOT_THING_NAME"
+"""Set by every Greengrass core: the thing the Lambda runs on."""
+
+
+def infer_topic(thing: str) -> str:
+    """The MQTT topic a device's results go to (``{iot:thingName}`` in a recipe, ``+`` for a thing group)."""
+    return f"$aws/things/{thing}/infer"
+
+
+def v1_definition(name: str) -> str:
+    return f"{V1_DIR}/{name}.json"
+
+
+def _plain_path(value: str) -> str:
+    names.check_bundle_path(value)
+    return value
+
+
+BundlePath = Annotated[str, AfterValidator(_plain_path)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ShortText = Annotated[str, StringConstraints(max_length=4096)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SourceRecord(_Record):
+    kind: ShortText
+    origin: ShortText
+    sha256: Sha256
+    size: Annotated[int, Field(ge=0)]
+    model_files: tuple[ShortText, ...]
+    notes: tuple[ShortText, ...] = ()
+    sagemaker: SageMakerJob | None = None
+
+
+class ModelRecord(_Record):
+    format: ShortText
+    file: BundlePath
+    files: tuple[BundlePath, ...]
+    labels: BundlePath | None
+    precision: ShortText
+    task: ShortText
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+class OptimizationRecord(_Record):
+    passes: tuple[ShortText, ...]
+    opset: int | None
+    size_before: int
+    size_after: int
+
+
+class WheelRecord(_Record):
+    file: BundlePath
+    sha256: Sha256
+
+
+class ImageRecord(_Record):
+    file: BundlePath
+    tag: ShortText
+    id: ShortText
+
+
+class RuntimeRecord(_Record):
+    name: Annotated[str, AfterValidator(names.check_runtime_name)]
+    summary: ShortText
+    accelerator: ShortText
+    python: ShortText
+    platform: ShortText
+    requirements: tuple[ShortText, ...]
+    definition: BundlePath
+    wheels: tuple[WheelRecord, ...]
+    image: ImageRecord | None = None
+
+
+class LambdaRecord(_Record):
+    name: Annotated[str, AfterValidator(names.check_lambda_name)]
+    handler: Annotated[str, AfterValidator(names.check_handler)]
+    version: ShortText
+    file: BundlePath
+    sha256: Sha256
+    environment: dict[Annotated[str, AfterValidator(names.check_variable)], ShortText] = Field(default_factory=dict)
+    """What ``[lambda] environment`` declares: all of the build machine's environment a Lambda ever gets."""
+    published_version: ShortText | None = None
+    arn: ShortText | None = None
+    alias: ShortText | None = None
+
+    @property
+    def module(self) -> str:
+        """The module a core imports: the handler without its function."""
+        return self.handler.rsplit(".", 1)[0]
+
+
+class GreengrassRecord(_Record):
+    format: Literal["v2", "v1", "both"]
+    component: ShortText
+    documents: tuple[BundlePath, ...]
+
+
+class PluginRecord(_Record):
+    name: ShortText
+    distribution: ShortText | None
+    version: ShortText | None
+    tools: dict[str, ShortText]
+
+
+class ProvenanceRecord(_Record):
+    plugin: PluginRecord
+    tools: dict[str, ShortText]
+
+
+class BuildRecord(_Record):
+    """What the pipeline knows of a build: everything in the manifest but the file list and the signer."""
+
+    name: Annotated[str, AfterValidator(names.check_model_name)]
+    version: Annotated[str, AfterValidator(names.check_version)]
+    framework: ShortText
+    source: SourceRecord
+    model: ModelRecord
+    optimization: OptimizationRecord
+    parity: ParityReport | None
+    runtime: RuntimeRecord
+    lambda_: LambdaRecord = Field(alias="lambda")
+    greengrass: GreengrassRecord
+    provenance: ProvenanceRecord
+
+
+class FileEntry(_Record):
+    path: BundlePath
+    size: Annotated[int, Field(ge=0)]
+    sha256: Sha256
+
+
+class SigningRecord(_Record):
+    algorithm: Literal["ECDSA_P256_SHA256"]
+    public_key: Annotated[str, StringConstraints(max_length=4096)]
+    fingerprint: Sha256
+
+
+class Manifest(BuildRecord):
+    """The signed manifest: the build record, every payload file's size and sha256, and who signed it."""
+
+    schema_: Literal["deeplens-build/bundle@1"] = Field(alias="schema")
+    files: tuple[FileEntry, ...]
+    signing: SigningRecord
+
+    def to_json(self) -> bytes:
+        import json
+
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def file_entry(self, path: str) -> FileEntry | None:
+        return next((entry for entry in self.files if entry.path == path), None)
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Validate a manifest read from a bundle.
+
+    :raises VerificationError: naming the first field that is missing, of the wrong type or unsafe.
+    """
+    import json
+
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise VerificationError(f"{where}: {MANIFEST} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise VerificationError(f"{where}: {MANIFEST} is not a {SCHEMA} manifest")
+    try:
+        # strict: a number written as a string, or a string as a number, is not what deeplens-build wrote
+        return Manifest.model_validate_json(data, strict=True)
+    except ValidationError as exc:
+        raise VerificationError(f"{where}: {MANIFEST} is malformed: {names.first_problem(exc)}") from exc
+
+
+def build_manifest(record: BuildRecord, files: tuple[FileEntry, ...], signing: SigningRecord) -> Manifest:
+    return Manifest.model_validate({**record.model_dump(by_alias=True), "schema": SCHEMA, "files": files,
+                                    "signing": signing})
+

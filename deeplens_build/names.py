@@ -1,0 +1,91 @@
+"""The rules for names that become paths, AWS resource names or code: one place, for config and manifest alike.
+
+Each ``check_*`` returns the value or raises ``ValueError`` with the reason, so pydantic turns it into a message
+that quotes the key path (``deeplens.toml``) or the field (a bundle's manifest).
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from pathlib import PurePosixPath
+
+from pydantic import ValidationError
+
+MODEL_PREFIX = "deeplens-"
+MAX_MODEL_NAME = 64
+"""A model name is also the default Lambda function name, which AWS caps at 64 characters."""
+_SEMVER = re.compile(r"^\d{1,9}\.\d{1,9}\.\d{1,9}(?:-[0-9A-Za-z.-]{1,64})?$")
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_LAMBDA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RUNTIME_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_BUNDLE_PATH = 1024
+
+
+def check_model_name(name: str) -> str:
+    if not name.startswith(MODEL_PREFIX):
+        raise ValueError(f"model names must start with {MODEL_PREFIX!r}, because the default DeepLens service "
+                         f"policies only allow such names; rename it, e.g. {MODEL_PREFIX + name[:40]!r}")
+    if not _MODEL_NAME.match(name):
+        raise ValueError("use lowercase letters, digits and '-' only")
+    if len(name) > MAX_MODEL_NAME:
+        raise ValueError(f"is {len(name)} characters long; use at most {MAX_MODEL_NAME} (the Lambda function "
+                         "name limit)")
+    return name
+
+
+def check_version(version: str) -> str:
+    if not _SEMVER.match(version):
+        raise ValueError(f"{version[:40]!r} is not a semantic version such as 1.0.0")
+    return version
+
+
+def check_lambda_name(name: str) -> str:
+    if not _LAMBDA_NAME.match(name):
+        raise ValueError(f"{name[:80]!r} is not a Lambda function name: use 1 to 64 letters, digits, '-' or '_'")
+    return name
+
+
+def check_handler(handler: str) -> str:
+    parts = handler.split(".")
+    if len(parts) < 2 or len(handler) > 256 or not all(_IDENTIFIER.match(p) and not keyword.iskeyword(p)
+                                                       for p in parts):
+        raise ValueError(f"{handler[:80]!r} is not MODULE.FUNCTION made of Python identifiers, e.g. "
+                         "inference.handler")
+    return handler
+
+
+def check_runtime_name(name: str) -> str:
+    if not _RUNTIME_NAME.match(name):
+        raise ValueError(f"{name[:80]!r} is not a runtime name: lowercase letters, digits, '.', '_' and '-'")
+    return name
+
+
+def check_variable(name: str) -> str:
+    if not _VARIABLE.match(name):
+        raise ValueError(f"{name[:80]!r} is not an environment variable name")
+    return name
+
+
+def check_bundle_path(name: str) -> str:
+    """A path inside a bundle: relative, no ``..``, no empty or ``.`` parts, no NUL, bounded."""
+    pure = PurePosixPath(name)
+    if (not name or "\0" in name or "\\" in name or len(name.encode("utf-8", "surrogateescape")) > MAX_BUNDLE_PATH
+            or pure.is_absolute() or ".." in pure.parts or str(pure) != name):
+        raise ValueError(f"{name[:80]!r} is not a plain relative path")
+    return name
+
+
+def first_problem(exc: ValidationError) -> str:
+    """The first problem pydantic found, as ``Field `a.b` <what is wrong>``, plus how many more there are."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"Field `{key}` is required"
+    if error["type"] == "extra_forbidden":
+        return f"Field `{key}` is not a known setting; check its spelling against README.md"
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"Field `{key}` {message[0].lower() + message[1:]}{more}"
