@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from deeplens_build import signing
+from deeplens_build import locks, signing
 from deeplens_build.archive import Extractor, UnsafeMember, check_end, member_parts, open_tar
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import BundleError, SigningError, UsageError, VerificationError
@@ -41,6 +41,7 @@ from deeplens_build.names import check_bundle_path
 from deeplens_build.report import Reporter
 
 SUFFIX = ".tar.gz"
+PARTIAL = ".partial"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class Verified:
 
 def bundle_name(name: str, version: str) -> str:
     return f"{name}-{version}{SUFFIX}"
+
+
+def remove_partials(output_dir: Path) -> None:
+    """Remove half-written bundles that a killed build left in ``output_dir`` (hidden ``*.partial`` files)."""
+    if output_dir.is_dir():
+        locks.remove_abandoned_files(output_dir, f".*{PARTIAL}")
 
 
 def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signing.Signer,
@@ -79,8 +86,9 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
 
     target = output_dir / bundle_name(manifest.name, manifest.version)
     output_dir.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=output_dir)
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=output_dir)
     try:
+        locks.hold(fd)  # in use: remove_partials leaves it alone while this build lives
         with os.fdopen(fd, "wb") as raw, \
                 gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz, \
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:

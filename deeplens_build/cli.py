@@ -47,7 +47,23 @@ _SIGNER_HELP = ("The signer's trusted public key (PEM). Without it the bundle is
 _ANY_SIGNER_HELP = "Accept a bundle verified against its own embedded key only (anyone could have signed it)."
 
 
-@click.group()
+class _Main(click.Group):
+    """Usage errors (a bad option value, a missing argument) are one ``error:`` line too, like every other."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()} (see deeplens-build --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(int(ExitCode.INTERNAL))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="deeplens-build")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
@@ -57,7 +73,8 @@ def main(debug: bool) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project file [./deeplens.toml].")
 @click.option("--source", help="Folder, model.tar.gz, s3://BUCKET/KEY or sagemaker-job:NAME [model.source].")
-@click.option("--output", type=click.Path(path_type=Path), help="Folder for the bundle [build.output].")
+@click.option("--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the bundle [build.output].")
 @click.option("--signing-key", help="PEM private key or kms:KEY_ID [$DEEPLENS_SIGNING_KEY].")
 @click.option("--no-cache", is_flag=True, help="Rebuild every stage (and refresh the cache).")
 @click.option("--publish", is_flag=True, help="Publish the Lambda version first; the bundle records its ARN.")

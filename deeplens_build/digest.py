@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,15 +12,21 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+_KNOWN: dict[tuple[int, int, int, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
     """The file's sha256, read once per build: the cache keys, the recipe and the manifest all ask for the same
-    files, which may be hundreds of MB. Keyed by inode, size and change times, so a changed file is read again."""
-    stat = Path(path).stat()
-    return _file_sha256(str(Path(path).resolve()), (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    files, which may be hundreds of MB. Keyed by device, inode, size and change times (not by path, so a cache
+    entry renamed into place is not read again); a changed file gets a new change time and is read again."""
+    stat = os.stat(path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if (known := _KNOWN.get(identity)) is None:
+        known = _KNOWN[identity] = _read_sha256(path)
+    return known
 
 
-@functools.lru_cache(maxsize=4096)
-def _file_sha256(path: str, identity: tuple[int, int, int, int]) -> str:
+def _read_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):

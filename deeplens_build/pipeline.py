@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import __version__
-from deeplens_build.bundle import write_bundle
+from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
 from deeplens_build.cache import Cache, tool_cache_environment
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
@@ -88,7 +88,20 @@ class BuildOptions:
 
 def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginManager,
             reporter: Reporter) -> BuildResult:
-    """Build the signed bundle for ``config``; on any failure nothing is left at the output path."""
+    """Build the signed bundle for ``config``. On any failure nothing is left at the output path: neither a
+    half-written bundle (those a killed build left are removed too) nor an earlier bundle of the same name,
+    which would pass for this build's."""
+    output = options.output or config.build.output
+    remove_partials(output)
+    try:
+        return _build(config, options, output, manager=manager, reporter=reporter)
+    except BaseException:
+        (output / bundle_name(config.model.name, config.model.version)).unlink(missing_ok=True)
+        raise
+
+
+def _build(config: ProjectConfig, options: BuildOptions, output: Path, *, manager: PluginManager,
+           reporter: Reporter) -> BuildResult:
     signer = load_signer(options.signing_key)  # before any heavy work: a missing key fails in a second
     os.environ.update(tool_cache_environment(config.build.work_dir))  # before onnxruntime or keras is imported
     if config.greengrass.format in ("v1", "both") and not options.publish:
@@ -200,7 +213,6 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
                          runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
                          published=published, documents=sorted(documents),
                          labels=LABELS if labels else None, tools=tools, plugin_identity=plugin_identity)
-    output = options.output or config.build.output
     reporter.step(f"bundle: signing with {signer.description}")
     path, sha256, manifest = write_bundle(payload, record, signer, output)
     sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),

@@ -19,6 +19,7 @@ The helpers build and sign for real; nothing is mocked.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def to_toml(data: Mapping[str, Any]) -> str:
         scalars = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
         if prefix and (scalars or not values):
             lines.append(f"\n[{prefix}]")
-        lines.extend(f"{_key(k)} = {json.dumps(_plain(v))}" for k, v in scalars.items())
+        lines.extend(f"{_key(k)} = {_value(v)}" for k, v in scalars.items())
         for k, v in values.items():
             if isinstance(v, Mapping):
                 table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
@@ -108,6 +109,12 @@ def to_toml(data: Mapping[str, Any]) -> str:
 
 def _key(key: str) -> str:
     return key if key.replace("-", "").replace("_", "").isalnum() else json.dumps(key)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")  # TOML's words, not JSON's
+    return json.dumps(_plain(value))
 
 
 def _plain(value: Any) -> Any:

@@ -126,3 +126,61 @@ def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path
     assert not (config.parent / "dist").exists()
     cache = config.parent / ".deeplens" / "cache"
     assert not (cache / "parity").exists() or not any(p.name != ".build" for p in (cache / "parity").iterdir())
+
+
+REFUSED_SETTINGS = {
+    "negative seed": ({"parity": {"seed": -1}}, "Field `parity.seed`"),
+    "sample count past the bound": ({"parity": {"random_samples": 10_000_000}}, "Field `parity.random_samples`"),
+    "sample count as a string": ({"parity": {"random_samples": "8"}}, "Field `parity.random_samples`"),
+    "infinite tolerance": ({"parity": {"tolerance": float("inf")}}, "Field `parity.tolerance`"),
+    "tolerance as a string": ({"parity": {"tolerance": "0.1"}}, "Field `parity.tolerance`"),
+    "300-character model name": ({"model": {"name": "deeplens-" + "a" * 291}}, "Field `model.name` is 300 characters"),
+    "lambda name with a parent path": ({"lambda": {"source": "lambda", "name": "../evil"}}, "Field `lambda.name`"),
+    "handler that is code": ({"lambda": {"source": "lambda", "handler": "os;import os.x"}}, "Field `lambda.handler`"),
+    "environment variable with a space": ({"lambda": {"source": "lambda", "environment": {"A B": "1"}}},
+                                          "Field `lambda.environment"),
+    "fetch limit as a string": ({"fetch": {"max_bytes": "100"}}, "Field `fetch.max_bytes`"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_SETTINGS))
+def test_refused_setting_is_one_error_naming_the_key(tmp_path: Path, onnx_model_dir: Path, case: str) -> None:
+    tables, expected = REFUSED_SETTINGS[case]
+    tables = dict(tables)
+    model = tables.pop("model", {})
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, **tables)
+    if model:  # write_project takes the name apart from the other model settings
+        config = testing.write_project(tmp_path / "p", source=onnx_model_dir, name=model["name"], **tables)
+    if "lambda" in tables:
+        (config.parent / "lambda").mkdir(exist_ok=True)
+        (config.parent / "lambda" / "inference.py").write_text(testing.MINIMAL_LAMBDA)
+    assert expected in package_json(config, expect=3)
+    assert not (tmp_path / "evil.zip").exists()
+
+
+@pytest.mark.parametrize("key", ["work_dir", "output"])
+def test_build_folder_that_is_a_file_is_named(tmp_path: Path, onnx_model_dir: Path, key: str) -> None:
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a-file").write_text("not a folder")
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, build={key: "a-file"})
+    assert f"Field `build.{key}` points to" in package_json(config, expect=3)
+
+
+def test_output_option_that_is_a_file_is_named(tmp_path: Path, project: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    key = testing.signing_key(project.parent)
+    result = cli("package", "--config", project, "--signing-key", key, "--output", tmp_path / "a-file", expect=2)
+    assert "--output" in error_line(result) and "Traceback" not in result.output
+
+
+def test_an_unexpected_exception_is_one_line_with_its_own_exit_code(tmp_path: Path, monkeypatch) -> None:
+    import deeplens_build.bundle
+
+    def broken(*args, **kwargs):
+        raise KeyError("something we did not foresee")
+
+    monkeypatch.setattr(deeplens_build.bundle, "verify_bundle", broken)
+    result = cli("verify", tmp_path / "any.tar.gz", expect=1)
+    assert error_line(result) == ("error: internal error: KeyError: 'something we did not foresee' (run with --debug "
+                                  "for the traceback; please report it)")
+    assert "Traceback" not in result.output

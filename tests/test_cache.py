@@ -1,0 +1,76 @@
+"""Concurrent builds sharing a work folder, cache entries that changed on disk, and what killed builds leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import cli, error_line, package_json
+
+from deeplens_build import locks, testing
+
+
+def _package_process(config: Path, key: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "deeplens_build.cli", "package", "--config", str(config), "--signing-key",
+               str(key), "--no-cache", "--json"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DEEPLENS_BUILD_PLUGINS": "onnx"})
+
+
+def test_four_concurrent_no_cache_builds_in_three_rounds_all_succeed_with_identical_bytes(project: Path) -> None:
+    key = testing.signing_key(project.parent)
+    digests = set()
+    for _ in range(3):
+        builds = [_package_process(project, key) for _ in range(4)]
+        for build in builds:
+            out, err = build.communicate(timeout=300)
+            assert build.returncode == 0, err
+            assert "Traceback" not in err
+            digests.add(json.loads(out)["sha256"])
+    assert len(digests) == 1, "every build wrote the same bytes"
+    bundle = next((project.parent / "dist").glob("*.tar.gz"))
+    testing.verify(bundle)
+    cache = project.parent / ".deeplens" / "cache"
+    assert not list(cache.glob("*/.build-*")), "no scratch folder is left behind"
+    assert not list((project.parent / "dist").glob(".*.partial"))
+
+
+def test_an_edited_cache_entry_is_rebuilt_never_signed(project: Path) -> None:
+    first = package_json(project)
+    [cached_zip] = (project.parent / ".deeplens" / "cache" / "lambda").glob("*/*.zip")
+    cached_zip.write_bytes(cached_zip.read_bytes() + b"appended by someone")
+    second = package_json(project)
+    assert "lambda" not in second["cached_stages"], "the edited entry was not reused"
+    assert second["sha256"] == first["sha256"], "the rebuilt Lambda zip is the original one"
+    third = package_json(project)
+    assert "lambda" in third["cached_stages"], "the rebuilt entry replaced the damaged one"
+
+
+def test_what_a_killed_build_left_is_removed_and_a_live_build_is_left_alone(project: Path) -> None:
+    package_json(project)
+    cache = project.parent / ".deeplens" / "cache" / "optimize"
+    dist = project.parent / "dist"
+    # a killed build holds no lock: its scratch folder and partial bundle are exactly these
+    dead = cache / ".build-killed01"
+    dead.mkdir()
+    (dead / locks.OWNER).touch()
+    (dead / "model.onnx").write_bytes(b"half")
+    partial = dist / ".deeplens-test-model-1.0.0.tar.gz.killed01.partial"
+    partial.write_bytes(b"half a bundle")
+    with locks.owned_folder(cache, ".build-") as live:
+        package_json(project, "--no-cache")
+        assert live.is_dir(), "a folder whose builder is alive is not touched"
+    assert not dead.exists() and not partial.exists()
+
+
+def test_a_failed_build_removes_the_earlier_bundle_of_the_same_name(project: Path) -> None:
+    first = Path(package_json(project)["bundle"])
+    assert first.is_file()
+    project.write_text(project.read_text().replace("shape = [1, 3, 32, 32]", "shape = [1, 3, 32]"))
+    key = testing.signing_key(project.parent)
+    result = cli("package", "--config", project, "--signing-key", key, expect=3)
+    assert "has 3 dimensions but the model's input" in error_line(result)
+    assert not first.exists(), "no bundle from earlier inputs passes for this build's"
