@@ -58,7 +58,8 @@ def optimize(converted: ConvertedModel, *, shapes: Mapping[str, tuple[int, ...]]
 
         with warnings.catch_warnings(record=True) as clamped:
             warnings.simplefilter("always")
-            model = float16.convert_float_to_float16(model, keep_io_types=True)
+            model = float16.convert_float_to_float16(model, keep_io_types=False)
+        _float32_io(model)
         if clamped:  # one warning per value: summarize instead of flooding the terminal
             reporter.note(f"fp16: {len(clamped)} weight value(s) outside half precision's range were clamped "
                           "(the parity check measures the effect)")
@@ -109,3 +110,50 @@ def _make_static(model, shapes: Mapping[str, tuple[int, ...]], reporter: Reporte
             passes.append(f"static-shape:{name}")
     return passes
 
+
+
+def _float32_io(model) -> None:
+    """Put float32 graph inputs and outputs around a float16 graph: one Cast per input, shared by every node
+    that reads it, and one per output.
+
+    onnxconverter-common's own ``keep_io_types`` adds a Cast per consumer, named after the consumer; consumers
+    without a name (common after conversion) all get the same Cast output name, which breaks SSA form when an
+    input feeds two nodes (a residual or side branch straight from the input).
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    before, after = [], []
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            internal = f"{value.name}__fp16"
+            _rename_uses(graph, value.name, internal)
+            before.append(helper.make_node("Cast", [value.name], [internal], to=TensorProto.FLOAT16,
+                                           name=f"{value.name}__to_fp16"))
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            internal = f"{value.name}__fp16"
+            _rename_uses(graph, value.name, internal)
+            for node in graph.node:
+                node.output[:] = [internal if name == value.name else name for name in node.output]
+            after.append(helper.make_node("Cast", [internal], [value.name], to=TensorProto.FLOAT,
+                                          name=f"{value.name}__to_fp32"))
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = [*before, *graph.node, *after]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _rename_uses(graph, old: str, new: str) -> None:
+    """Make every node that reads ``old`` (in subgraphs too, which may read outer names) read ``new``."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.GRAPH:
+                _rename_uses(attribute.g, old, new)
+            elif attribute.type == AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    _rename_uses(subgraph, old, new)

@@ -30,6 +30,15 @@ def residual_net(net: Any, add: Callable[..., Any]) -> None:
     add("prob", "Softmax", ["fc"], ["prob"])
 
 
+def input_side_branch(net: Any, add: Callable[..., Any]) -> None:
+    """The input blob feeds two layers: a convolution, and the Eltwise sum that adds the input itself back."""
+    add("data", "Input", [], ["data"], lambda l: l.input_param.shape.add().dim.extend([1, 3, 8, 8]))
+    add("conv1", "Convolution", ["data"], ["conv1"], _conv(3, 3))
+    add("sum", "Eltwise", ["conv1", "data"], ["sum"])
+    add("fc", "InnerProduct", ["sum"], ["fc"], lambda l: setattr(l.inner_product_param, "num_output", 4))
+    add("prob", "Softmax", ["fc"], ["prob"])
+
+
 def write_model(folder: Path, build: Callable[[Any, Callable[..., Any]], None] = residual_net, *,
                 snapshots: tuple[int, ...] = (), seed: int = 0, bn_factor: float = 999.98) -> Path:
     """Write ``deploy.prototxt`` and ``model.caffemodel`` (or ``model_iter_N.caffemodel`` per snapshot).

@@ -45,6 +45,14 @@ def two_input_net(mx):
     return mx.sym.softmax(mx.sym.FullyConnected(joined, num_hidden=3, name="fc"), name="prob")
 
 
+def input_side_branch(mx, classes: int = 4):
+    """The input feeds two nodes: a convolution, and the residual sum that adds the input itself back."""
+    data = mx.sym.var("data")
+    conv = mx.sym.Convolution(data, num_filter=3, kernel=(3, 3), pad=(1, 1), name="conv")
+    summed = mx.sym.Activation(mx.sym.elemwise_add(conv, data, name="input_residual"), act_type="relu")
+    return mx.sym.softmax(mx.sym.FullyConnected(mx.sym.Flatten(summed), num_hidden=classes, name="fc"), name="prob")
+
+
 def save_checkpoints(folder: Path, build: Callable, shapes: dict[str, tuple[int, ...]], *, epochs: int = 3,
                      prefix: str = "model", shapes_file: bool = True, seed: int = 0) -> Path:
     """Initialise ``build(mx)`` with seeded weights and save ``epochs`` checkpoints, as SageMaker MXNet does.
