@@ -73,7 +73,6 @@ class Cache:
             shutil.rmtree(trash, ignore_errors=True)
         with locks.owned_folder(folder, _SCRATCH) as scratch:
             result = build(scratch)
-            (scratch / locks.OWNER).unlink()
             data = _relative(adapter.dump_python(result, mode="json"), f"{scratch}{os.sep}")
             files = {rel: file_sha256(scratch / rel) for rel in _files(scratch)}
             (scratch / _RESULT).write_text(json.dumps({"result": data, "files": files}, indent=1, sort_keys=True),
@@ -104,7 +103,7 @@ def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != locks.OWNER)
 
 
 def _relative(value: Any, prefix: str) -> Any:

@@ -56,9 +56,11 @@ def owned_folder(parent: Path, prefix: str) -> Iterator[Path]:
     """A fresh scratch folder under ``parent``, marked as in use until the block ends, then removed
     (unless the block moved it away)."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    fd = os.open(folder / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+    # locked before it takes its name: nobody may find an owner file that is not yet locked
+    fd, locking = tempfile.mkstemp(dir=folder)
     try:
         hold(fd)
+        os.rename(locking, folder / OWNER)
         yield folder
     finally:
         os.close(fd)
