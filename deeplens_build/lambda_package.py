@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,8 +22,27 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 _SKIPPED_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache"}
 _SKIPPED_FILES = ("*.pyc", "*.pyo", ".DS_Store")
-_SECRETS = (".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", "id_ecdsa*",
-            "credentials", "*.credentials", ".aws", ".netrc", ".pypirc", "*secret*")
+# File names that hold credentials, after the sensitive-file signatures of gitrob and shhgit (no maintained
+# Python package ships such a list); matched case-insensitively against each path component, and, for the
+# patterns with a "/", against the path itself. Contents are scanned too (detect-secrets), so a key saved
+# under an innocent name is caught as well.
+_SECRET_NAMES = (
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "*.p8", "*.ppk", "*.jks", "*.keystore", "*.kdbx",
+    "id_rsa*", "id_dsa*", "id_ed25519*", "id_ecdsa*", ".ssh", "credentials", "*.credentials", "credentials.json",
+    ".aws", ".netrc", "_netrc", ".pypirc", ".npmrc", ".yarnrc", ".pgpass", ".my.cnf", ".git-credentials",
+    ".gitconfig", ".htpasswd", ".s3cfg", ".boto", ".dockercfg", ".docker", ".kube", "kubeconfig",
+    "*.tfstate", "*.tfstate.backup", "*.tfvars", "service-account*.json", "client_secret*.json", "*secret*",
+    "terraform.rc", ".terraformrc", "*.ovpn", ".bash_history", ".zsh_history", ".python_history",
+)
+_SECRET_PATHS = (".docker/config.json", "*/.docker/config.json", ".kube/config", "*/.kube/config")
+_CONTENT_DETECTORS = (
+    "PrivateKeyDetector", "AWSKeyDetector", "AzureStorageKeyDetector", "GitHubTokenDetector",
+    "GitLabTokenDetector", "SlackDetector", "StripeDetector", "TwilioKeyDetector", "SendGridDetector",
+    "MailchimpDetector", "NpmDetector", "PypiTokenDetector", "OpenAIDetector", "JwtTokenDetector",
+    "BasicAuthDetector", "DiscordBotTokenDetector", "TelegramBotTokenDetector", "SquareOAuthDetector",
+)
+"""detect-secrets' detectors of credentials with a recognisable shape; its entropy and keyword detectors are left
+out, since hashes and ``password = input()`` in ordinary code would stop every build."""
 
 
 def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) -> LambdaPackage:
@@ -44,21 +64,22 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
 
 
 def lambda_files(source: Path) -> list[str]:
-    """The files to package, sorted; raises ``ConfigError`` naming any file that looks like a secret."""
+    """The files to package, sorted; raises ``ConfigError`` naming every file that looks like, or holds, a secret,
+    and every link (symbolic or hard) to a file outside the folder."""
     files, secrets = [], []
-    for path in sorted(source.rglob("*")):
+    candidates = [p for p in sorted(source.rglob("*")) if p.is_file() and not _skipped(p.relative_to(source))]
+    inside = Counter(_identity(p) for p in candidates)
+    for path in candidates:
         rel = path.relative_to(source)
-        if any(part in _SKIPPED_DIRS for part in rel.parts) or not path.is_file():
-            continue
-        if any(fnmatch.fnmatch(rel.name, pattern) for pattern in _SKIPPED_FILES):
-            continue
         if path.is_symlink() and not path.resolve().is_relative_to(source.resolve()):
             secrets.append(f"{rel.as_posix()} (a link to {path.resolve()})")
-            continue
-        if any(fnmatch.fnmatch(part.lower(), pattern) for part in rel.parts for pattern in _SECRETS):
+        elif not path.is_symlink() and path.stat().st_nlink > inside[_identity(path)]:
+            secrets.append(f"{rel.as_posix()} (a hard link to a file outside the folder)")
+        elif _secret_name(rel):
             secrets.append(rel.as_posix())
-            continue
-        files.append(rel.as_posix())
+        else:
+            files.append(rel.as_posix())
+    secrets += [f"{rel} (holds {kind})" for rel, kind in _secret_contents(source, files)]
     if secrets:
         raise ConfigError(f"`lambda.source` holds files that look like secrets: {', '.join(secrets)}; move them "
                           "out of the Lambda's folder (pass secrets through the Lambda's environment or AWS "
@@ -66,6 +87,34 @@ def lambda_files(source: Path) -> list[str]:
     if not files:
         raise ConfigError(f"`lambda.source` ({source}) holds no files to package")
     return files
+
+
+def _skipped(rel: Path) -> bool:
+    return (any(part in _SKIPPED_DIRS for part in rel.parts)
+            or any(fnmatch.fnmatch(rel.name, pattern) for pattern in _SKIPPED_FILES))
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _secret_name(rel: Path) -> bool:
+    lowered = rel.as_posix().lower()
+    return (any(fnmatch.fnmatch(part.lower(), pattern) for part in rel.parts for pattern in _SECRET_NAMES)
+            or any(fnmatch.fnmatch(lowered, pattern) for pattern in _SECRET_PATHS))
+
+
+def _secret_contents(source: Path, files: list[str]) -> list[tuple[str, str]]:
+    """(file, kind of secret) for every file whose contents hold a credential, by detect-secrets."""
+    from detect_secrets import SecretsCollection
+    from detect_secrets.settings import transient_settings
+
+    found = SecretsCollection(root=str(source))
+    with transient_settings({"plugins_used": [{"name": name} for name in _CONTENT_DETECTORS]}):
+        for rel in files:
+            found.scan_file(rel)
+    return sorted({(rel, secret.type) for rel, secrets in found.data.items() for secret in secrets})
 
 
 def write_zip(entries: Mapping[str, Path], target: Path) -> Path:

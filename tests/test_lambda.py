@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -32,7 +33,10 @@ def test_zip_is_deterministic_and_skips_bytecode(tmp_path: Path) -> None:
         assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
-@pytest.mark.parametrize("secret", [".env", "credentials", "deploy-key.pem", "config/.aws/config", "my_secret.json"])
+@pytest.mark.parametrize("secret", [
+    ".env", "credentials", "deploy-key.pem", "config/.aws/config", "my_secret.json", "id_dsa", ".git-credentials",
+    ".npmrc", ".pgpass", ".ssh/known_hosts", "home/.docker/config.json", "service-account.json", "prod.tfstate",
+    ".htpasswd", "putty.ppk", "kubeconfig", "keystore.jks"])
 def test_refuses_files_that_look_like_secrets(tmp_path: Path, secret: str) -> None:
     source = _source(tmp_path / "src")
     (source / secret).parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +44,42 @@ def test_refuses_files_that_look_like_secrets(tmp_path: Path, secret: str) -> No
     with pytest.raises(ConfigError, match=rf"look like secrets: {secret}"):
         package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
     assert not list((tmp_path / "out").iterdir())
+
+
+PRIVATE_KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz\n"
+               "-----END OPENSSH PRIVATE KEY-----\n")
+
+
+@pytest.mark.parametrize(("name", "content", "kind"), [
+    ("notes.txt", PRIVATE_KEY, "Private Key"),
+    ("settings.py", 'KEY = "AKIAIOSFODNN7EXAMPLE"\n', "AWS Access Key"),
+    ("client.py", 'TOKEN = "ghp_' + "a1B2c3D4e5" * 3 + 'abcdef"\n', "GitHub Token"),
+])
+def test_refuses_a_secret_saved_under_an_innocent_name(tmp_path: Path, name: str, content: str, kind: str) -> None:
+    source = _source(tmp_path / "src")
+    (source / name).write_text(content)
+    with pytest.raises(ConfigError, match=rf"look like secrets: {name} \(holds {kind}\)"):
+        package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
+
+
+def test_ordinary_code_with_hashes_and_password_prompts_is_not_a_secret(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    (source / "util.py").write_text('DIGEST = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"\n'
+                                    'password = input("password: ")\n')
+    package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
+
+
+def test_refuses_a_hard_link_to_a_file_outside_the_folder(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    outside = tmp_path / "home-notes.txt"
+    outside.write_text("nothing secret-looking, but not the Lambda's")
+    os.link(outside, source / "notes.txt")
+    with pytest.raises(ConfigError, match=r"notes.txt \(a hard link to a file outside the folder\)"):
+        package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
+    os.unlink(outside)
+    (source / "copy.txt").unlink(missing_ok=True)
+    os.link(source / "notes.txt", source / "copy.txt")  # both links inside: harmless
+    package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out2"))
 
 
 def test_handler_module_must_exist(tmp_path: Path) -> None:
