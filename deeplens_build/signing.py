@@ -81,19 +81,28 @@ def load_signer(spec: str | None) -> Signer:
 
 
 def generate_keypair(private_path: Path) -> Path:
-    """Write a new P-256 private key (mode 0600) and its public key beside it; return the public key's path."""
-    if private_path.exists():
-        raise SigningError(f"{private_path} already exists; choose another path or remove it first")
+    """Write a new P-256 private key (mode 0600) and its public key (0644) beside it, in folders made 0700;
+    return the public key's path."""
+    public_path = private_path.with_name(private_path.name.removesuffix(".pem") + ".pub.pem")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise SigningError(f"{path} already exists; choose another path or remove it first")
     key = ec.generate_private_key(ec.SECP256R1())
-    private_path.parent.mkdir(parents=True, exist_ok=True)
+    # explicit modes, never the umask's: under umask 000 a folder or key would be writable by anyone
+    for folder in reversed([p for p in private_path.absolute().parents if not p.exists()]):
+        folder.mkdir(mode=0o700)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public_path = private_path.with_name(private_path.name.removesuffix(".pem") + ".pub.pem")
-    public_path.write_text(public_pem(key.public_key()), encoding="ascii")
+    _write_new(private_path, pem, 0o600)
+    _write_new(public_path, public_pem(key.public_key()).encode("ascii"), 0o644)
     return public_path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
 
 
 def verify(public_key_pem: str, data: bytes, signature: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,16 @@ def test_an_unexpected_exception_is_one_line_with_its_own_exit_code(tmp_path: Pa
     assert error_line(result) == ("error: internal error: KeyError: 'something we did not foresee' (run with --debug "
                                   "for the traceback; please report it)")
     assert "Traceback" not in result.output
+
+
+def test_keygen_under_umask_000_makes_nothing_writable_by_others(tmp_path: Path) -> None:
+    import stat
+    import subprocess
+    import sys
+
+    out = tmp_path / "keys" / "nested" / "release.pem"
+    subprocess.run([sys.executable, "-m", "deeplens_build.cli", "keygen", "--out", str(out)], check=True,
+                   capture_output=True, preexec_fn=lambda: os.umask(0))
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in
+             (out, out.with_name("release.pub.pem"), out.parent, out.parent.parent)}
+    assert modes == {"release.pem": 0o600, "release.pub.pem": 0o644, "nested": 0o700, "keys": 0o700}

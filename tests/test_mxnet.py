@@ -119,6 +119,16 @@ def test_corrupt_params_is_a_clear_error(tmp_path: Path, residual_checkpoints: P
     assert "model-0003.params is damaged or not an MXNet params file" in message
 
 
+@pytest.mark.parametrize("keep", [1, 100])
+def test_truncated_symbol_file_is_a_clear_error(tmp_path: Path, residual_checkpoints: Path, keep: int) -> None:
+    source = tmp_path / "out"
+    shutil.copytree(residual_checkpoints, source)
+    symbol = source / "model-symbol.json"
+    symbol.write_bytes(symbol.read_bytes()[:keep])
+    message = package_project(tmp_path, source, expect=5)
+    assert "model-symbol.json is not a valid MXNet symbol file" in message
+
+
 def test_params_of_another_model_is_a_clear_error(tmp_path: Path, residual_checkpoints: Path) -> None:
     other = mxnet_testing.save_checkpoints(tmp_path / "other", mxnet_testing.softmax_output_classifier,
                                            {"data": (1, 3, 16, 16)}, epochs=1)

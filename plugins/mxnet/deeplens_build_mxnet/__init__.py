@@ -175,11 +175,14 @@ def _load(mx, source: TrainingOutput, model: ModelFiles):
     symbol_file, params_file = model.files[0], model.files[1]
     try:
         symbol = mx.sym.load(str(source.path(symbol_file)))
+    except UnicodeDecodeError as exc:  # MXNet's own message quotes the damaged bytes, which do not decode
+        raise ConversionError(f"{symbol_file} is not a valid MXNet symbol file (truncated or not JSON); take it "
+                              "from the training output again") from exc
     except mx.base.MXNetError as exc:
         raise ConversionError(f"{symbol_file} is not a valid MXNet symbol file: {_mx_message(exc)}") from exc
     try:
         saved = mx.nd.load(str(source.path(params_file)))
-    except mx.base.MXNetError as exc:
+    except (mx.base.MXNetError, UnicodeDecodeError) as exc:
         raise ConversionError(f"{params_file} is damaged or not an MXNet params file ({_mx_message(exc)}); "
                               "take it from the training output again") from exc
     args = {k.split(":", 1)[1]: v for k, v in saved.items() if k.startswith("arg:")}
