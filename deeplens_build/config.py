@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -23,6 +24,7 @@ from pydantic import (
 
 from deeplens_build import names
 from deeplens_build.errors import ConfigError
+from deeplens_build.recipe import COMPONENT_NAME
 
 CONFIG_NAME = "deeplens.toml"
 MAX_RANDOM_SAMPLES = 1000
@@ -116,7 +118,7 @@ class GreengrassConfig(_Strict):
     format: Literal["v2", "v1", "both"] = "v2"
     bucket: str = "deeplens-greengrass-artifacts"
     prefix: str = "components"
-    component: str | None = None
+    component: Annotated[str, StringConstraints(pattern=COMPONENT_NAME)] | None = None
     thing_name: str | None = None
     model_path: str = "/greengrass-machine-learning/model"
 

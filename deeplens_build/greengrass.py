@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deeplens_build import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.manifest import MODEL_DIR_VARIABLE, infer_topic
 from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
-RECIPE_FORMAT = "2020-01-25"
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
 MODEL_RESOURCE_ID = "deeplens-model"
 LAMBDA_RUNNER = ("import importlib, os, sys, threading, traceback; "
@@ -66,8 +66,8 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     if image is not None:
         install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
     run = f"python3 -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
-    return {
-        "RecipeFormatVersion": RECIPE_FORMAT,
+    return recipe_format.checked({
+        "RecipeFormatVersion": recipe_format.RECIPE_FORMAT,
         "ComponentName": name,
         "ComponentVersion": config.model.version,
         "ComponentDescription": f"{config.model.name}: {runtime.summary} and its inference loop",
@@ -94,7 +94,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
                 "Unarchive": "ZIP" if path == lambda_pkg.path else "NONE",
             } for file_name, path in sorted(artifacts.items())],
         }],
-    }
+    })
 
 
 def lambda_component_request(config: ProjectConfig, published: PublishedLambda) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from botocore.stub import Stubber
 from helpers import package_json
 
 from deeplens_build import testing
+from deeplens_build.errors import BundleError
 from deeplens_build.greengrass import create_v1_group_version
+from deeplens_build.recipe import Recipe, checked
 
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "reference" / "greengrass-v2-recipe.schema.json"
 
@@ -43,12 +45,11 @@ def _project(tmp_path: Path, source: Path, **tables: Any) -> Path:
     return testing.write_project(tmp_path / "project", source=source, **tables)
 
 
-def test_recipe_passes_the_gdk_schema_and_its_digests_match_the_files(tmp_path: Path, onnx_model_dir: Path) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+def test_recipe_is_a_valid_recipe_and_its_digests_match_the_files(tmp_path: Path, onnx_model_dir: Path) -> None:
     report = package_json(_project(tmp_path, onnx_model_dir))
     files = _bundle_files(Path(report["bundle"]))
     recipe = json.loads(files["greengrass/recipe.json"])
-    jsonschema.validate(_lowercase_keys(recipe), json.loads(SCHEMA.read_text()))
+    Recipe.model_validate(recipe)
 
     assert recipe["RecipeFormatVersion"] == "2020-01-25"
     assert recipe["ComponentName"] == "com.deeplens.deeplens-test-model" and recipe["ComponentVersion"] == "1.0.0"
@@ -63,6 +64,63 @@ def test_recipe_passes_the_gdk_schema_and_its_digests_match_the_files(tmp_path: 
         assert artifact["Uri"].startswith("s3://deeplens-greengrass-artifacts/components/")
     assert artifacts["deeplens-test-model.zip"]["Unarchive"] == "ZIP"
     assert "$aws/things/{iot:thingName}/infer" in json.dumps(recipe["ComponentConfiguration"])
+
+
+@pytest.mark.skipif(not SCHEMA.is_file(), reason="an extra check: the GDK's schema lies in ../shared/, beside CI")
+def test_recipe_also_passes_the_gdk_schema(tmp_path: Path, onnx_model_dir: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    report = package_json(_project(tmp_path, onnx_model_dir))
+    recipe = json.loads(_bundle_files(Path(report["bundle"]))["greengrass/recipe.json"])
+    jsonschema.validate(_lowercase_keys(recipe), json.loads(SCHEMA.read_text()))
+
+
+def _valid_recipe() -> dict[str, Any]:
+    digest = base64.b64encode(hashlib.sha256(b"model").digest()).decode()
+    return {"RecipeFormatVersion": "2020-01-25", "ComponentName": "com.deeplens.x", "ComponentVersion": "1.0.0",
+            "Manifests": [{"Platform": {"os": "linux", "architecture": "amd64"},
+                           "Lifecycle": {"Run": {"Script": "python3 -u main.py"}},
+                           "Artifacts": [{"Uri": "s3://deeplens-b/c/model.onnx", "Digest": digest}]}]}
+
+
+def _broken(path: str, value: Any) -> dict[str, Any]:
+    recipe = _valid_recipe()
+    target: Any = recipe
+    *parents, last = path.split(".")
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[last] = value
+    return recipe
+
+
+@pytest.mark.parametrize(("path", "value", "field"), [
+    ("ComponentName", "com deeplens x", "ComponentName"),
+    ("ComponentVersion", "1.0", "ComponentVersion"),
+    ("RecipeFormatVersion", "2021-01-01", "RecipeFormatVersion"),
+    ("Manifests.0.Artifacts.0.Digest", "not-a-digest", "Manifests.0.Artifacts.0.Digest"),
+    ("Manifests.0.Artifacts.0.Unarchive", "TAR", "Manifests.0.Artifacts.0.Unarchive"),
+    ("Manifests.0.Artifacts.0.Uri", "/local/model.onnx", "Manifests.0.Artifacts.0.Uri"),
+    ("Manifests.0.Platform.architecture", "x86_64", "Manifests.0.Platform.architecture"),
+    ("Manifests.0.Lifecycle.Startup", {"Script": "other"}, "Manifests.0.Lifecycle"),
+    ("Manifests.0.Lifecycle.Run", {"Script": "x", "Timeout": "soon"}, "Manifests.0.Lifecycle.Run.Timeout"),
+    ("Manifests.0.Lifecycle.Setenv", {"A B": "1"}, "Manifests.0.Lifecycle.Setenv"),
+])
+def test_the_recipe_model_refuses_what_a_core_would(path: str, value: Any, field: str) -> None:
+    Recipe.model_validate(_valid_recipe())
+    with pytest.raises(BundleError, match=f"Field `{field}"):
+        checked(_broken(path, value))
+
+
+def test_two_artifacts_of_one_name_are_refused() -> None:
+    recipe = _valid_recipe()
+    artifact = recipe["Manifests"][0]["Artifacts"][0]
+    recipe["Manifests"][0]["Artifacts"].append({**artifact, "Uri": "s3://deeplens-b/other/model.onnx"})
+    with pytest.raises(BundleError, match="two artifacts are named 'model.onnx'"):
+        checked(recipe)
+
+
+def test_a_component_name_a_core_would_refuse_is_a_config_error(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = _project(tmp_path, onnx_model_dir, greengrass={"component": "com.deeplens/model one"})
+    assert "Field `greengrass.component`" in package_json(config, expect=3)
 
 
 def test_publish_references_the_published_version_never_latest(aws: str, tmp_path: Path,
