@@ -7,6 +7,7 @@ a cache folder that is renamed into place only when complete. Nothing is ever wr
 
 from __future__ import annotations
 
+import lzma
 import re
 import shutil
 import tarfile
@@ -100,7 +101,7 @@ def _is_tar(path: Path) -> bool:
             return True
     except UnsafeMember:
         return True  # a tar archive with a hostile first header: extract() names the problem
-    except (OSError, EOFError, zlib.error, tarfile.TarError):
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError):
         pass
     named = path.name.lower().endswith(_ARCHIVE_NAMES)
     if head.startswith(b"PK\x03\x04") and named:
@@ -141,11 +142,17 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
         which = f"member {member.name!r}" if member is not None and member.name else "the archive"
         raise SourceError(f"archive {origin}: {which} {exc}; refusing to extract it. Re-create the archive from "
                           "the training output folder with relative paths (`tar -czhf` stores files, not links).") from exc
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+    except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
-        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise SourceError(f"archive {origin} is damaged or not a tar archive ({problem}); "
-                          "download it again or pass the extracted folder") from exc
+        if exc.errno is not None:  # the file system's refusal (disk full, read-only, ...), not the archive's fault
+            raise SourceError(f"cannot extract archive {origin} into the work folder: {exc.strerror}; free space "
+                              "or point `build.work_dir` elsewhere") from exc
+        raise SourceError(f"archive {origin} is damaged or not a tar archive ({exc}); download it again or pass "
+                          "the extracted folder") from exc
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise SourceError(f"archive {origin} is damaged or not a tar archive ({exc}); download it again or pass "
+                          "the extracted folder") from exc
     except SourceError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
