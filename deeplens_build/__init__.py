@@ -32,8 +32,10 @@ from deeplens_build.types import (
     ConvertedModel,
     Framework,
     ModelFiles,
+    PluginSettings,
     TensorSpec,
     TrainingOutput,
+    choose_one,
 )
 
 NAME = "deeplens_build"
@@ -51,7 +53,9 @@ __all__ = [
     "Framework",
     "ModelFiles",
     "PluginError",
+    "PluginSettings",
     "TensorSpec",
     "TrainingOutput",
+    "choose_one",
     "hookimpl",
 ]

@@ -16,21 +16,26 @@ whether a call is meant for it. Call-by-keyword rules from pluggy apply: an impl
 arguments than the spec lists, so new arguments can be added without breaking plugins.
 
 Import your framework inside the hook functions, never at module import time: ``deeplens-build plugins``,
-``verify`` and ``inspect`` load every plugin and must stay fast. When the import fails, raise
-:class:`deeplens_build.PluginError` with the install command. Raise
+``verify`` and ``inspect`` load every plugin and must stay fast. When that import fails, let the
+``ImportError`` propagate: the core turns it into one error that quotes ``Framework.install``. Raise
 :class:`deeplens_build.ConversionError` for a model you cannot handle; the core adds your plugin's name.
+
+Settings: declare them as a :class:`deeplens_build.PluginSettings` subclass in ``Framework.settings``. The core
+validates ``[plugins.<framework>]`` against it before any work starts (unknown keys and wrong types fail with
+the key path quoted) and hands every hook the validated instance. :func:`deeplens_build.choose_one` is the
+"take the file the user named, else the only one, else say how to choose" rule every plugin needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from deeplens_build import NAME
-from deeplens_build.types import ConvertedModel, Framework, ModelFiles, TrainingOutput
+from deeplens_build.types import ConvertedModel, Framework, ModelFiles, PluginSettings, TrainingOutput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,15 +54,18 @@ def deeplens_build_framework() -> Framework:
 
     Example::
 
+        class OnnxSettings(PluginSettings):
+            file: str | None = None          # [plugins.onnx] file = "..."
+
         @hookimpl
         def deeplens_build_framework():
             return Framework(name="onnx", summary="ONNX models", requires=("onnx", "onnxruntime"),
-                             install="pip install deeplens-build-onnx")
+                             install="pip install deeplens-build-onnx", settings=OnnxSettings)
     """
 
 
 @hookspec(firstresult=True)
-def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+def deeplens_build_detect(source: TrainingOutput, settings: PluginSettings) -> ModelFiles | None:
     """Claim the training output if it holds a model of your framework; return None otherwise.
 
     Called with ``model.framework = "auto"``; the first plugin to answer wins (``firstresult``). With an
@@ -67,15 +75,19 @@ def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -
     When the output holds several checkpoints, claim only the final one and say which in ``notes``.
 
     :param source: the fetched and extracted training output (read-only).
-    :param settings: this plugin's table from ``deeplens.toml`` (``[plugins.<name>]``), possibly empty.
+    :param settings: this plugin's ``[plugins.<framework>]`` table, validated: an instance of your
+        ``Framework.settings`` class (defaults where the table is silent).
     :return: a :class:`~deeplens_build.ModelFiles` naming the model's files, or None.
 
     Example::
 
         @hookimpl
-        def deeplens_build_detect(source):
+        def deeplens_build_detect(source, settings):
             found = source.matching(".onnx")
-            return ModelFiles(files=found) if len(found) == 1 else None
+            if not found:
+                return None
+            return ModelFiles(files=(choose_one(found, settings.file, setting="plugins.onnx.file",
+                                                what="ONNX models"),))
     """
 
 
@@ -85,7 +97,7 @@ def deeplens_build_convert(
     model: ModelFiles,
     workdir: Path,
     shapes: Mapping[str, tuple[int, ...]],
-    settings: Mapping[str, Any],
+    settings: PluginSettings,
 ) -> ConvertedModel:
     """Convert the claimed model into an artifact written under ``workdir``.
 
@@ -102,7 +114,7 @@ def deeplens_build_convert(
     :param workdir: an empty folder to write the artifact into; every returned path must be inside it.
     :param shapes: input shapes from ``[model.inputs.<name>] shape`` in ``deeplens.toml``; use them when the
         model does not record its own, and raise ``ConversionError`` naming the key when both are missing.
-    :param settings: this plugin's table from ``deeplens.toml``.
+    :param settings: this plugin's validated settings (see ``deeplens_build_detect``).
     :return: a :class:`~deeplens_build.ConvertedModel` naming the artifact, its inputs and outputs.
 
     Example::
@@ -121,7 +133,7 @@ def deeplens_build_reference_run(
     model: ModelFiles,
     converted: ConvertedModel,
     inputs: Mapping[str, np.ndarray],
-    settings: Mapping[str, Any],
+    settings: PluginSettings,
 ) -> Mapping[str, np.ndarray]:
     """Run the *original* model with your framework on one set of inputs.
 
@@ -134,7 +146,7 @@ def deeplens_build_reference_run(
     :param model: what your ``deeplens_build_detect`` returned.
     :param converted: what your ``deeplens_build_convert`` returned (its input and output names).
     :param inputs: one array per input of ``converted``, keyed by name, shaped as the optimized artifact's.
-    :param settings: this plugin's table from ``deeplens.toml``.
+    :param settings: this plugin's validated settings (see ``deeplens_build_detect``).
     :return: one array per output of ``converted``, keyed by output name.
 
     Example::

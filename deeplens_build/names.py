@@ -78,10 +78,13 @@ def check_bundle_path(name: str) -> str:
     return name
 
 
-def first_problem(exc: ValidationError) -> str:
-    """The first problem pydantic found, as ``Field `a.b` <what is wrong>``, plus how many more there are."""
+def first_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    """The first problem pydantic found, as ``Field `a.b` <what is wrong>``, plus how many more there are.
+
+    :param prefix: the key path of what was validated, when it is a table inside a larger document.
+    """
     error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"])
+    key = ".".join(str(part) for part in (*prefix, *error["loc"]))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"Field `{key}` is required"

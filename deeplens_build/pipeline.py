@@ -108,6 +108,7 @@ def _build(config: ProjectConfig, options: BuildOptions, output: Path, *, manage
         raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
                           "or set `greengrass.format = \"v2\"`")
     source = options.source or _configured_source(config)
+    plugin_settings = manager.settings(config.plugins)  # a typo in a plugin's table fails before any work
     cache = Cache(config.build.work_dir / "cache", reuse=options.use_cache)
     tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
                                                              "python": platform.python_version()}
@@ -115,9 +116,9 @@ def _build(config: ProjectConfig, options: BuildOptions, output: Path, *, manage
 
     reporter.step(f"fetch: {source}")
     training = fetch(source, cache=cache, limits=config.fetch, reporter=reporter)
-    detection = manager.detect(training, config.model.framework, config.plugins)
+    detection = manager.detect(training, config.model.framework, plugin_settings)
     plugin = detection.plugin
-    settings = config.plugins.get(plugin.framework.name, {})
+    settings = plugin_settings[plugin.framework.name]
     reporter.step(f"detect: {plugin.framework.name} model ({', '.join(detection.model.files)}) "
                   f"claimed by plugin {plugin.name}")
     for note in detection.model.notes:
@@ -133,7 +134,8 @@ def _build(config: ProjectConfig, options: BuildOptions, output: Path, *, manage
         return manager.convert(detection, training, workdir, shapes, settings)
 
     converted, hit = cache.stage("convert", {"source": training.sha256, "files": detection.model.files,
-                                             "plugin": plugin_identity, "shapes": shapes, "settings": settings},
+                                             "plugin": plugin_identity, "shapes": shapes,
+                                             "settings": settings.model_dump(mode="json")},
                                  ConvertedModel, convert)
     _record("convert", hit, cached, reporter)
     converted = dataclasses.replace(converted, inputs=tuple(

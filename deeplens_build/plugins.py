@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
 from deeplens_build import NAME, hookspecs
-from deeplens_build.errors import DeepLensBuildError, PluginError, SourceError
+from deeplens_build.errors import ConfigError, DeepLensBuildError, PluginError, SourceError
+from deeplens_build.names import first_problem
 from deeplens_build.types import (
     ConvertedModel,
     Detection,
     Framework,
     ModelFiles,
     PluginInfo,
+    PluginSettings,
     TensorSpec,
     TrainingOutput,
 )
@@ -74,12 +77,34 @@ class PluginManager:
         raise PluginError(f"no plugin provides framework {framework!r}; installed: {self.describe()}. "
                           "Set `model.framework` to one of them or install the plugin for your framework.")
 
-    def detect(self, source: TrainingOutput, framework: str, settings: Mapping[str, Mapping[str, Any]]) -> Detection:
-        """Find the plugin that owns ``source``: the one named by ``framework``, or the first to claim it."""
+    def settings(self, tables: Mapping[str, Mapping[str, Any]]) -> dict[str, PluginSettings]:
+        """Every plugin's settings (``[plugins.<framework>]``) validated by its own class, by framework name.
+
+        :raises ConfigError: quoting the key path of the first bad value or unknown key, or naming a table that
+            no installed plugin owns.
+        """
+        frameworks = {info.framework.name: info.framework for info in self._infos.values()}
+        unknown = sorted(set(tables) - set(frameworks))
+        if unknown:
+            raise ConfigError(f"Field `plugins.{unknown[0]}` is for no installed plugin; installed: "
+                              f"{self.describe()}")
+        validated = {}
+        for name, framework in frameworks.items():
+            try:
+                validated[name] = framework.settings.model_validate(dict(tables.get(name, {})))
+            except ValidationError as exc:
+                raise ConfigError(f"deeplens.toml: {first_problem(exc, ('plugins', name))}") from exc
+        return validated
+
+    def detect(self, source: TrainingOutput, framework: str, settings: Mapping[str, PluginSettings]) -> Detection:
+        """Find the plugin that owns ``source``: the one named by ``framework``, or the first to claim it.
+
+        :param settings: what :meth:`settings` returned.
+        """
         if framework != "auto":
             info = self.plugin_for(framework)
             claim = self._call(info, "deeplens_build_detect", f"detect {source.origin}",
-                               source=source, settings=settings.get(info.framework.name, {}))
+                               source=source, settings=settings[info.framework.name])
             if claim is None:
                 raise SourceError(f"plugin {info.name!r} found no {framework} model in {source.origin} "
                                   f"(files: {_preview(source.files)}); check the source or set "
@@ -88,7 +113,7 @@ class PluginManager:
         for impl in reversed(self._pm.hook.deeplens_build_detect.get_hookimpls()):
             info = self._infos[impl.plugin_name]
             claim = self._call(info, "deeplens_build_detect", f"detect {source.origin}",
-                               source=source, settings=settings.get(info.framework.name, {}))
+                               source=source, settings=settings[info.framework.name])
             if claim is not None:
                 return Detection(info, self._check_claim(info, source, claim))
         raise SourceError(f"no plugin recognises the model in {source.origin} (files: {_preview(source.files)}); "
@@ -96,14 +121,14 @@ class PluginManager:
                           "check that the source is the training output (e.g. model.tar.gz).")
 
     def convert(self, detection: Detection, source: TrainingOutput, workdir: Path,
-                shapes: Mapping[str, tuple[int, ...]], settings: Mapping[str, Any]) -> ConvertedModel:
+                shapes: Mapping[str, tuple[int, ...]], settings: PluginSettings) -> ConvertedModel:
         info = detection.plugin
         converted = self._call(info, "deeplens_build_convert", f"convert {_files(detection)}", source=source,
                                model=detection.model, workdir=workdir, shapes=shapes, settings=settings)
         return _check_converted(info, converted, workdir)
 
     def reference_run(self, detection: Detection, source: TrainingOutput, converted: ConvertedModel,
-                      inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> Mapping[str, Any]:
+                      inputs: Mapping[str, Any], settings: PluginSettings) -> Mapping[str, Any]:
         info = detection.plugin
         outputs = self._call(info, "deeplens_build_reference_run", f"run the original {_files(detection)}",
                              source=source, model=detection.model, converted=converted, inputs=inputs,
@@ -129,6 +154,10 @@ class PluginManager:
             return caller(**kwargs)
         except DeepLensBuildError as exc:
             raise type(exc)(f"plugin {info.name!r} could not {doing}: {exc}") from exc
+        except ImportError as exc:  # what the plugin imports lazily is missing: say how to install it
+            install = info.framework.install or f"pip install {info.distribution or info.name}"
+            raise PluginError(f"plugin {info.name!r} could not {doing}: {exc}; install what it needs with: "
+                              f"{install}") from exc
         except Exception as exc:  # a plugin's bug: name the plugin and the cause instead of a traceback
             raise PluginError(f"plugin {info.name!r} failed to {doing}: {type(exc).__name__}: {exc}") from exc
 
@@ -204,6 +233,9 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
         if not isinstance(framework, Framework) or not _FRAMEWORK_NAME.match(framework.name):
             raise PluginError(f"plugin {name!r}: deeplens_build_framework must return a Framework whose name "
                               f"matches {_FRAMEWORK_NAME.pattern}; got {framework!r}")
+        if not (isinstance(framework.settings, type) and issubclass(framework.settings, PluginSettings)):
+            raise PluginError(f"plugin {name!r}: Framework.settings must be a PluginSettings subclass, not "
+                              f"{framework.settings!r}")
         infos[name] = PluginInfo(
             name=name,
             framework=framework,

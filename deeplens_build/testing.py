@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from deeplens_build import hookimpl
 
 from deeplens_build.bundle import Verified, verify_bundle
 from deeplens_build.config import CONFIG_NAME, load_config
@@ -30,7 +32,7 @@ from deeplens_build.pipeline import BuildOptions, package
 from deeplens_build.plugins import build_plugin_manager
 from deeplens_build.report import Reporter
 from deeplens_build.signing import generate_keypair
-from deeplens_build.types import BuildResult
+from deeplens_build.types import BuildResult, Framework, PluginSettings
 
 MINIMAL_LAMBDA = '''"""A minimal long-lived inference Lambda for tests: the handler returns at once."""
 
@@ -60,6 +62,31 @@ def write_project(root: Path, *, source: Path | str, name: str = "deeplens-test-
     path = root / CONFIG_NAME
     path.write_text(to_toml(config), encoding="utf-8")
     return path
+
+
+def fake_plugin(framework: str, *, summary: str = "a plugin written in a test", install: str = "",
+                settings: type[PluginSettings] = PluginSettings, **hooks: Callable[..., Any]) -> object:
+    """A framework plugin made of plain functions, for a test: pass it to :func:`build` as ``plugins=[...]``.
+
+    :param framework: the framework name it declares (``deeplens_build_framework`` is written for you).
+    :param hooks: the other hooks by their short name (``detect``, ``convert``, ``reference_run``, ``runtime``);
+        each function takes the hook's arguments it needs, by name, as a real hook implementation does.
+
+    Example::
+
+        plugin = testing.fake_plugin("myfw", detect=lambda source: ModelFiles(files=source.matching(".myfw")))
+    """
+    declared = Framework(name=framework, summary=summary, install=install, settings=settings)
+    plugin = _FakePlugin()
+    plugin.__name__ = framework
+    plugin.deeplens_build_framework = hookimpl(lambda: declared)
+    for hook, function in hooks.items():
+        setattr(plugin, f"deeplens_build_{hook}", hookimpl(function))
+    return plugin
+
+
+class _FakePlugin:
+    """Hooks are set on each instance (pluggy registers objects by identity, so it must stay hashable)."""
 
 
 def signing_key(directory: Path) -> Path:

@@ -6,10 +6,14 @@ an upstream stage decided. Paths are absolute on this machine; the manifest reco
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from deeplens_build.errors import ConversionError
 
 if TYPE_CHECKING:
     from deeplens_build.manifest import Manifest
@@ -87,6 +91,38 @@ class TrainingOutput:
         return tuple(f for f in self.files if f.lower().endswith(lowered))
 
 
+def choose_one(candidates: Sequence[str], wanted: str | None, *, setting: str, what: str) -> str:
+    """The candidate the user named with ``setting``, else the only one; otherwise say how to choose.
+
+    :param candidates: what the training output offers, e.g. its ``.onnx`` files.
+    :param wanted: the setting's value, or None when it is not set.
+    :param setting: the key path of the setting, e.g. ``"plugins.onnx.file"``.
+    :param what: what the candidates are, for the message, e.g. ``"ONNX models"``.
+    :raises ConversionError: when ``wanted`` is not a candidate, or there are none or several and no choice.
+    """
+    table, key = setting.rsplit(".", 1)
+    if wanted is not None:
+        if wanted not in candidates:
+            raise ConversionError(f"`{setting}` is {wanted!r}, not one of the {what}: "
+                                  f"{', '.join(candidates) or 'none'}")
+        return wanted
+    if len(candidates) == 1:
+        return candidates[0]
+    found = f"several {what} ({', '.join(candidates)})" if candidates else f"no {what}"
+    raise ConversionError(f"found {found}; choose one with [{table}] {key} = \"...\" in deeplens.toml")
+
+
+class PluginSettings(BaseModel):
+    """A plugin's settings, ``[plugins.<framework>]`` in ``deeplens.toml``: subclass it with typed fields.
+
+    The core validates the table against the class before any work starts: a missing or mistyped value, or
+    an unknown key, fails with the key path quoted (``Field `plugins.onnx.fiel` is not a known setting``), as
+    for every core setting. Hooks receive the validated instance.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 @dataclass(frozen=True)
 class Framework:
     """A plugin's declaration of the framework it handles (answer of ``deeplens_build_framework``).
@@ -94,13 +130,16 @@ class Framework:
     :param name: short unique name used in ``model.framework`` and messages, e.g. ``"onnx"``.
     :param summary: one line shown by ``deeplens-build plugins``.
     :param requires: distributions whose installed versions are recorded in the manifest and the cache key.
-    :param install: the command that installs what the plugin imports, quoted in "missing dependency" errors.
+    :param install: the command that installs what the plugin imports; when a hook raises ``ImportError``,
+        the core's error quotes it.
+    :param settings: the plugin's settings class (a :class:`PluginSettings` subclass); the default takes none.
     """
 
     name: str
     summary: str
     requires: tuple[str, ...] = ()
     install: str = ""
+    settings: type[PluginSettings] = PluginSettings
 
 
 @dataclass(frozen=True)

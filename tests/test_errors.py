@@ -10,9 +10,7 @@ from helpers import cli, error_line, package_json
 
 from deeplens_build import (
     ConvertedModel,
-    Framework,
     ModelFiles,
-    hookimpl,
     onnxtools,
     testing,
 )
@@ -88,31 +86,19 @@ def test_missing_signing_key_fails_before_any_work(tmp_path: Path, onnx_model_di
     assert not (config.parent / ".deeplens").exists()
 
 
-class BrokenOptimizerPlugin:
-    """A test-only framework whose 'original' disagrees with its artifact, as after a broken optimization."""
+def _convert_copy(source, model, workdir):
+    target = workdir / "model.onnx"
+    target.write_bytes(source.path(model.files[0]).read_bytes())
+    inputs, outputs = onnxtools.interface(onnxtools.load(target))
+    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs)
 
-    __name__ = "broken"
 
-    @hookimpl
-    def deeplens_build_framework(self):
-        return Framework(name="broken", summary="test only")
-
-    @hookimpl
-    def deeplens_build_detect(self, source):
-        found = source.matching(".broken.onnx")
-        return ModelFiles(files=found) if found else None
-
-    @hookimpl
-    def deeplens_build_convert(self, source, model, workdir):
-        target = workdir / "model.onnx"
-        target.write_bytes(source.path(model.files[0]).read_bytes())
-        inputs, outputs = onnxtools.interface(onnxtools.load(target))
-        return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs)
-
-    @hookimpl
-    def deeplens_build_reference_run(self, source, model, inputs):
-        outputs = onnxtools.run(source.path(model.files[0]), inputs)
-        return {name: value + 0.05 for name, value in outputs.items()}
+BROKEN_OPTIMIZER = testing.fake_plugin(
+    "broken",  # its 'original' disagrees with its artifact, as after a broken optimization
+    detect=lambda source: ModelFiles(files=source.matching(".broken.onnx")) if source.matching(".broken.onnx") else None,
+    convert=_convert_copy,
+    reference_run=lambda source, model, inputs: {name: value + 0.05 for name, value in
+                                                 onnxtools.run(source.path(model.files[0]), inputs).items()})
 
 
 def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path: Path) -> None:
@@ -120,7 +106,7 @@ def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path
     testing.onnx_classifier(source / "net.broken.onnx")
     config = testing.write_project(tmp_path / "p", source=source, inputs={"data": {"shape": [1, 3, 32, 32]}})
     with pytest.raises(ParityError) as error:
-        testing.build(config, plugins=[BrokenOptimizerPlugin()], entry_points=False)
+        testing.build(config, plugins=[BROKEN_OPTIMIZER], entry_points=False)
     message = str(error.value)
     assert "parity failed for output 'prob': max abs diff 0.05 > tolerance 0.0001" in message
     assert "4 samples, seed 0" in message

@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 from helpers import cli
 
-from deeplens_build import Framework, ModelFiles, hookimpl, hookspecs
-from deeplens_build.errors import PluginError
+from deeplens_build import (
+    ConvertedModel,
+    ModelFiles,
+    PluginSettings,
+    choose_one,
+    hookimpl,
+    hookspecs,
+    onnxtools,
+    testing,
+)
+from deeplens_build.errors import ConfigError, PluginError
 from deeplens_build.plugins import build_plugin_manager
 
 
@@ -80,35 +89,82 @@ def test_duplicate_framework_names_both_plugins(tmp_path: Path, monkeypatch) -> 
     assert "'onnx' (deeplens-build-onnx)" in message and "'onnx_fork' (deeplens-build-onnx-fork)" in message
 
 
-class _BadAnswers:
-    __name__ = "liar"
-
-    @hookimpl
-    def deeplens_build_framework(self):
-        return Framework(name="liar", summary="claims files that are not there")
-
-    @hookimpl
-    def deeplens_build_detect(self, source):
-        return ModelFiles(files=("not/there.bin",))
-
-
 def test_manager_rejects_a_claim_on_files_that_do_not_exist(project: Path) -> None:
-    from deeplens_build import testing
-
+    liar = testing.fake_plugin("liar", detect=lambda source: ModelFiles(files=("not/there.bin",)))
     with pytest.raises(PluginError, match=r"plugin 'liar' claimed files that are not in .*: not/there.bin"):
-        testing.build(project, plugins=[_BadAnswers()], entry_points=False)
+        testing.build(project, plugins=[liar], entry_points=False)
 
 
 def test_invalid_framework_declaration_is_an_error() -> None:
-    class Bad:
-        __name__ = "bad"
-
-        @hookimpl
-        def deeplens_build_framework(self):
-            return {"name": "bad"}
-
+    bad = testing.fake_plugin("bad")
+    bad.deeplens_build_framework = hookimpl(lambda: {"name": "bad"})
     with pytest.raises(PluginError, match=r"plugin 'bad': deeplens_build_framework must return a Framework"):
-        build_plugin_manager(extra=[Bad()], entry_points=False)
+        build_plugin_manager(extra=[bad], entry_points=False)
+
+
+class OnnxFileSettings(PluginSettings):
+    file: str | None = None
+    opset: int = 17
+
+
+def _claims_onnx(source, settings):
+    return ModelFiles(files=(choose_one(source.matching(".onnx"), settings.file, setting="plugins.custom.file",
+                                        what="ONNX models"),))
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    ({"custom": {"fiel": "model.onnx"}}, "Field `plugins.custom.fiel` is not a known setting"),
+    ({"custom": {"opset": "seventeen"}}, "Field `plugins.custom.opset`"),
+    ({"onnx": {"file": "model.onnx", "extra": 1}}, "Field `plugins.onnx.extra` is not a known setting"),
+    ({"pytorch": {"file": "x"}}, "Field `plugins.pytorch` is for no installed plugin"),
+])
+def test_a_typo_in_a_plugin_table_fails_before_any_work_naming_the_key(tmp_path: Path, onnx_model_dir: Path,
+                                                                      table: dict, expected: str) -> None:
+    custom = testing.fake_plugin("custom", settings=OnnxFileSettings, detect=_claims_onnx)
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "custom"},
+                                   plugins=table)
+    with pytest.raises(ConfigError, match=expected) as error:
+        testing.build(config, plugins=[custom], only=["onnx"])
+    assert error.value.exit_code == 3
+    assert not (config.parent / ".deeplens" / "cache").exists(), "nothing was fetched or converted"
+
+
+def test_a_plugin_gets_its_validated_settings(tmp_path: Path, onnx_model_dir: Path) -> None:
+    seen = []
+
+    def detect(source, settings):
+        seen.append(settings)
+        return _claims_onnx(source, settings)
+
+    custom = testing.fake_plugin("custom", settings=OnnxFileSettings, detect=detect, convert=_copy_onnx,
+                                 reference_run=lambda source, model, inputs: onnxtools.run(
+                                     source.path(model.files[0]), inputs, optimize=False))
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "custom"},
+                                   plugins={"custom": {"file": "model.onnx", "opset": 13}},
+                                   inputs={"data": {"shape": [1, 3, 32, 32]}})
+    assert testing.build(config, plugins=[custom], entry_points=False).parity.passed
+    assert seen == [OnnxFileSettings(file="model.onnx", opset=13)]
+
+
+def _copy_onnx(source, model, workdir):
+    target = workdir / "model.onnx"
+    target.write_bytes(source.path(model.files[0]).read_bytes())
+    inputs, outputs = onnxtools.interface(onnxtools.load(target))
+    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs)
+
+
+def test_a_missing_framework_import_names_the_plugins_install_command(tmp_path: Path, onnx_model_dir: Path) -> None:
+    def convert(source, model, workdir):
+        import deeplens_no_such_framework  # noqa: F401
+
+    needy = testing.fake_plugin("needy", install="pip install deeplens-build-needy  (needs needyfw>=2)",
+                                detect=lambda source: ModelFiles(files=source.matching(".onnx")), convert=convert)
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "needy"})
+    with pytest.raises(PluginError) as error:
+        testing.build(config, plugins=[needy], entry_points=False)
+    message = str(error.value)
+    assert "No module named 'deeplens_no_such_framework'" in message
+    assert "install what it needs with: pip install deeplens-build-needy  (needs needyfw>=2)" in message
 
 
 def test_every_hook_is_documented_for_plugin_authors() -> None:

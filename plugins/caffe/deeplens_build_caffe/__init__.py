@@ -26,7 +26,9 @@ from deeplens_build import (
     Framework,
     ModelFiles,
     PluginError,
+    PluginSettings,
     TrainingOutput,
+    choose_one,
     hookimpl,
     onnxtools,
 )
@@ -47,14 +49,21 @@ SUPPORTED_LAYERS = frozenset({
 _WEIGHTED = frozenset({"Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "BN", "Scale", "PReLU"})
 
 
+class CaffeSettings(PluginSettings):
+    """``[plugins.caffe]``."""
+
+    prototxt: str | None = None
+    """The deploy prototxt, when the output holds several and none is named ``*deploy*``."""
+
+
 @hookimpl
 def deeplens_build_framework() -> Framework:
     return Framework(name="caffe", summary="Caffe models (deploy.prototxt + *.caffemodel)",
-                     requires=("caffe2onnx", "opencv-python-headless"), install=INSTALL)
+                     requires=("caffe2onnx", "opencv-python-headless"), install=INSTALL, settings=CaffeSettings)
 
 
 @hookimpl
-def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+def deeplens_build_detect(source: TrainingOutput, settings: CaffeSettings) -> ModelFiles | None:
     weights = source.matching(".caffemodel")
     if not weights:
         return None
@@ -131,7 +140,7 @@ def caffe_pb2() -> types.ModuleType:
         return sys.modules[PB2_MODULE]
     spec = importlib.util.find_spec("caffe2onnx")
     if spec is None or not spec.submodule_search_locations:
-        raise PluginError(f"caffe2onnx is not installed; install it with: {INSTALL}")
+        raise ImportError("No module named 'caffe2onnx'", name="caffe2onnx")  # the core adds how to install it
     from google.protobuf import descriptor_pool
     from google.protobuf.internal import builder
 
@@ -155,31 +164,19 @@ def _embedded_descriptor(generated: Path) -> bytes:
 
 
 def _cv2():
-    try:
-        import cv2
-    except ImportError as exc:
-        raise PluginError(f"OpenCV cannot be imported ({exc}); install it with: {INSTALL}") from exc
+    import cv2
+
     if not hasattr(cv2.dnn, "readNetFromCaffe"):
         raise PluginError(f"OpenCV {cv2.__version__} has no Caffe importer (removed in OpenCV 5); install "
                           "opencv-python-headless<4.12")
     return cv2
 
 
-def _prototxt(source: TrainingOutput, settings: Mapping[str, Any]) -> str:
+def _prototxt(source: TrainingOutput, settings: CaffeSettings) -> str:
     candidates = source.matching(".prototxt")
-    wanted = settings.get("prototxt")
-    if wanted is not None:
-        if wanted not in candidates:
-            raise ConversionError(f"`plugins.caffe.prototxt` is {wanted!r}, not one of "
-                                  f"{', '.join(candidates) or 'none'}")
-        return wanted
     deploy = [c for c in candidates if "deploy" in c.rsplit("/", 1)[-1].lower()]
-    if len(deploy) == 1:
-        return deploy[0]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise ConversionError(f"the caffemodel needs its deploy prototxt; found {', '.join(candidates) or 'no .prototxt'}."
-                          " Add deploy.prototxt, or choose one with [plugins.caffe] prototxt = \"...\"")
+    return choose_one(deploy if len(deploy) == 1 and settings.prototxt is None else candidates, settings.prototxt,
+                      setting="plugins.caffe.prototxt", what="deploy prototxt files")
 
 
 def _read(pb2, source: TrainingOutput, model: ModelFiles):

@@ -16,16 +16,17 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from deeplens_build import (
     ConversionError,
     ConvertedModel,
     Framework,
     ModelFiles,
-    PluginError,
+    PluginSettings,
     TensorSpec,
     TrainingOutput,
+    choose_one,
     hookimpl,
     onnxtools,
 )
@@ -39,25 +40,27 @@ _SHAPES_FILES = ("model-shapes.json",)
 _NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str, "complex": complex}
 
 
+class MXNetSettings(PluginSettings):
+    """``[plugins.mxnet]``."""
+
+    prefix: str | None = None
+    """Which model to package when the output holds several (``PREFIX-symbol.json``)."""
+    format: Literal["onnx", "native"] = "onnx"
+    """``native`` keeps symbol + params as the artifact, run by ``runtimes/mxnet``."""
+
+
 @hookimpl
 def deeplens_build_framework() -> Framework:
     return Framework(name="mxnet", summary="MXNet checkpoints (PREFIX-symbol.json + PREFIX-NNNN.params)",
-                     requires=("mxnet", "onnx"), install=INSTALL)
+                     requires=("mxnet", "onnx"), install=INSTALL, settings=MXNetSettings)
 
 
 @hookimpl
-def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+def deeplens_build_detect(source: TrainingOutput, settings: MXNetSettings) -> ModelFiles | None:
     checkpoints = _checkpoints(source)
     if not checkpoints:
         return None
-    wanted = settings.get("prefix")
-    if wanted is not None and wanted not in checkpoints:
-        raise ConversionError(f"`plugins.mxnet.prefix` is {wanted!r}, but the checkpoints are "
-                              f"{', '.join(sorted(checkpoints))}")
-    if wanted is None and len(checkpoints) > 1:
-        raise ConversionError(f"several MXNet models ({', '.join(sorted(checkpoints))}); choose one with "
-                              "[plugins.mxnet] prefix = \"...\" in deeplens.toml")
-    prefix = wanted or next(iter(checkpoints))
+    prefix = choose_one(sorted(checkpoints), settings.prefix, setting="plugins.mxnet.prefix", what="MXNet models")
     epochs = checkpoints[prefix]
     final = max(epochs)
     files = [f"{prefix}{_SYMBOL_SUFFIX}", epochs[final]]
@@ -74,15 +77,12 @@ def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path,
-                           shapes: Mapping[str, tuple[int, ...]], settings: Mapping[str, Any]) -> ConvertedModel:
-    fmt = settings.get("format", "onnx")
-    if fmt not in ("onnx", "native"):
-        raise ConversionError(f"`plugins.mxnet.format` is {fmt!r}; use \"onnx\" (default) or \"native\"")
+                           shapes: Mapping[str, tuple[int, ...]], settings: MXNetSettings) -> ConvertedModel:
     mx = _mxnet()
     symbol, args, auxs = _load(mx, source, model)
     input_shapes = _input_shapes(source, model, symbol, args, auxs, shapes)
     labels = source.copy_labels(workdir)
-    if fmt == "native":
+    if settings.format == "native":
         target = workdir / f"model{_SYMBOL_SUFFIX}"
         shutil.copyfile(source.path(model.files[0]), target)
         params = workdir / "model-0000.params"
@@ -137,20 +137,17 @@ def deeplens_build_runtime(converted: ConvertedModel) -> str | None:
 
 
 def _mxnet():
-    """Import mxnet after restoring the numpy aliases it needs; a missing install names the command."""
+    """Import mxnet after restoring the numpy aliases it needs (a missing install is the core's to report)."""
     import numpy as np
 
     for alias, builtin in _NUMPY_ALIASES.items():
         if alias not in np.__dict__:
             setattr(np, alias, builtin)
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # silence "Subgraph backend MKLDNN is activated"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # mxnet's own use of distutils and numpy 1.x
-            import mxnet
-            import mxnet.onnx  # noqa: F401  (the exporter is a submodule)
-    except ImportError as exc:
-        raise PluginError(f"MXNet cannot be imported ({exc}); install it with: {INSTALL}") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # mxnet's own use of distutils and numpy 1.x
+        import mxnet
+        import mxnet.onnx  # noqa: F401  (the exporter is a submodule)
     return mxnet
 
 

@@ -13,36 +13,36 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import (
-    ConversionError,
     ConvertedModel,
     Framework,
     ModelFiles,
+    PluginSettings,
     TrainingOutput,
+    choose_one,
     hookimpl,
     onnxtools,
 )
 
 
+class OnnxSettings(PluginSettings):
+    """``[plugins.onnx]``."""
+
+    file: str | None = None
+    """Which ``.onnx`` file to package when the output holds several."""
+
+
 @hookimpl
 def deeplens_build_framework() -> Framework:
     return Framework(name="onnx", summary="ONNX models (.onnx)", requires=("onnx", "onnxruntime"),
-                     install="pip install deeplens-build-onnx")
+                     install="pip install deeplens-build-onnx", settings=OnnxSettings)
 
 
 @hookimpl
-def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+def deeplens_build_detect(source: TrainingOutput, settings: OnnxSettings) -> ModelFiles | None:
     models = source.matching(".onnx")
     if not models:
         return None
-    wanted = settings.get("file")
-    if wanted is not None:
-        if wanted not in models:
-            raise ConversionError(f"`plugins.onnx.file` is {wanted!r}, but the ONNX files are {', '.join(models)}")
-        return ModelFiles(files=(wanted,))
-    if len(models) > 1:
-        raise ConversionError(f"several ONNX models ({', '.join(models)}); choose one with "
-                              "[plugins.onnx] file = \"...\" in deeplens.toml")
-    return ModelFiles(files=models)
+    return ModelFiles(files=(choose_one(models, settings.file, setting="plugins.onnx.file", what="ONNX models"),))
 
 
 @hookimpl

@@ -16,15 +16,18 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from deeplens_build import (
     ConversionError,
     ConvertedModel,
     Framework,
     ModelFiles,
-    PluginError,
+    PluginSettings,
     TrainingOutput,
+    choose_one,
     hookimpl,
     onnxtools,
 )
@@ -37,14 +40,29 @@ DEFAULT_OPSET = 17
 _UNSUPPORTED = re.compile(r"Tensorflow op \[(?P<node>[^:\]]+): (?P<op>[^\]]+)\] is not supported")
 
 
+class TensorFlowSettings(PluginSettings):
+    """``[plugins.tensorflow]``."""
+
+    file: str | None = None
+    """Which Keras or frozen-graph file to package when the output holds several."""
+    signature: str = DEFAULT_SIGNATURE
+    """The SavedModel signature to convert."""
+    inputs: tuple[str, ...] = ()
+    """A frozen graph's input tensor names, e.g. ``["input:0"]``."""
+    outputs: tuple[str, ...] = ()
+    """A frozen graph's output tensor names."""
+    opset: Annotated[int, Field(ge=7)] = DEFAULT_OPSET
+    """The ONNX opset tf2onnx exports."""
+
+
 @hookimpl
 def deeplens_build_framework() -> Framework:
     return Framework(name="tensorflow", summary="TensorFlow SavedModel, Keras (.keras/.h5) and frozen graphs",
-                     requires=("tensorflow-cpu", "tf2onnx"), install=INSTALL)
+                     requires=("tensorflow-cpu", "tf2onnx"), install=INSTALL, settings=TensorFlowSettings)
 
 
 @hookimpl
-def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -> ModelFiles | None:
+def deeplens_build_detect(source: TrainingOutput, settings: TensorFlowSettings) -> ModelFiles | None:
     saved = {_parent(f): f for f in source.files if f.rsplit("/", 1)[-1] == SAVED_MODEL}
     if saved:
         return _claim_saved_model(source, saved, settings)
@@ -53,14 +71,8 @@ def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -
     for candidates in (keras, frozen):
         if not candidates:
             continue
-        wanted = settings.get("file")
-        if wanted is not None and wanted not in candidates:
-            raise ConversionError(f"`plugins.tensorflow.file` is {wanted!r}, not one of {', '.join(candidates)}")
-        if wanted is None and len(candidates) > 1:
-            raise ConversionError(f"several TensorFlow models ({', '.join(candidates)}); choose one with "
-                                  "[plugins.tensorflow] file = \"...\" in deeplens.toml")
-        chosen = wanted or candidates[0]
-        if chosen.endswith(".pb") and not (settings.get("inputs") and settings.get("outputs")):
+        chosen = choose_one(candidates, settings.file, setting="plugins.tensorflow.file", what="TensorFlow models")
+        if chosen.endswith(".pb") and not (settings.inputs and settings.outputs):
             raise ConversionError(f"{chosen} is a frozen graph: name its tensors with [plugins.tensorflow] "
                                   "inputs = [\"input:0\"] and outputs = [\"output:0\"] in deeplens.toml")
         return ModelFiles(files=(chosen,))
@@ -69,12 +81,12 @@ def deeplens_build_detect(source: TrainingOutput, settings: Mapping[str, Any]) -
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path,
-                           shapes: Mapping[str, tuple[int, ...]], settings: Mapping[str, Any]) -> ConvertedModel:
+                           shapes: Mapping[str, tuple[int, ...]], settings: TensorFlowSettings) -> ConvertedModel:
     loaded = _load(source.root, model.files, _frozen_key(settings))
     specs = _static_specs(loaded, shapes)
     target = workdir / "model.onnx"
     with _unsupported_ops_raise():
-        loaded.export(specs, int(settings.get("opset", DEFAULT_OPSET)), target)
+        loaded.export(specs, settings.opset, target)
     layouts = {s.name: "NHWC" if len(s.shape) == 4 else None for s in specs}
     inputs, outputs = onnxtools.interface(onnxtools.load(target), layouts)
     return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs,
@@ -83,7 +95,7 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
 
 @hookimpl
 def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: ConvertedModel,
-                                 inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> Mapping[str, Any]:
+                                 inputs: Mapping[str, Any], settings: TensorFlowSettings) -> Mapping[str, Any]:
     outputs = _load(source.root, model.files, _frozen_key(settings)).run(inputs)
     if isinstance(outputs, Mapping):
         return outputs
@@ -100,13 +112,11 @@ class _Loaded:
 
 
 def _tf():
-    """Import TensorFlow quietly; a missing install names the command."""
+    """Import TensorFlow quietly (a missing install is the core's to report)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ start-up chatter, not our user's concern
-    try:
-        import tensorflow as tf
-        import tf2onnx
-    except ImportError as exc:
-        raise PluginError(f"TensorFlow cannot be imported ({exc}); install it with: {INSTALL}") from exc
+    import tensorflow as tf
+    import tf2onnx
+
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     return tf, tf2onnx
 
@@ -235,7 +245,7 @@ def _unsupported_ops_raise() -> Iterator[None]:
                               "ops, try a newer [plugins.tensorflow] opset, or write a plugin of your own")
 
 
-def _claim_saved_model(source: TrainingOutput, saved: Mapping[str, str], settings: Mapping[str, Any]) -> ModelFiles:
+def _claim_saved_model(source: TrainingOutput, saved: Mapping[str, str], settings: TensorFlowSettings) -> ModelFiles:
     versions = {int(d.rsplit("/", 1)[-1]): d for d in saved if d.rsplit("/", 1)[-1].isdigit()}
     notes = []
     if versions:
@@ -249,14 +259,13 @@ def _claim_saved_model(source: TrainingOutput, saved: Mapping[str, str], setting
         raise ConversionError(f"several SavedModels ({', '.join(sorted(saved))}); keep one in the training output")
     prefix = f"{folder}/" if folder else ""
     files = [saved[folder], *(f for f in source.files if f.startswith(prefix) and f != saved[folder])]
-    if settings.get("signature", DEFAULT_SIGNATURE) != DEFAULT_SIGNATURE:
-        notes.append(f"using signature {settings['signature']!r}")
+    if settings.signature != DEFAULT_SIGNATURE:
+        notes.append(f"using signature {settings.signature!r}")
     return ModelFiles(files=tuple(files), notes=tuple(notes))
 
 
-def _frozen_key(settings: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    return (tuple(settings.get("inputs", ())), tuple(settings.get("outputs", ())),
-            str(settings.get("signature", DEFAULT_SIGNATURE)))
+def _frozen_key(settings: TensorFlowSettings) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    return settings.inputs, settings.outputs, settings.signature
 
 
 def _parent(path: str) -> str:
