@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import pluggy
 
-from deeplens_build.errors import ConversionError, DeepLensBuildError, PluginError
+from deeplens_build.errors import ConversionError, DeepLensBuildError, PluginError, SourceError
 from deeplens_build.types import (
     ConvertedModel,
     Framework,
     ModelFiles,
     PluginSettings,
+    SourceKind,
     TensorSpec,
     TrainingOutput,
     choose_one,
@@ -54,6 +55,8 @@ __all__ = [
     "ModelFiles",
     "PluginError",
     "PluginSettings",
+    "SourceError",
+    "SourceKind",
     "TensorSpec",
     "TrainingOutput",
     "choose_one",

@@ -7,6 +7,7 @@ Heavy modules (onnx, onnxruntime, the frameworks) are imported only by ``package
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -83,6 +84,7 @@ def main(debug: bool) -> None:
 def package(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
             no_cache: bool, publish: bool, as_json: bool) -> None:
     """Build the bundle: fetch, convert, optimize, check parity, sign."""
+    from deeplens_build.cache import tool_cache_environment
     from deeplens_build.config import load_config
     from deeplens_build.pipeline import BuildOptions
     from deeplens_build.pipeline import package as build
@@ -90,6 +92,7 @@ def package(config_path: Path | None, source: str | None, output: Path | None, s
     from deeplens_build.report import Reporter
 
     config = load_config(config_path)
+    os.environ.update(tool_cache_environment(config.build.work_dir))  # before onnxruntime or keras is imported
     manager = build_plugin_manager()
     reporter = Reporter()
     for failure in manager.failures:
@@ -244,7 +247,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plugins as JSON.")
 @_handle_errors
 def plugins(as_json: bool) -> None:
-    """List the framework plugins found, built-in and third-party alike."""
+    """List the plugins found, built-in and third-party alike: frameworks and source kinds."""
     from deeplens_build.plugins import build_plugin_manager
 
     manager = build_plugin_manager()
@@ -253,6 +256,9 @@ def plugins(as_json: bool) -> None:
             "plugins": [{"name": p.name, "framework": p.framework.name, "summary": p.framework.summary,
                          "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
                          "tools": dict(p.tool_versions)} for p in manager.plugins],
+            "sources": [{"name": s.kind.name, "prefixes": list(s.kind.prefixes), "summary": s.kind.summary,
+                         "plugin": s.plugin, "distribution": s.distribution, "version": s.version,
+                         "builtin": s.builtin} for s in manager.sources],
             "failed": [{"name": f.name, "distribution": f.distribution, "reason": f.reason}
                        for f in manager.failures],
         }, indent=2))
@@ -264,6 +270,9 @@ def plugins(as_json: bool) -> None:
         tools = ", ".join(f"{k} {v}" for k, v in p.tool_versions.items())
         click.echo(f"{p.framework.name:12} {p.distribution} {p.version} ({origin}) — {p.framework.summary}"
                    + (f" [{tools}]" if tools else ""))
+    for s in manager.sources:
+        origin = "built-in" if s.builtin else "third-party"
+        click.echo(f"source {s.kind.name:12} {s.kind.summary} ({s.distribution or s.plugin}, {origin})")
     for f in manager.failures:
         click.echo(f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}")
 

@@ -42,7 +42,14 @@ def _folder_or_absent(value: Path) -> Path:
     return value
 
 
+def _existing_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"points to {value}, which is not a file")
+    return value
+
+
 ProjectPath = Annotated[Path, AfterValidator(_resolve)]
+ProjectFile = Annotated[Path, AfterValidator(_resolve), AfterValidator(_existing_file)]
 ProjectFolder = Annotated[Path, AfterValidator(_resolve), AfterValidator(_folder_or_absent)]
 # TOML has real numbers: a number written as a string ("8") is a mistake to report, not to coerce
 Count = Annotated[int, Strict(), Field(ge=1)]
@@ -65,7 +72,7 @@ class ModelConfig(_Strict):
     source: str | None = None
     precision: Literal["fp32", "fp16"] = "fp32"
     task: Literal["classification", "detection", "other"] = "classification"
-    labels: ProjectPath | None = None
+    labels: ProjectFile | None = None
     inputs: dict[str, InputConfig] = Field(default_factory=dict)
 
 
@@ -112,6 +119,13 @@ class RuntimeConfig(_Strict):
     image: bool = False
     find_links: tuple[ProjectPath, ...] = ()
     index: bool = True
+
+    @model_validator(mode="after")
+    def _image_needs_wheels(self) -> RuntimeConfig:
+        if self.image and not self.vendor:
+            raise ValueError("`runtime.image = true` puts the vendored wheels into the image: set "
+                             "`runtime.vendor = true`")
+        return self
 
 
 class GreengrassConfig(_Strict):

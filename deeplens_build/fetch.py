@@ -1,4 +1,7 @@
-"""Fetch stage: turn a source (folder, archive, ``s3://`` URI, ``sagemaker-job:NAME``) into a TrainingOutput.
+"""Fetch stage: turn a source into a TrainingOutput, through the source kind (a plugin) that claims it.
+
+This module is the machinery every source kind shares (:class:`SourceContext`) and the built-in local kind;
+``s3://`` and ``sagemaker-job:`` live in :mod:`deeplens_build.sources`, installed like a third party's.
 
 Archives are extracted by :mod:`deeplens_build.archive` (regular files and folders only, plain relative
 paths, no link ever followed) under size and member-count limits checked before each member is written, into
@@ -8,46 +11,81 @@ a cache folder that is renamed into place only when complete. Nothing is ever wr
 from __future__ import annotations
 
 import lzma
-import re
 import shutil
 import tarfile
 import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deeplens_build.archive import Extractor, UnsafeMember, check_end, header_bytes, member_parts, open_tar
 from deeplens_build.cache import Cache
 from deeplens_build.config import FetchConfig
 from deeplens_build.digest import file_sha256, tree_sha256
-from deeplens_build.errors import AwsError, SourceError
+from deeplens_build.errors import PluginError, SourceError
 from deeplens_build.report import Reporter
-from deeplens_build.types import SageMakerJob, TrainingOutput
-
-BUCKET_PREFIX = "deeplens"
-SAGEMAKER_PREFIX = "sagemaker-job:"
-_S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/(?P<key>.+)$")
-_FRAMEWORK_HINTS = ("mxnet", "tensorflow", "pytorch", "caffe", "onnx", "xgboost", "sklearn")
+from deeplens_build.types import SageMakerJob, SourceKind, TrainingOutput
 
 
-def fetch(source: str, *, cache: Cache, limits: FetchConfig, reporter: Reporter) -> TrainingOutput:
-    """Acquire ``source`` and return it as a read-only training output."""
-    if source.startswith(SAGEMAKER_PREFIX):
-        return _fetch_training_job(source[len(SAGEMAKER_PREFIX):], cache=cache, limits=limits, reporter=reporter)
-    if match := _S3_URI.match(source):
-        path = _download(match["bucket"], match["key"], cache=cache, reporter=reporter)
-        return _from_file(path, kind="s3", origin=source, cache=cache, limits=limits, reporter=reporter)
-    if source.startswith("s3://"):
-        raise SourceError(f"{source!r} is not an S3 object URI; use s3://BUCKET/KEY")
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source plugin's fetch function gets from the core (see ``deeplens_build_sources``).
+
+    :param cache: the build's stage cache; use it through :meth:`stored`.
+    :param limits: the user's ``[fetch]`` limits, which :meth:`from_file` enforces.
+    :param reporter: for progress bars (``reporter.progress``), steps and warnings.
+    """
+
+    cache: Cache
+    limits: FetchConfig
+    reporter: Reporter
+
+    def stored(self, name: str, key: Mapping[str, Any], download: Callable[[Path], Path]) -> tuple[Path, bool]:
+        """A file fetched once per ``key``: ``download(folder)`` writes it into an empty folder and returns its
+        path; the next build with the same key gets the stored file without calling it.
+
+        :param name: names the cache folder, e.g. ``"download"``.
+        :param key: everything the file's bytes depend on (e.g. the URI and the object's ETag or version).
+        :return: the file, and whether it came from the cache.
+        """
+        return self.cache.stage(name, key, Path, download)
+
+    def from_file(self, path: Path, *, kind: str, origin: str, sagemaker: SageMakerJob | None = None
+                  ) -> TrainingOutput:
+        """The training output in a fetched file: an archive is extracted (safely, under the limits) into the
+        cache; any other file is a one-file output. ``origin`` names the source in messages and the manifest."""
+        return _from_file(path, kind=kind, origin=origin, context=self, job=sagemaker)
+
+    def from_folder(self, path: Path, *, origin: str) -> TrainingOutput:
+        """The training output in a folder, read in place (never written)."""
+        return _from_directory(path, origin)
+
+
+def fetch(source: str, kind: SourceKind, context: SourceContext) -> TrainingOutput:
+    """Acquire ``source`` with the source kind that claimed it.
+
+    :raises PluginError: when the kind's fetch answers anything but a TrainingOutput.
+    """
+    output = kind.fetch(source, context)
+    if not isinstance(output, TrainingOutput):
+        raise PluginError(f"source kind {kind.name!r} must return a TrainingOutput for {source!r}, not "
+                          f"{type(output).__name__}")
+    return output
+
+
+def local(source: str, context: SourceContext) -> TrainingOutput:
+    """A folder, an archive or a single model file on this machine."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _from_directory(path)
     if path.is_file():
-        return _from_file(path, kind="archive" if _is_tar(path) else "file", origin=path.name,
-                          cache=cache, limits=limits, reporter=reporter)
+        return _from_file(path, kind="archive" if _is_tar(path) else "file", origin=path.name, context=context)
     if path.exists():
         raise SourceError(f"source {source!r} is not a regular file or folder (a device, FIFO or socket); "
                           "give a folder, a model.tar.gz or a model file")
     raise SourceError(f"source {source!r} does not exist; give a folder, a model.tar.gz, an s3://BUCKET/KEY URI "
-                      f"or {SAGEMAKER_PREFIX}NAME")
+                      "or sagemaker-job:NAME")
 
 
 def _from_directory(path: Path, origin: str | None = None) -> TrainingOutput:
@@ -60,8 +98,8 @@ def _from_directory(path: Path, origin: str | None = None) -> TrainingOutput:
                           size=sum((path / f).stat().st_size for f in files), kind="directory", origin=path.name)
 
 
-def _from_file(path: Path, *, kind: str, origin: str, cache: Cache, limits: FetchConfig,
-               reporter: Reporter, job: SageMakerJob | None = None) -> TrainingOutput:
+def _from_file(path: Path, *, kind: str, origin: str, context: SourceContext,
+               job: SageMakerJob | None = None) -> TrainingOutput:
     sha256 = file_sha256(path)
     archive = _is_tar(path)
 
@@ -71,15 +109,15 @@ def _from_file(path: Path, *, kind: str, origin: str, cache: Cache, limits: Fetc
             tree.mkdir()
             shutil.copyfile(path, tree / path.name)
         else:
-            extract(path, tree, limits=limits, reporter=reporter, origin=origin)
+            extract(path, tree, limits=context.limits, reporter=context.reporter, origin=origin)
         unpacked = _from_directory(tree, origin)
         return TrainingOutput(root=tree, files=unpacked.files, sha256=sha256, size=path.stat().st_size,
                               kind=kind, origin=origin)
 
-    output, cached = cache.stage("source", {"sha256": sha256, "limits": limits.model_dump(), "archive": archive},
-                                 TrainingOutput, unpack)
+    output, cached = context.cache.stage("source", {"sha256": sha256, "limits": context.limits.model_dump(),
+                                                    "archive": archive}, TrainingOutput, unpack)
     if cached:
-        reporter.step(f"source: {origin} already extracted (cache)")
+        context.reporter.step(f"source: {origin} already extracted (cache)")
     # the cache stores the first origin it saw for these bytes; this build names its own
     return TrainingOutput(root=output.root, files=output.files, sha256=sha256, size=output.size,
                           kind=kind, origin=origin, sagemaker=job)
@@ -156,77 +194,3 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
     except SourceError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-
-
-def _aws_client(service: str):
-    import boto3
-    from botocore.config import Config
-
-    # boto3 >= 1.28 reads AWS_ENDPOINT_URL itself; standard retries cover throttling and 5xx
-    return boto3.client(service, config=Config(retries={"mode": "standard", "max_attempts": 5}))
-
-
-def _download(bucket: str, key: str, *, cache: Cache, reporter: Reporter) -> Path:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    if not bucket.startswith(BUCKET_PREFIX):
-        reporter.warn(f"bucket {bucket!r} does not start with {BUCKET_PREFIX!r}: the default DeepLens service "
-                      "policies cannot read it, so a device deploy from it needs extra permissions")
-    s3 = _aws_client("s3")
-    uri = f"s3://{bucket}/{key}"
-    try:
-        head = s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey", "NoSuchBucket"):
-            raise SourceError(f"{uri} does not exist; check the bucket and key") from exc
-        raise AwsError(f"cannot read {uri}: {code or exc} (check your AWS credentials and permissions)") from exc
-    except BotoCoreError as exc:
-        raise AwsError(f"cannot read {uri}: {exc} (check your AWS credentials, region and AWS_ENDPOINT_URL)") from exc
-
-    def download(scratch: Path) -> Path:
-        target = scratch / Path(key).name
-        with reporter.progress(total=head["ContentLength"], desc=f"download {Path(key).name}") as bar:
-            try:
-                s3.download_file(bucket, key, str(target), Callback=bar.update)
-            except (ClientError, BotoCoreError) as exc:
-                raise AwsError(f"download of {uri} failed: {exc}") from exc
-        return target
-
-    path, cached = cache.stage("download", {"uri": uri, "etag": head.get("ETag"), "size": head["ContentLength"]},
-                               Path, download)
-    if cached:
-        reporter.step(f"source: {uri} already downloaded (cache, same ETag)")
-    return path
-
-
-def _fetch_training_job(name: str, *, cache: Cache, limits: FetchConfig, reporter: Reporter) -> TrainingOutput:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        job = _aws_client("sagemaker").describe_training_job(TrainingJobName=name)
-    except ClientError as exc:
-        raise SourceError(f"SageMaker training job {name!r} could not be described: "
-                          f"{exc.response.get('Error', {}).get('Message', exc)}") from exc
-    except BotoCoreError as exc:
-        raise AwsError(f"cannot reach SageMaker for job {name!r}: {exc}") from exc
-    status = job.get("TrainingJobStatus")
-    if status != "Completed":
-        raise SourceError(f"SageMaker training job {name!r} is {status}, not Completed; wait for it to finish")
-    artifact = job.get("ModelArtifacts", {}).get("S3ModelArtifacts", "")
-    match = _S3_URI.match(artifact)
-    if not match:
-        raise SourceError(f"SageMaker training job {name!r} records no model artifact in S3 (got {artifact!r})")
-    image = job.get("AlgorithmSpecification", {}).get("TrainingImage", "")
-    record = SageMakerJob(
-        name=name,
-        arn=job.get("TrainingJobArn", ""),
-        training_image=image,
-        framework_hint=next((f for f in _FRAMEWORK_HINTS if f in image.lower()), None),
-        hyperparameters=dict(job.get("HyperParameters") or {}),
-    )
-    reporter.step(f"source: training job {name} → {artifact}")
-    path = _download(match["bucket"], match["key"], cache=cache, reporter=reporter)
-    return _from_file(path, kind="sagemaker-job", origin=f"{SAGEMAKER_PREFIX}{name}", cache=cache,
-                      limits=limits, reporter=reporter, job=record)
-

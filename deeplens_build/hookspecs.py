@@ -1,8 +1,12 @@
-"""The plugin contract: every hook a framework plugin can implement. These docstrings are its manual.
+"""The plugin contract: every hook a plugin can implement. These docstrings are its manual.
 
-A framework plugin is a module registered under the ``deeplens_build`` entry-point group. The core owns the
-pipeline (fetch, detect, convert, optimize, parity, runtime, lambda, bundle, sign), its order, its cache and
-its errors; a plugin fills four slots for its own framework:
+A plugin is a module registered under the ``deeplens_build`` entry-point group. The core owns the pipeline
+(fetch, detect, convert, optimize, parity, runtime, lambda, bundle, sign), its order, its cache and its
+errors. There are two kinds of plugin, and one module may be both:
+
+- a **source** plugin implements ``deeplens_build_sources``: the source strings it claims (``s3://``,
+  ``sagemaker-job:``, a company's ``registry://``) and how to fetch them into the work folder;
+- a **framework** plugin fills four slots for its own framework:
 
 1. ``deeplens_build_framework`` — declare the framework (required).
 2. ``deeplens_build_detect`` — claim a training output, or return None.
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from deeplens_build import NAME
-from deeplens_build.types import ConvertedModel, Framework, ModelFiles, PluginSettings, TrainingOutput
+from deeplens_build.types import ConvertedModel, Framework, ModelFiles, PluginSettings, SourceKind, TrainingOutput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,8 +48,40 @@ hookspec = pluggy.HookspecMarker(NAME)
 
 
 @hookspec
+def deeplens_build_sources() -> list[SourceKind]:
+    """Declare the kinds of source this plugin fetches: the prefixes each claims, and its fetch function.
+
+    Called once when the plugin manager is built; every plugin's answers are collected. A source string goes to
+    the kind with the longest matching prefix; a string that matches none and looks like a URI
+    (``scheme://...``) is an error listing the installed kinds; anything else is a local path (the built-in
+    ``local`` kind). Two kinds claiming one prefix is an error naming both plugins.
+
+    The fetch function receives the source string and a :class:`deeplens_build.fetch.SourceContext`: fetch
+    remote bytes once with ``context.stored(...)`` (cached by the key you give, e.g. the object's ETag), then
+    hand the file to ``context.from_file(...)`` (archives are extracted safely, under the user's limits) or a
+    folder to ``context.from_folder(...)``. Raise :class:`deeplens_build.SourceError` for a source that
+    cannot be fetched, naming it and what to do.
+
+    :return: a list of :class:`~deeplens_build.SourceKind`.
+
+    Example::
+
+        def fetch_gcs(source, context):
+            bucket, _, name = source.removeprefix("gs://").partition("/")
+            blob = storage.Client().bucket(bucket).get_blob(name)
+            path, _ = context.stored("gcs", {"uri": source, "md5": blob.md5_hash},
+                                     lambda folder: _download(blob, folder / Path(name).name))
+            return context.from_file(path, kind="gcs", origin=source)
+
+        @hookimpl
+        def deeplens_build_sources():
+            return [SourceKind(name="gcs", prefixes=("gs://",), summary="gs://BUCKET/OBJECT", fetch=fetch_gcs)]
+    """
+
+
+@hookspec
 def deeplens_build_framework() -> Framework:
-    """Declare the framework this plugin handles. Every plugin must implement it.
+    """Declare the framework this plugin handles. Every framework plugin must implement it.
 
     Called once when the plugin manager is built. The name must be unique among installed plugins; two
     plugins declaring the same name is an error that names both.

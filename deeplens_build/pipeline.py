@@ -1,6 +1,8 @@
 """The build: fetch → detect → convert → optimize → parity → runtime → lambda → bundle → sign.
 
-The core owns the order, the cache and the errors; plugins only fill the framework slots.
+The core owns the order, the cache and the errors; plugins fill the source and framework slots. ``package``
+reads as the sequence; each stage below is a function that states, beside its work, the key its cached
+result depends on.
 """
 
 from __future__ import annotations
@@ -8,20 +10,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as metadata
 import json
-import os
 import platform
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deeplens_build import __version__
 from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
-from deeplens_build.cache import Cache, tool_cache_environment
+from deeplens_build.cache import Cache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
-from deeplens_build.fetch import SAGEMAKER_PREFIX, fetch
+from deeplens_build.fetch import SourceContext, fetch
 from deeplens_build import greengrass
 from deeplens_build.image import build_image
 from deeplens_build.lambda_package import package_lambda, write_zip
@@ -54,7 +55,7 @@ from deeplens_build.parity import check_parity
 from deeplens_build.plugins import PluginManager
 from deeplens_build.report import Reporter
 from deeplens_build.runtime import DEFINITION, load_runtimes, select_runtime, vendor_wheels
-from deeplens_build.signing import load_signer
+from deeplens_build.signing import Signer, load_signer
 from deeplens_build.types import (
     BuildResult,
     BundleSizes,
@@ -64,12 +65,15 @@ from deeplens_build.types import (
     LambdaPackage,
     OptimizedModel,
     ParityReport,
+    PluginSettings,
     PublishedLambda,
     Runtime,
     RuntimeImage,
     TrainingOutput,
     Wheelhouse,
 )
+
+T = TypeVar("T")
 
 CORE_TOOLS = ("numpy", "onnx", "onnxruntime", "onnxconverter-common")
 """Distributions whose versions shape the optimized artifact: part of every cache key and the manifest."""
@@ -90,144 +94,201 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
             reporter: Reporter) -> BuildResult:
     """Build the signed bundle for ``config``. On any failure nothing is left at the output path: neither a
     half-written bundle (those a killed build left are removed too) nor an earlier bundle of the same name,
-    which would pass for this build's."""
+    which would pass for this build's.
+
+    The tools this drives keep caches of their own under ``$HOME`` unless told otherwise; callers point them
+    into the work folder first (``cache.tool_cache_environment``), as the CLI and ``testing.build`` do."""
     output = options.output or config.build.output
     remove_partials(output)
     try:
-        return _build(config, options, output, manager=manager, reporter=reporter)
+        b = _Build.start(config, options, manager, reporter)
+        training = _fetch(b)
+        detection = _detect(b, training)
+        converted = _convert(b, training, detection)
+        optimized = _optimize(b, converted)
+        parity = _parity(b, training, detection, converted, optimized)
+        runtime, wheelhouse = _runtime(b, detection, converted, optimized)
+        lambda_pkg = _lambda(b)
+        payload = _payload(b, converted, optimized, runtime, wheelhouse, lambda_pkg)
+        image = _runtime_image(b, payload, runtime)
+        published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
+                                   reporter=reporter) if options.publish else None
+        documents = _greengrass_documents(b, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
+                                          image=image, lambda_pkg=lambda_pkg, published=published)
+        record = _manifest(b, training=training, detection=detection, optimized=optimized, parity=parity,
+                           runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
+                           published=published, documents=sorted(documents), labels=LABELS in payload)
+        return _bundle(b, {**payload, **documents}, record, training=training, optimized=optimized, parity=parity,
+                       output=output)
     except BaseException:
         (output / bundle_name(config.model.name, config.model.version)).unlink(missing_ok=True)
         raise
 
 
-def _build(config: ProjectConfig, options: BuildOptions, output: Path, *, manager: PluginManager,
-           reporter: Reporter) -> BuildResult:
-    signer = load_signer(options.signing_key)  # before any heavy work: a missing key fails in a second
-    os.environ.update(tool_cache_environment(config.build.work_dir))  # before onnxruntime or keras is imported
-    if config.greengrass.format in ("v1", "both") and not options.publish:
-        raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
-                          "or set `greengrass.format = \"v2\"`")
-    source = options.source or _configured_source(config)
-    plugin_settings = manager.settings(config.plugins)  # a typo in a plugin's table fails before any work
-    cache = Cache(config.build.work_dir / "cache", reuse=options.use_cache)
-    tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
-                                                             "python": platform.python_version()}
-    cached: list[str] = []
+@dataclass
+class _Build:
+    """What every stage of one build shares."""
 
-    reporter.step(f"fetch: {source}")
-    training = fetch(source, cache=cache, limits=config.fetch, reporter=reporter)
-    detection = manager.detect(training, config.model.framework, plugin_settings)
-    plugin = detection.plugin
-    settings = plugin_settings[plugin.framework.name]
-    reporter.step(f"detect: {plugin.framework.name} model ({', '.join(detection.model.files)}) "
-                  f"claimed by plugin {plugin.name}")
+    config: ProjectConfig
+    options: BuildOptions
+    manager: PluginManager
+    reporter: Reporter
+    signer: Signer
+    settings: Mapping[str, PluginSettings]
+    cache: Cache
+    tools: Mapping[str, str]
+    cached: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: ProjectConfig, options: BuildOptions, manager: PluginManager,
+              reporter: Reporter) -> _Build:
+        """Everything that can fail without reading the model fails here, in a second."""
+        if config.greengrass.format in ("v1", "both") and not options.publish:
+            # not a rule of deeplens.toml alone: --publish comes from the command line
+            raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
+                              "or set `greengrass.format = \"v2\"`")
+        tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
+                                                                 "python": platform.python_version()}
+        return cls(config=config, options=options, manager=manager, reporter=reporter,
+                   signer=load_signer(options.signing_key), settings=manager.settings(config.plugins),
+                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache), tools=tools)
+
+    def stage(self, name: str, key: Mapping[str, Any], result_type: type[T], build: Callable[[Path], T]) -> T:
+        """``build``'s result, from the cache when ``key`` (everything it depends on) was built before."""
+        result, hit = self.cache.stage(name, key, result_type, build)
+        if hit:
+            self.cached.append(name)
+            self.reporter.step(f"{name}: unchanged, reused from the cache")
+        return result
+
+    def plugin_identity(self, detection: Detection) -> dict[str, Any]:
+        plugin = detection.plugin
+        return {"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
+                "tools": dict(plugin.tool_versions)}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: spec.shape for name, spec in self.config.model.inputs.items() if spec.shape}
+
+
+def _fetch(b: _Build) -> TrainingOutput:
+    source = b.options.source or b.config.model.source
+    if not source:
+        raise ConfigError("no source: pass --source, or set `model.source` in deeplens.toml to a folder, a "
+                          "model.tar.gz, or a URI an installed source plugin fetches (`deeplens-build plugins`)")
+    kind = b.manager.source_kind(source)
+    if not kind.prefixes and not b.options.source:
+        source = str(b.config.root / source)  # relative to deeplens.toml, like every path in it
+    b.reporter.step(f"fetch: {source} ({kind.name})")
+    return fetch(source, kind, SourceContext(cache=b.cache, limits=b.config.fetch, reporter=b.reporter))
+
+
+def _detect(b: _Build, training: TrainingOutput) -> Detection:
+    detection = b.manager.detect(training, b.config.model.framework, b.settings)
+    b.reporter.step(f"detect: {detection.plugin.framework.name} model ({', '.join(detection.model.files)}) "
+                    f"claimed by plugin {detection.plugin.name}")
     for note in detection.model.notes:
-        reporter.note(note)
+        b.reporter.note(note)
+    return detection
 
-    shapes = {name: spec.shape for name, spec in config.model.inputs.items() if spec.shape}
-    layouts = {name: spec.layout for name, spec in config.model.inputs.items() if spec.layout}
-    plugin_identity = {"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
-                       "tools": dict(plugin.tool_versions)}
+
+def _convert(b: _Build, training: TrainingOutput, detection: Detection) -> ConvertedModel:
+    settings = b.settings[detection.plugin.framework.name]
+    key = {"source": training.sha256, "files": detection.model.files, "plugin": b.plugin_identity(detection),
+           "shapes": b.shapes, "settings": settings.model_dump(mode="json")}
 
     def convert(workdir: Path) -> ConvertedModel:
-        reporter.step(f"convert: {plugin.framework.name} → artifact")
-        return manager.convert(detection, training, workdir, shapes, settings)
+        b.reporter.step(f"convert: {detection.plugin.framework.name} → artifact")
+        return b.manager.convert(detection, training, workdir, b.shapes, settings)
 
-    converted, hit = cache.stage("convert", {"source": training.sha256, "files": detection.model.files,
-                                             "plugin": plugin_identity, "shapes": shapes,
-                                             "settings": settings.model_dump(mode="json")},
-                                 ConvertedModel, convert)
-    _record("convert", hit, cached, reporter)
-    converted = dataclasses.replace(converted, inputs=tuple(
+    converted = b.stage("convert", key, ConvertedModel, convert)
+    layouts = {name: spec.layout for name, spec in b.config.model.inputs.items() if spec.layout}
+    return dataclasses.replace(converted, inputs=tuple(
         dataclasses.replace(spec, layout=layouts.get(spec.name, spec.layout)) for spec in converted.inputs))
 
-    def optimize_stage(workdir: Path) -> OptimizedModel:
-        reporter.step(f"optimize: {converted.format}, precision {config.model.precision}")
-        return optimize(converted, shapes=shapes, precision=config.model.precision, workdir=workdir,
-                        reporter=reporter)
 
-    optimized, hit = cache.stage("optimize", {"artifact": [file_sha256(p) for p in converted.files],
-                                              "format": converted.format,
-                                              "inputs": [dataclasses.asdict(s) for s in converted.inputs],
-                                              "outputs": [dataclasses.asdict(s) for s in converted.outputs],
-                                              "shapes": shapes, "precision": config.model.precision,
-                                              "tools": tools}, OptimizedModel, optimize_stage)
-    _record("optimize", hit, cached, reporter)
+def _optimize(b: _Build, converted: ConvertedModel) -> OptimizedModel:
+    precision = b.config.model.precision
+    key = {"artifact": [file_sha256(p) for p in converted.files], "format": converted.format,
+           "inputs": [dataclasses.asdict(s) for s in converted.inputs],
+           "outputs": [dataclasses.asdict(s) for s in converted.outputs],
+           "shapes": b.shapes, "precision": precision, "tools": b.tools}
 
-    parity: ParityReport | None = None
-    if optimized.format == "onnx":
-        def parity_stage(_: Path) -> ParityReport:
-            reporter.step(f"parity: original ({plugin.framework.name}) vs optimized (onnxruntime)")
-            return check_parity(
-                lambda inputs: manager.reference_run(detection, training, converted, inputs, settings),
-                optimized, config=config.parity, task=config.model.task, reporter=reporter)
+    def run(workdir: Path) -> OptimizedModel:
+        b.reporter.step(f"optimize: {converted.format}, precision {precision}")
+        return optimize(converted, shapes=b.shapes, precision=precision, workdir=workdir, reporter=b.reporter)
 
-        samples = [file_sha256(p) for p in config.parity.samples if p.is_file()]
-        parity, hit = cache.stage("parity", {"source": training.sha256, "files": detection.model.files,
-                                             "plugin": plugin_identity, "artifact": file_sha256(optimized.path),
-                                             "settings": config.parity.model_dump(mode="json"),
-                                             "samples": samples, "precision": optimized.precision,
-                                             "task": config.model.task, "tools": tools}, ParityReport, parity_stage)
-        _record("parity", hit, cached, reporter)
-    else:
-        reporter.note(f"parity: not applicable, the {optimized.format} artifact is the original model itself")
+    return b.stage("optimize", key, OptimizedModel, run)
 
-    target = config.target
-    runtime = select_runtime(optimized.format, target.platform, target.accelerator, wanted=config.runtime.name,
-                             suggested=manager.runtime(detection, converted, target.platform),
-                             available=load_runtimes(config.runtime.definitions))
-    reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator})")
-    wheelhouse = Wheelhouse(wheels=())
-    if config.runtime.vendor:
-        wheelhouse = vendor_wheels(runtime, target.platform, config=config.runtime, cache=cache, reporter=reporter)
 
-    lambda_pkg, hit = cache.stage(
-        "lambda", {"config": config.lambda_.model_dump(mode="json", exclude={"source"}),
-                   "files": _lambda_digests(config), "default_name": config.model.name},
-        LambdaPackage, lambda workdir: package_lambda(config.lambda_, default_name=config.model.name,
-                                                           workdir=workdir))
-    _record("lambda", hit, cached, reporter)
+def _parity(b: _Build, training: TrainingOutput, detection: Detection, converted: ConvertedModel,
+            optimized: OptimizedModel) -> ParityReport | None:
+    if optimized.format != "onnx":
+        b.reporter.note(f"parity: not applicable, the {optimized.format} artifact is the original model itself")
+        return None
+    config, settings = b.config, b.settings[detection.plugin.framework.name]
+    key = {"source": training.sha256, "files": detection.model.files, "plugin": b.plugin_identity(detection),
+           "artifact": file_sha256(optimized.path), "settings": config.parity.model_dump(mode="json"),
+           "samples": [file_sha256(p) for p in config.parity.samples if p.is_file()],
+           "precision": optimized.precision, "task": config.model.task, "tools": b.tools}
 
-    labels = config.model.labels or converted.labels
-    if labels is not None and not labels.is_file():
-        raise ConfigError(f"Field `model.labels` points to {labels}, which is not a file")
+    def run(_: Path) -> ParityReport:
+        b.reporter.step(f"parity: original ({detection.plugin.framework.name}) vs optimized (onnxruntime)")
+        return check_parity(lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
+                            optimized, config=config.parity, task=config.model.task, reporter=b.reporter)
+
+    return b.stage("parity", key, ParityReport, run)
+
+
+def _runtime(b: _Build, detection: Detection, converted: ConvertedModel,
+             optimized: OptimizedModel) -> tuple[Runtime, Wheelhouse]:
+    target = b.config.target
+    runtime = select_runtime(optimized.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
+                             suggested=b.manager.runtime(detection, converted, target.platform),
+                             available=load_runtimes(b.config.runtime.definitions))
+    b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator})")
+    if not b.config.runtime.vendor:
+        return runtime, Wheelhouse(wheels=())
+    return runtime, vendor_wheels(runtime, target.platform, config=b.config.runtime, cache=b.cache,
+                                  reporter=b.reporter)
+
+
+def _lambda(b: _Build) -> LambdaPackage:
+    config = b.config
+    key = {"config": config.lambda_.model_dump(mode="json", exclude={"source"}), "files": _lambda_digests(config),
+           "default_name": config.model.name}
+    return b.stage("lambda", key, LambdaPackage,
+                   lambda workdir: package_lambda(config.lambda_, default_name=config.model.name, workdir=workdir))
+
+
+def _payload(b: _Build, converted: ConvertedModel, optimized: OptimizedModel, runtime: Runtime,
+             wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage) -> dict[str, Path]:
+    """The archive's layout (manifest.py names its folders): bundle path → file on disk."""
     payload = {f"{MODEL_DIR}/{p.name}": p for p in optimized.files}
-    if labels is not None:
+    if labels := b.config.model.labels or converted.labels:
         payload[LABELS] = labels
     payload[f"{LAMBDA_DIR}/{lambda_pkg.path.name}"] = lambda_pkg.path
     payload[f"{RUNTIME_DIR}/{runtime.name}/{DEFINITION}"] = runtime.definition
     payload.update({f"{WHEELS_DIR}/{wheel.name}": wheel for wheel in wheelhouse.wheels})
+    return payload
 
-    image = None
-    if config.runtime.image:
-        image = _runtime_image(config, cache, payload, runtime=runtime, reporter=reporter)
-        payload[IMAGE] = image.path
 
-    published = None
-    if options.publish:
-        published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
-                                   reporter=reporter)
-    documents = _greengrass_documents(config, cache, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
-                                      image=image, lambda_pkg=lambda_pkg, published=published)
-    payload.update(documents)
-
-    record = _manifest(config, training=training, detection=detection, optimized=optimized, parity=parity,
-                         runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
-                         published=published, documents=sorted(documents),
-                         labels=LABELS if labels else None, tools=tools, plugin_identity=plugin_identity)
-    reporter.step(f"bundle: signing with {signer.description}")
-    path, sha256, manifest = write_bundle(payload, record, signer, output)
+def _bundle(b: _Build, payload: Mapping[str, Path], record: BuildRecord, *, training: TrainingOutput,
+            optimized: OptimizedModel, parity: ParityReport | None, output: Path) -> BuildResult:
+    b.reporter.step(f"bundle: signing with {b.signer.description}")
+    path, sha256, manifest = write_bundle(payload, record, b.signer, output)
     sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),
                         bundle=path.stat().st_size)
-    return BuildResult(bundle=path, sha256=sha256, name=config.model.name, version=config.model.version,
-                       framework=plugin.framework.name, parity=parity, sizes=sizes, cached_stages=tuple(cached),
-                       notes=tuple(reporter.notes), manifest=manifest)
+    return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,
+                       framework=record.framework, parity=parity, sizes=sizes, cached_stages=tuple(b.cached),
+                       notes=tuple(b.reporter.notes), manifest=manifest)
 
 
-def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[str, Path], *, runtime: Runtime,
-                          vendored: bool, image: RuntimeImage | None, lambda_pkg: LambdaPackage,
+def _greengrass_documents(b: _Build, payload: Mapping[str, Path], *, runtime: Runtime, vendored: bool,
+                          image: RuntimeImage | None, lambda_pkg: LambdaPackage,
                           published: PublishedLambda | None) -> dict[str, Path]:
     """Write the Greengrass documents for ``config.greengrass.format``; return bundle path → file."""
+    config = b.config
     fmt = config.greengrass.format
     # what the device needs, by file name (Greengrass puts artifacts side by side); not the runtime definition
     device_files = {path.name: path for arc, path in payload.items() if not arc.endswith(DEFINITION)}
@@ -256,40 +317,23 @@ def _greengrass_documents(config: ProjectConfig, cache: Cache, payload: Mapping[
 
     key = {"payload": {arc: file_sha256(p) for arc, p in payload.items()}, "published": published and published.arn,
            "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model"})}
-    result, _ = cache.stage("greengrass", key, GreengrassDocuments, write)
-    return dict(result.files)
+    return dict(b.stage("greengrass", key, GreengrassDocuments, write).files)
 
 
-def _runtime_image(config: ProjectConfig, cache: Cache, payload: Mapping[str, Path], *, runtime: Runtime,
-                   reporter: Reporter) -> RuntimeImage:
-    """The runtime image, cached by its contents: an engine stamps each build with a new creation time."""
-    if not config.runtime.vendor:
-        raise ConfigError("`runtime.image = true` puts the vendored wheels into the image: set `runtime.vendor = true`")
-    files = {arc.removeprefix("runtime/") if arc.startswith("runtime/wheels/") else
-             ("runtime.toml" if arc.endswith(DEFINITION) else arc): path for arc, path in payload.items()}
+def _runtime_image(b: _Build, payload: dict[str, Path], runtime: Runtime) -> RuntimeImage | None:
+    """The runtime image (``runtime.image = true``), cached by its contents: an engine stamps each build with a
+    new creation time. Added to ``payload``."""
+    config = b.config
+    if not config.runtime.image:
+        return None
+    files = {arc.removeprefix(f"{RUNTIME_DIR}/") if arc.startswith(f"{WHEELS_DIR}/") else
+             (DEFINITION if arc.endswith(DEFINITION) else arc): path for arc, path in payload.items()}
     tag = f"{config.model.name}-runtime:{config.model.version}"
-    result, hit = cache.stage("image", {"files": {name: file_sha256(p) for name, p in files.items()}, "tag": tag},
-                              RuntimeImage, lambda workdir: build_image(runtime, files, tag=tag, workdir=workdir,
-                                                                        reporter=reporter))
-    if hit:
-        reporter.step(f"runtime: image {tag} unchanged, reused from the cache")
-    return result
-
-
-def _configured_source(config: ProjectConfig) -> str:
-    source = config.model.source
-    if not source:
-        raise ConfigError("no source: pass --source, or set `model.source` in deeplens.toml to a folder, a "
-                          f"model.tar.gz, an s3:// URI or {SAGEMAKER_PREFIX}NAME")
-    if source.startswith(("s3://", SAGEMAKER_PREFIX)):
-        return source
-    return str(config.root / source)  # relative to deeplens.toml, like every path in it
-
-
-def _record(stage: str, hit: bool, cached: list[str], reporter: Reporter) -> None:
-    if hit:
-        cached.append(stage)
-        reporter.step(f"{stage}: unchanged, reused from the cache")
+    image = b.stage("image", {"files": {name: file_sha256(p) for name, p in files.items()}, "tag": tag},
+                    RuntimeImage, lambda workdir: build_image(runtime, files, tag=tag, workdir=workdir,
+                                                              reporter=b.reporter))
+    payload[IMAGE] = image.path
+    return image
 
 
 def _version(distribution: str) -> str:
@@ -306,11 +350,12 @@ def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
     return {rel: file_sha256(source / rel) for rel in lambda_files(source)} if source.is_dir() else {}
 
 
-def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
+def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
               parity: ParityReport | None, runtime: Runtime, wheelhouse: Wheelhouse, image: RuntimeImage | None,
               lambda_pkg: LambdaPackage, published: PublishedLambda | None, documents: list[str],
-              labels: str | None, tools: Mapping[str, str], plugin_identity: Mapping[str, Any]) -> BuildRecord:
+              labels: bool) -> BuildRecord:
     """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
+    config = b.config
     platform_name = config.target.platform
     return BuildRecord(
         name=config.model.name,
@@ -320,7 +365,8 @@ def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Det
                             model_files=detection.model.files, notes=detection.model.notes,
                             sagemaker=training.sagemaker),
         model=ModelRecord(format=optimized.format, file=f"{MODEL_DIR}/{optimized.path.name}",
-                          files=tuple(f"{MODEL_DIR}/{p.name}" for p in optimized.files), labels=labels,
+                          files=tuple(f"{MODEL_DIR}/{p.name}" for p in optimized.files),
+                          labels=LABELS if labels else None,
                           precision=optimized.precision, task=config.model.task, inputs=optimized.inputs,
                           outputs=optimized.outputs),
         optimization=OptimizationRecord(passes=optimized.passes, opset=optimized.opset,
@@ -340,5 +386,5 @@ def _manifest(config: ProjectConfig, *, training: TrainingOutput, detection: Det
             alias=published.alias if published else None),
         greengrass=GreengrassRecord(format=config.greengrass.format, component=greengrass.component_name(config),
                                     documents=tuple(documents)),
-        provenance=ProvenanceRecord(plugin=PluginRecord(**plugin_identity), tools=dict(tools)),
+        provenance=ProvenanceRecord(plugin=PluginRecord(**b.plugin_identity(detection)), tools=dict(b.tools)),
     )

@@ -27,6 +27,8 @@ from deeplens_build.types import (
     ModelFiles,
     PluginInfo,
     PluginSettings,
+    SourceInfo,
+    SourceKind,
     TensorSpec,
     TrainingOutput,
 )
@@ -37,9 +39,15 @@ ONLY_ENV = "DEEPLENS_BUILD_PLUGINS"
 """Comma-separated entry-point names to load, ignoring every other installed plugin (used by the test suite)."""
 
 BUILTIN_DISTRIBUTIONS = frozenset(
-    {"deeplens-build-onnx", "deeplens-build-mxnet", "deeplens-build-tensorflow", "deeplens-build-caffe"}
+    {"deeplens-build", "deeplens-build-onnx", "deeplens-build-mxnet", "deeplens-build-tensorflow",
+     "deeplens-build-caffe"}
 )
+CORE_SOURCES = "deeplens-sources"
+"""The entry point of the built-in source kinds (local paths, s3://, sagemaker-job:) in the core's distribution.
+Loaded like any plugin; registered directly when an allowlist or ``entry_points=False`` leaves it out, since
+no build can fetch without it (blocking it by name still removes it)."""
 _FRAMEWORK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,11 @@ class LoadFailure:
 class PluginManager:
     """The loaded framework plugins and typed, validated calls into them."""
 
-    def __init__(self, pm: pluggy.PluginManager, infos: Mapping[str, PluginInfo], failures: tuple[LoadFailure, ...]):
+    def __init__(self, pm: pluggy.PluginManager, infos: Mapping[str, PluginInfo], sources: tuple[SourceInfo, ...],
+                 failures: tuple[LoadFailure, ...]):
         self._pm = pm
         self._infos = dict(infos)
+        self.sources = sources
         self.failures = failures
 
     @property
@@ -69,6 +79,23 @@ class PluginManager:
             return "no framework plugins are installed (pip install deeplens-build-onnx)"
         return ", ".join(f"{p.framework.name} ({p.distribution} {p.version})" if p.distribution
                          else f"{p.framework.name} (registered directly)" for p in self.plugins)
+
+    def source_kind(self, source: str) -> SourceKind:
+        """The source kind that claims ``source``: the longest matching prefix, else the local-path fallback.
+
+        :raises SourceError: for a URI no installed kind claims.
+        """
+        claims = [(len(prefix), info.kind) for info in self.sources for prefix in info.kind.prefixes
+                  if source.startswith(prefix)]
+        if claims:
+            return max(claims, key=lambda claim: claim[0])[1]
+        fallback = [info.kind for info in self.sources if not info.kind.prefixes]
+        if (uri := _URI.match(source)) and not Path(source).exists() or not fallback:
+            scheme = uri["scheme"] if uri else source
+            kinds = ", ".join(p for info in self.sources for p in info.kind.prefixes) or "none"
+            raise SourceError(f"no source plugin fetches {scheme!r} sources ({source!r}); installed: {kinds}. "
+                              "Install the source plugin for it, or download the model and give its path")
+        return fallback[0]
 
     def plugin_for(self, framework: str) -> PluginInfo:
         for info in self._infos.values():
@@ -211,12 +238,24 @@ def build_plugin_manager(
                 failures.append(LoadFailure(ep.name, ep.dist.name if ep.dist else None, f"{type(exc).__name__}: {exc}"))
                 continue
             dists[ep.name] = ep.dist
+    if not pm.has_plugin(CORE_SOURCES) and not pm.is_blocked(CORE_SOURCES):
+        from deeplens_build import sources
+
+        pm.register(sources, name=CORE_SOURCES)
+        dists[CORE_SOURCES] = _distribution("deeplens-build")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
     infos = _declare_frameworks(pm, dists, failures)
-    return PluginManager(pm, infos, tuple(failures))
+    kinds = _declare_sources(pm, dists, failures)
+    for name, plugin in pm.list_name_plugin():
+        if plugin is not None and name not in infos and not any(k.plugin == name for k in kinds) \
+                and not any(f.name == name for f in failures):
+            failures.append(LoadFailure(name, None, "implements neither deeplens_build_framework nor "
+                                                    "deeplens_build_sources"))
+            pm.unregister(plugin)
+    return PluginManager(pm, infos, kinds, tuple(failures))
 
 
 def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
@@ -244,12 +283,6 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
             builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
             tool_versions={req: _installed_version(req) for req in framework.requires},
         )
-    for name, plugin in pm.list_name_plugin():
-        if plugin is None:  # blocked by name
-            continue
-        if name not in infos and not any(f.name == name for f in failures):
-            failures.append(LoadFailure(name, None, "does not implement deeplens_build_framework"))
-            pm.unregister(plugin)
     by_framework: dict[str, list[PluginInfo]] = {}
     for info in infos.values():
         by_framework.setdefault(info.framework.name, []).append(info)
@@ -259,6 +292,42 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
             raise PluginError(f"framework {framework_name!r} is provided by more than one plugin: {who}; "
                               f"uninstall one, or block it with {DISABLE_ENV}")
     return infos
+
+
+def _declare_sources(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
+                     failures: list[LoadFailure]) -> tuple[SourceInfo, ...]:
+    infos: list[SourceInfo] = []
+    for impl in pm.hook.deeplens_build_sources.get_hookimpls():
+        name, dist = impl.plugin_name, dists.get(impl.plugin_name)
+        try:
+            kinds = impl.function()
+        except Exception as exc:  # same rule as an import failure: report and skip
+            failures.append(LoadFailure(name, dist.name if dist else None, f"{type(exc).__name__}: {exc}"))
+            continue
+        if not isinstance(kinds, list | tuple) or not all(isinstance(k, SourceKind) and callable(k.fetch)
+                                                         for k in kinds):
+            raise PluginError(f"plugin {name!r}: deeplens_build_sources must return a list of SourceKind; got "
+                              f"{kinds!r}")
+        infos += [SourceInfo(kind=k, plugin=name, distribution=dist.name if dist else None,
+                             version=dist.version if dist else None,
+                             builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS)) for k in kinds]
+    claims: dict[str, list[SourceInfo]] = {}
+    for info in infos:
+        for prefix in info.kind.prefixes or ("",):
+            claims.setdefault(prefix, []).append(info)
+    for prefix, providers in claims.items():
+        if len(providers) > 1:
+            who = " and ".join(f"{p.kind.name!r} of plugin {p.plugin!r}" for p in providers)
+            what = f"source prefix {prefix!r}" if prefix else "local paths (a kind without prefixes)"
+            raise PluginError(f"{what} is claimed by {who}; uninstall one, or block it with {DISABLE_ENV}")
+    return tuple(infos)
+
+
+def _distribution(name: str) -> metadata.Distribution | None:
+    try:
+        return metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _names_from(variable: str) -> set[str] | None:

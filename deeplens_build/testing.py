@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from deeplens_build import hookimpl
 
 from deeplens_build.bundle import Verified, verify_bundle
+from deeplens_build.cache import tool_cache_environment
 from deeplens_build.config import CONFIG_NAME, load_config
 from deeplens_build.pipeline import BuildOptions, package
 from deeplens_build.plugins import build_plugin_manager
@@ -106,10 +108,12 @@ def build(config: Path, *, plugins: Iterable[object] = (), entry_points: bool = 
     :param only: entry-point names to load when ``entry_points`` is True.
     :param key: the signing key; by default one made beside ``config``.
     """
+    project = load_config(config)
+    os.environ.update(tool_cache_environment(project.build.work_dir))
     manager = build_plugin_manager(extra=plugins, entry_points=entry_points, only=only)
     options = BuildOptions(source=source, output=output, use_cache=use_cache, publish=publish,
                            signing_key=str(key or signing_key(config.parent)))
-    return package(load_config(config), options, manager=manager, reporter=Reporter(quiet=True))
+    return package(project, options, manager=manager, reporter=Reporter(quiet=True))
 
 
 def verify(bundle: Path, public_key: Path | None = None) -> Verified:

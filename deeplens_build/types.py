@@ -6,10 +6,10 @@ an upstream stage decided. Paths are absolute on this machine; the manifest reco
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -143,6 +143,24 @@ class Framework:
 
 
 @dataclass(frozen=True)
+class SourceKind:
+    """A kind of source a plugin fetches (one answer of ``deeplens_build_sources``).
+
+    :param name: short unique name shown by ``deeplens-build plugins``, e.g. ``"s3"``.
+    :param prefixes: the source strings it claims, by prefix, e.g. ``("s3://",)``; the longest matching prefix
+        wins. Empty only for the one fallback kind that takes everything else (the built-in local paths).
+    :param summary: one line shown by ``deeplens-build plugins``, e.g. ``"s3://BUCKET/KEY"``.
+    :param fetch: ``fetch(source, context) -> TrainingOutput``: acquire ``source`` through ``context`` (a
+        :class:`deeplens_build.fetch.SourceContext`), which caches downloads and extracts archives safely.
+    """
+
+    name: str
+    prefixes: tuple[str, ...]
+    summary: str
+    fetch: Callable[[str, Any], TrainingOutput] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class ModelFiles:
     """A plugin's claim on a training output (answer of ``deeplens_build_detect``).
 
@@ -189,6 +207,17 @@ class PluginInfo:
     version: str | None
     builtin: bool
     tool_versions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A source kind and the plugin that declared it, as ``deeplens-build plugins`` lists it."""
+
+    kind: SourceKind
+    plugin: str
+    distribution: str | None
+    version: str | None
+    builtin: bool
 
 
 @dataclass(frozen=True)

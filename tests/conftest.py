@@ -10,7 +10,7 @@ import pytest
 
 from deeplens_build import testing
 
-BUILTIN_PLUGINS = "onnx,mxnet,tensorflow,caffe"
+BUILTIN_PLUGINS = "deeplens-sources,onnx,mxnet,tensorflow,caffe"
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from deeplens_build import testing
 from deeplens_build.cache import Cache
 from deeplens_build.config import FetchConfig
 from deeplens_build.errors import SourceError
-from deeplens_build.fetch import fetch
+from deeplens_build.fetch import SourceContext, local
 from deeplens_build.report import Reporter
 
 
@@ -21,7 +21,8 @@ def _archive(path: Path, *members: tuple[str, bytes]) -> Path:
 
 
 def _fetch(source: Path, work: Path, **limits: int):
-    return fetch(str(source), cache=Cache(work / "cache"), limits=FetchConfig(**limits), reporter=Reporter(quiet=True))
+    context = SourceContext(cache=Cache(work / "cache"), limits=FetchConfig(**limits), reporter=Reporter(quiet=True))
+    return local(str(source), context)
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))
