@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import pluggy
 
-from deeplens_build.errors import ConversionError, DeepLensBuildError, PluginError, SourceError
+from deeplens_build.errors import (
+    ConversionError,
+    DeepLensBuildError,
+    PluginError,
+    SourceError,
+)
 from deeplens_build.types import (
     ConvertedModel,
     Framework,

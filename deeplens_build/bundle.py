@@ -22,9 +22,20 @@ from pathlib import Path
 from typing import IO
 
 from deeplens_build import locks, signing
-from deeplens_build.archive import Extractor, UnsafeMember, check_end, member_parts, open_tar
+from deeplens_build.archive import (
+    Extractor,
+    UnsafeMember,
+    check_end,
+    member_parts,
+    open_tar,
+)
 from deeplens_build.digest import file_sha256
-from deeplens_build.errors import BundleError, SigningError, UsageError, VerificationError
+from deeplens_build.errors import (
+    BundleError,
+    SigningError,
+    UsageError,
+    VerificationError,
+)
 from deeplens_build.manifest import (
     MANIFEST,
     MAX_MANIFEST,

@@ -137,11 +137,11 @@ def publish_lambda_command(config_path: Path | None, as_json: bool) -> None:
     """Create or update the inference Lambda, publish a version and move its alias to it."""
     import tempfile
 
+    from deeplens_build.aws.greengrass import lambda_environment
+    from deeplens_build.aws.publish import publish_lambda
     from deeplens_build.config import load_config
-    from deeplens_build.greengrass import lambda_environment
-    from deeplens_build.lambda_package import package_lambda
-    from deeplens_build.publish import publish_lambda
     from deeplens_build.report import Reporter
+    from deeplens_build.stages.lambda_package import package_lambda
 
     config = load_config(config_path)
     config.build.work_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def verify(bundle: Path, public_key: Path | None) -> None:
 def deploy_command(bundle: Path, target_text: str, fmt: str, public_key: Path | None, allow_any_signer: bool,
                    rollout_rate: int, abort_percent: float, as_json: bool) -> None:
     """Verify the bundle, upload its artifacts to S3, register and deploy it with Greengrass."""
-    from deeplens_build.deploy import Clients, Rollout, deploy, parse_target
+    from deeplens_build.aws.deploy import Clients, Rollout, deploy, parse_target
     from deeplens_build.report import Reporter
 
     result = deploy(bundle, parse_target(target_text), fmt=fmt, public_key=public_key,

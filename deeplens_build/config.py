@@ -23,8 +23,8 @@ from pydantic import (
 )
 
 from deeplens_build import names
+from deeplens_build.aws.recipe import COMPONENT_NAME
 from deeplens_build.errors import ConfigError
-from deeplens_build.recipe import COMPONENT_NAME
 
 CONFIG_NAME = "deeplens.toml"
 MAX_RANDOM_SAMPLES = 1000

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING
 import pluggy
 
 from deeplens_build import NAME
-from deeplens_build.types import ConvertedModel, Framework, ModelFiles, PluginSettings, SourceKind, TrainingOutput
+from deeplens_build.types import (
+    ConvertedModel,
+    Framework,
+    ModelFiles,
+    PluginSettings,
+    SourceKind,
+    TrainingOutput,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,7 +63,7 @@ def deeplens_build_sources() -> list[SourceKind]:
     (``scheme://...``) is an error listing the installed kinds; anything else is a local path (the built-in
     ``local`` kind). Two kinds claiming one prefix is an error naming both plugins.
 
-    The fetch function receives the source string and a :class:`deeplens_build.fetch.SourceContext`: fetch
+    The fetch function receives the source string and a :class:`deeplens_build.stages.fetch.SourceContext`: fetch
     remote bytes once with ``context.stored(...)`` (cached by the key you give, e.g. the object's ETag), then
     hand the file to ``context.from_file(...)`` (archives are extracted safely, under the user's limits) or a
     folder to ``context.from_folder(...)``. Raise :class:`deeplens_build.SourceError` for a source that

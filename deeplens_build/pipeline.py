@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deeplens_build import __version__
+from deeplens_build.aws import greengrass
+from deeplens_build.aws.publish import publish_lambda
 from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
 from deeplens_build.cache import Cache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError
-from deeplens_build.fetch import SourceContext, fetch
-from deeplens_build import greengrass
-from deeplens_build.image import build_image
-from deeplens_build.lambda_package import package_lambda, write_zip
 from deeplens_build.manifest import (
     IMAGE,
     LABELS,
@@ -49,13 +47,20 @@ from deeplens_build.manifest import (
     WheelRecord,
     v1_definition,
 )
-from deeplens_build.publish import publish_lambda
-from deeplens_build.optimize import optimize
-from deeplens_build.parity import check_parity
 from deeplens_build.plugins import PluginManager
 from deeplens_build.report import Reporter
-from deeplens_build.runtime import DEFINITION, load_runtimes, select_runtime, vendor_wheels
 from deeplens_build.signing import Signer, load_signer
+from deeplens_build.stages.fetch import SourceContext, fetch
+from deeplens_build.stages.image import build_image
+from deeplens_build.stages.lambda_package import package_lambda, write_zip
+from deeplens_build.stages.optimize import optimize
+from deeplens_build.stages.parity import check_parity
+from deeplens_build.stages.runtime import (
+    DEFINITION,
+    load_runtimes,
+    select_runtime,
+    vendor_wheels,
+)
 from deeplens_build.types import (
     BuildResult,
     BundleSizes,
@@ -344,7 +349,7 @@ def _version(distribution: str) -> str:
 
 
 def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
-    from deeplens_build.lambda_package import lambda_files
+    from deeplens_build.stages.lambda_package import lambda_files
 
     source = config.lambda_.source
     return {rel: file_sha256(source / rel) for rel in lambda_files(source)} if source.is_dir() else {}

@@ -18,7 +18,12 @@ import pluggy
 from pydantic import ValidationError
 
 from deeplens_build import NAME, hookspecs
-from deeplens_build.errors import ConfigError, DeepLensBuildError, PluginError, SourceError
+from deeplens_build.errors import (
+    ConfigError,
+    DeepLensBuildError,
+    PluginError,
+    SourceError,
+)
 from deeplens_build.names import first_problem
 from deeplens_build.types import (
     ConvertedModel,

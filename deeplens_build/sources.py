@@ -11,7 +11,7 @@ from pathlib import Path
 
 from deeplens_build import hookimpl
 from deeplens_build.errors import AwsError, SourceError
-from deeplens_build.fetch import SourceContext, local
+from deeplens_build.stages.fetch import SourceContext, local
 from deeplens_build.types import SageMakerJob, SourceKind, TrainingOutput
 
 BUCKET_PREFIX = "deeplens"

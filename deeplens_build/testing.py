@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import hookimpl
-
 from deeplens_build.bundle import Verified, verify_bundle
 from deeplens_build.cache import tool_cache_environment
 from deeplens_build.config import CONFIG_NAME, load_config

@@ -151,7 +151,7 @@ class SourceKind:
         wins. Empty only for the one fallback kind that takes everything else (the built-in local paths).
     :param summary: one line shown by ``deeplens-build plugins``, e.g. ``"s3://BUCKET/KEY"``.
     :param fetch: ``fetch(source, context) -> TrainingOutput``: acquire ``source`` through ``context`` (a
-        :class:`deeplens_build.fetch.SourceContext`), which caches downloads and extracts archives safely.
+        :class:`deeplens_build.stages.fetch.SourceContext`), which caches downloads and extracts archives safely.
     """
 
     name: str

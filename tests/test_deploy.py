@@ -16,7 +16,7 @@ from botocore.stub import Stubber
 from helpers import cli, error_line
 
 from deeplens_build import testing
-from deeplens_build.deploy import Clients, Rollout, Target, deploy
+from deeplens_build.aws.deploy import Clients, Rollout, Target, deploy
 from deeplens_build.errors import AwsError, VerificationError
 from deeplens_build.report import Reporter
 

@@ -14,11 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import cli, error_line, files_under
 
 from deeplens_build import onnxtools, testing
-from deeplens_build.device import DeviceOptions, DeviceRunError, DeviceSummary, run_device, watch
+from deeplens_build.device import (
+    DeviceOptions,
+    DeviceRunError,
+    DeviceSummary,
+    run_device,
+    watch,
+)
 from deeplens_build.errors import DeviceError, UsageError, VerificationError
 from deeplens_build.report import Reporter
 

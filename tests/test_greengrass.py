@@ -16,9 +16,9 @@ from botocore.stub import Stubber
 from helpers import package_json
 
 from deeplens_build import testing
+from deeplens_build.aws.greengrass import create_v1_group_version
+from deeplens_build.aws.recipe import Recipe, checked
 from deeplens_build.errors import BundleError
-from deeplens_build.greengrass import create_v1_group_version
-from deeplens_build.recipe import Recipe, checked
 
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "reference" / "greengrass-v2-recipe.schema.json"
 

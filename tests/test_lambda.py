@@ -10,7 +10,7 @@ import pytest
 
 from deeplens_build.config import LambdaConfig
 from deeplens_build.errors import ConfigError
-from deeplens_build.lambda_package import package_lambda
+from deeplens_build.stages.lambda_package import package_lambda
 
 
 def _source(root: Path) -> Path:

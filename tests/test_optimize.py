@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deeplens_build import onnxtools, testing
 from deeplens_build.errors import ConfigError
-from deeplens_build.optimize import optimize
 from deeplens_build.report import Reporter
+from deeplens_build.stages.optimize import optimize
 from deeplens_build.types import ConvertedModel
 
 

@@ -10,7 +10,7 @@ from helpers import package_project, runtime_definition, wheel
 
 from deeplens_build import testing
 from deeplens_build.errors import BundleError, ConfigError
-from deeplens_build.runtime import load_runtimes, select_runtime
+from deeplens_build.stages.runtime import load_runtimes, select_runtime
 
 
 @pytest.mark.parametrize(("platform", "accelerator", "expected"), [

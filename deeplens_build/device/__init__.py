@@ -27,11 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deeplens_build.aws.greengrass import LAMBDA_RUNNER
 from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.cache import tool_cache_environment
 from deeplens_build.errors import BundleError, DeviceError, UsageError
-from deeplens_build.greengrass import LAMBDA_RUNNER
-from deeplens_build.manifest import MODEL_DIR, MODEL_DIR_VARIABLE, THING_VARIABLE, WHEELS_DIR, Manifest, infer_topic
+from deeplens_build.manifest import (
+    MODEL_DIR,
+    MODEL_DIR_VARIABLE,
+    THING_VARIABLE,
+    WHEELS_DIR,
+    Manifest,
+    infer_topic,
+)
 from deeplens_build.report import Reporter
 
 CONNECT_TIMEOUT = 10.0

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from deeplens_build import recipe as recipe_format
+from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError

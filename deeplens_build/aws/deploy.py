@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deeplens_build import greengrass
+from deeplens_build.aws import greengrass
 from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import AwsError, UsageError

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deeplens_build.archive import Extractor, UnsafeMember, check_end, header_bytes, member_parts, open_tar
+from deeplens_build.archive import (
+    Extractor,
+    UnsafeMember,
+    check_end,
+    header_bytes,
+    member_parts,
+    open_tar,
+)
 from deeplens_build.cache import Cache
 from deeplens_build.config import FetchConfig
 from deeplens_build.digest import file_sha256, tree_sha256

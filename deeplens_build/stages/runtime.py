@@ -44,8 +44,9 @@ class _Definition(BaseModel):
 
 def runtimes_dir() -> Path:
     """The built-in definitions: packaged in the wheel, or ``runtimes/`` of a source checkout."""
-    packaged = Path(__file__).parent / "runtimes"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "runtimes"
+    package = Path(__file__).parents[1]
+    packaged = package / "runtimes"
+    return packaged if packaged.is_dir() else package.parent / "runtimes"
 
 
 def load_runtimes(project: Path | None = None) -> tuple[Runtime, ...]:
