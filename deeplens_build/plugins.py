@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,14 +266,7 @@ def build_plugin_manager(
 def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
                         failures: list[LoadFailure]) -> dict[str, PluginInfo]:
     infos: dict[str, PluginInfo] = {}
-    for impl in pm.hook.deeplens_build_framework.get_hookimpls():
-        name, dist = impl.plugin_name, dists.get(impl.plugin_name)
-        try:
-            framework = impl.function()
-        except Exception as exc:  # same rule as an import failure: report and skip
-            failures.append(LoadFailure(name, dist.name if dist else None, f"{type(exc).__name__}: {exc}"))
-            pm.unregister(name=name)
-            continue
+    for name, dist, framework in _declarations(pm, "deeplens_build_framework", dists, failures):
         if not isinstance(framework, Framework) or not _FRAMEWORK_NAME.match(framework.name):
             raise PluginError(f"plugin {name!r}: deeplens_build_framework must return a Framework whose name "
                               f"matches {_FRAMEWORK_NAME.pattern}; got {framework!r}")
@@ -302,13 +295,7 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
 def _declare_sources(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
                      failures: list[LoadFailure]) -> tuple[SourceInfo, ...]:
     infos: list[SourceInfo] = []
-    for impl in pm.hook.deeplens_build_sources.get_hookimpls():
-        name, dist = impl.plugin_name, dists.get(impl.plugin_name)
-        try:
-            kinds = impl.function()
-        except Exception as exc:  # same rule as an import failure: report and skip
-            failures.append(LoadFailure(name, dist.name if dist else None, f"{type(exc).__name__}: {exc}"))
-            continue
+    for name, dist, kinds in _declarations(pm, "deeplens_build_sources", dists, failures):
         if not isinstance(kinds, list | tuple) or not all(isinstance(k, SourceKind) and callable(k.fetch)
                                                          for k in kinds):
             raise PluginError(f"plugin {name!r}: deeplens_build_sources must return a list of SourceKind; got "
@@ -326,6 +313,21 @@ def _declare_sources(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Dist
             what = f"source prefix {prefix!r}" if prefix else "local paths (a kind without prefixes)"
             raise PluginError(f"{what} is claimed by {who}; uninstall one, or block it with {DISABLE_ENV}")
     return tuple(infos)
+
+
+def _declarations(pm: pluggy.PluginManager, hook: str, dists: Mapping[str, metadata.Distribution | None],
+                  failures: list[LoadFailure]) -> Iterator[tuple[str, metadata.Distribution | None, Any]]:
+    """Each plugin's answer to a declaration hook, as (plugin name, distribution, answer). A plugin whose
+    declaration raises is reported and unregistered, like one that fails to import."""
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        name, dist = impl.plugin_name, dists.get(impl.plugin_name)
+        try:
+            answer = impl.function()
+        except Exception as exc:  # a broken third-party plugin must not break unrelated builds
+            failures.append(LoadFailure(name, dist.name if dist else None, f"{type(exc).__name__}: {exc}"))
+            pm.unregister(name=name)
+            continue
+        yield name, dist, answer
 
 
 def _distribution(name: str) -> metadata.Distribution | None:
