@@ -123,6 +123,11 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
                 frames += 1
                 link.publish(line.strip())
     finally:
+        if not stop.is_set() and (options.max_frames is None or frames < options.max_frames):
+            try:  # its output ended: the Lambda is exiting on its own, and its exit code tells how
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
         ended = child.poll()
         child.terminate()
         try:

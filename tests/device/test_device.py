@@ -27,7 +27,7 @@ from deeplens_build.device import (
 from deeplens_build.errors import DeviceError, UsageError, VerificationError
 from deeplens_build.report import Reporter
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "classifier"
 THING = "deeplens_test"
 
 

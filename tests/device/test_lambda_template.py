@@ -15,7 +15,7 @@ import numpy as np
 
 from deeplens_build import onnxtools, testing
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "classifier"
 
 
 def test_template_publishes_one_prediction_per_frame_matching_onnxruntime(tmp_path: Path) -> None:

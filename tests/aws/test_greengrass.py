@@ -20,7 +20,7 @@ from deeplens_build.aws.greengrass import create_v1_group_version
 from deeplens_build.aws.recipe import Recipe, checked
 from deeplens_build.errors import BundleError
 
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "reference" / "greengrass-v2-recipe.schema.json"
+SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "reference" / "greengrass-v2-recipe.schema.json"
 
 
 def _lowercase_keys(value: Any) -> Any:
