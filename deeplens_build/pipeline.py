@@ -52,7 +52,7 @@ from deeplens_build.report import Reporter
 from deeplens_build.signing import Signer, load_signer
 from deeplens_build.stages.fetch import SourceContext, fetch
 from deeplens_build.stages.image import build_image
-from deeplens_build.stages.lambda_package import package_lambda, write_zip
+from deeplens_build.stages.lambda_package import lambda_entries, package_lambda, write_zip
 from deeplens_build.stages.optimize import optimize
 from deeplens_build.stages.parity import check_parity
 from deeplens_build.stages.runtime import (
@@ -349,10 +349,8 @@ def _version(distribution: str) -> str:
 
 
 def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
-    from deeplens_build.stages.lambda_package import lambda_files
-
     source = config.lambda_.source
-    return {rel: file_sha256(source / rel) for rel in lambda_files(source)} if source.is_dir() else {}
+    return {rel: file_sha256(path) for rel, path in lambda_entries(source).items()} if source.is_dir() else {}
 
 
 def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,

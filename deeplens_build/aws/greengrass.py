@@ -24,15 +24,28 @@ from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, Runtim
 
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
 MODEL_RESOURCE_ID = "deeplens-model"
-LAMBDA_RUNNER = ("import importlib, os, sys, threading, traceback; "
-                 "threading.excepthook = lambda a: (traceback.print_exception(a.exc_type, a.exc_value, "
-                 "a.exc_traceback), os._exit(1)); "
-                 "sys.path.insert(0, sys.argv[2]); importlib.import_module(sys.argv[1]); "
-                 "[t.join() for t in threading.enumerate() if t is not threading.main_thread()]")
+LAMBDA_RUNNER = "\n".join((
+    "import atexit, importlib, os, signal, sys, threading, traceback",
+    "def _died(a):",
+    "    traceback.print_exception(a.exc_type, a.exc_value, a.exc_traceback)",
+    "    atexit._run_exitfuncs()",
+    "    os._exit(1)",
+    "def _stop(*_):",
+    "    atexit._run_exitfuncs()",
+    "    os._exit(0)",
+    "threading.excepthook = _died",
+    "signal.signal(signal.SIGTERM, _stop)",
+    "sys.path.insert(0, sys.argv[2])",
+    "importlib.import_module(sys.argv[1])",
+    "for t in threading.enumerate():",
+    "    if t is not threading.main_thread():",
+    "        t.join()",
+))
 """How a core (and ``deeplens-build run``) runs the Lambda: ``python -c LAMBDA_RUNNER MODULE CODE_DIR``. The
 module is an argument, never pasted into code; the process lives as long as the module's threads do, and exits
 non-zero as soon as one dies with an error, so the nucleus restarts the component instead of keeping a process
-whose loop is gone."""
+whose loop is gone. On SIGTERM (how a core stops a component) and on that error it first runs the exit hooks,
+so ``deeplens_publish`` hands the results still waiting to the broker."""
 
 
 def component_name(config: ProjectConfig) -> str:

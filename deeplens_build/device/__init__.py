@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import threading
 import time
 import uuid
 import zipfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,10 @@ from deeplens_build.manifest import (
 )
 from deeplens_build.report import Reporter
 
+STATS_FILE = "publish-stats.json"
+RUN_SUPPORT = "run-support"
+FLUSH_SECONDS = 5.0
+"""How long the Lambda's publisher may take to hand waiting results to the broker when it stops."""
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for the broker before ``run`` or ``watch`` gives up."""
 PASSED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -100,53 +102,57 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
         archive.extractall(code)
     python = _runtime_python(root, manifest, reporter)
     topic = infer_topic(options.thing)
-    link = _Mqtt(options, reporter)  # before the Lambda starts: an unreachable broker fails in seconds
-    reporter.step(f"device: {manifest.name} {manifest.version} in {root}, publishing to "
+    _probe_broker(options.mqtt_host, options.mqtt_port)  # before the Lambda starts: a wrong address fails in seconds
+    stats = root / STATS_FILE
+    stats.unlink(missing_ok=True)
+    reporter.step(f"device: {manifest.name} {manifest.version} in {root}, the Lambda publishing to "
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
     child = subprocess.Popen([python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)], cwd=code,
-                             env=_lambda_environment(root, device_dir, manifest, options), stdout=subprocess.PIPE,
-                             text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(child.stdout, lines), daemon=True).start()
-    frames = 0
+                             env=_lambda_environment(root, device_dir, manifest, options, stats))
     try:
-        while not stop.is_set() and (options.max_frames is None or frames < options.max_frames):
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                if child.poll() is not None and lines.empty():
-                    break
-                continue
-            if line is None:
+        while not stop.is_set() and child.poll() is None:
+            if options.max_frames is not None and _counts(stats)["published"] >= options.max_frames:
                 break
-            if line.strip().startswith("{"):
-                frames += 1
-                link.publish(line.strip())
+            time.sleep(0.1)
     finally:
-        if not stop.is_set() and (options.max_frames is None or frames < options.max_frames):
-            try:  # its output ended: the Lambda is exiting on its own, and its exit code tells how
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
         ended = child.poll()
-        child.terminate()
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        counts = link.close()
-    summary = DeviceSummary(frames=frames, **counts, topic=topic)
+        if ended is None:
+            child.terminate()  # SIGTERM, as a core stops a component: the runner flushes what waits, then exits
+            try:
+                child.wait(timeout=FLUSH_SECONDS + 5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    counts = _counts(stats)
+    summary = DeviceSummary(frames=counts["results"], published=counts["published"], dropped=counts["dropped"],
+                            reconnects=counts["reconnects"], topic=topic)
     if ended not in (None, 0):
-        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} after {frames} "
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} after {summary.frames} "
                              "result(s) (its output is above); on a core the nucleus would restart it", summary)
-    if options.max_frames is not None and frames < options.max_frames and not stop.is_set():
-        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {frames} of the "
+    if options.max_frames is not None and summary.frames < options.max_frames and not stop.is_set():
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {summary.frames} of the "
                              f"{options.max_frames} results asked for (did its frames run out?)", summary)
     if summary.dropped:
-        raise DeviceRunError(f"{summary.dropped} of {frames} result(s) never reached the MQTT broker at "
+        raise DeviceRunError(f"{summary.dropped} of {summary.frames} result(s) never reached the MQTT broker at "
                              f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
     return summary
+
+
+def _counts(stats: Path) -> dict[str, int]:
+    """What the Lambda's publisher counted (``deeplens_publish`` writes it after every change)."""
+    try:
+        return json.loads(stats.read_text())
+    except (OSError, ValueError):
+        return {"results": 0, "published": 0, "dropped": 0, "reconnects": 0}
+
+
+def _probe_broker(host: str, port: int) -> None:
+    ready = threading.Event()
+    client = _client("deeplens-run-probe")
+    client.on_connect = lambda *args: ready.set()
+    _connect(client, host, port, ready)
+    client.disconnect()
+    client.loop_stop()
 
 
 def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[Path, Manifest]:
@@ -164,8 +170,10 @@ def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[P
     return root, manifest
 
 
-def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions) -> dict[str, str]:
-    """What a Greengrass core gives a Lambda, plus what the bundle declares; nothing else from this shell."""
+def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions,
+                        stats: Path) -> dict[str, str]:
+    """What a Greengrass core gives a Lambda, plus what the bundle declares, plus where ``deeplens_publish``
+    reaches the broker; nothing else from this shell."""
     home = root / "home"
     home.mkdir(exist_ok=True)
     env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
@@ -173,18 +181,16 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
     env.update(tool_cache_environment(device_dir))
     env.update({"HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1",
                 MODEL_DIR_VARIABLE: str(root / MODEL_DIR), THING_VARIABLE: options.thing,
-                "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval)})
+                "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval),
+                "DEEPLENS_MQTT": f"{options.mqtt_host}:{options.mqtt_port}", "DEEPLENS_MQTT_BUFFER": str(options.buffer),
+                "DEEPLENS_PUBLISH_STATS": str(stats)})
+    if (root / RUN_SUPPORT).is_dir():
+        env["PYTHONPATH"] = str(root / RUN_SUPPORT)
     if options.frames:
         env["DEEPLENS_FRAMES"] = str(Path(options.frames).resolve())
     if options.max_frames:
         env["DEEPLENS_MAX_FRAMES"] = str(options.max_frames)
     return env
-
-
-def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
 
 
 def _runtime_python(root: Path, manifest: Manifest, reporter: Reporter) -> str:
@@ -201,6 +207,10 @@ def _runtime_python(root: Path, manifest: Manifest, reporter: Reporter) -> str:
                            str(root / WHEELS_DIR), *runtime.requirements], capture_output=True, text=True)
     if done.returncode != 0:
         raise BundleError(f"the runtime's vendored wheels do not install here: {done.stderr.strip()[-300:]}")
+    # the MQTT client deeplens_publish uses under `run` only (a core publishes through IPC or its SDK)
+    import paho
+
+    shutil.copytree(Path(paho.__file__).parent, root / RUN_SUPPORT / "paho")
     return python
 
 
@@ -229,61 +239,6 @@ def _connect(client: Any, host: str, port: int, ready: threading.Event) -> None:
         client.loop_stop()
         raise DeviceError(f"the MQTT broker at {host}:{port} did not accept the connection within "
                           f"{CONNECT_TIMEOUT:.0f} s")
-
-
-class _Mqtt:
-    """Publish with QoS 1; while disconnected, keep up to ``buffer`` results and reconnect in the background."""
-
-    def __init__(self, options: DeviceOptions, reporter: Reporter):
-        self.topic = infer_topic(options.thing)
-        self.reporter = reporter
-        self.pending: deque[str] = deque(maxlen=options.buffer)
-        self.lock = threading.Lock()
-        self.connected = threading.Event()
-        self.closing = False
-        self.published = self.dropped = self.connects = 0
-        self.client = _client(f"deeplens-device-{options.thing}")
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        _connect(self.client, options.mqtt_host, options.mqtt_port, self.connected)
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            return
-        self.connects += 1
-        self.connected.set()
-        with self.lock:
-            while self.pending:
-                self._send(self.pending.popleft())
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if self.connected.is_set() and not self.closing:
-            self.reporter.warn("MQTT broker lost; buffering results and reconnecting")
-        self.connected.clear()
-
-    def _send(self, payload: str) -> None:
-        self.client.publish(self.topic, payload, qos=1)
-        self.published += 1
-
-    def publish(self, payload: str) -> None:
-        with self.lock:
-            if self.connected.is_set() and self.client.is_connected():
-                self._send(payload)
-                return
-            if len(self.pending) == self.pending.maxlen:
-                self.dropped += 1
-            self.pending.append(payload)
-
-    def close(self) -> dict[str, int]:
-        deadline = time.monotonic() + 5
-        while self.pending and time.monotonic() < deadline:  # give a reconnect the chance to flush
-            time.sleep(0.1)
-        time.sleep(0.2)
-        self.closing = True
-        self.client.disconnect()
-        self.client.loop_stop()
-        return {"published": self.published, "dropped": self.dropped + len(self.pending),
-                "reconnects": max(0, self.connects - 1)}
 
 
 def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, stop: threading.Event,

@@ -13,10 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from deeplens_build.config import LambdaConfig
-from deeplens_build.digest import file_sha256, tree_sha256
+from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.types import LambdaPackage
 
+SUPPORT = Path(__file__).resolve().parents[1] / "device" / "support"
+"""Device-side modules: never imported by the build, only shipped."""
+SUPPORT_MODULES = ("deeplens_publish.py",)
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 """The earliest time a zip entry can hold."""
 
@@ -50,17 +53,28 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
     if not source.is_dir():
         raise ConfigError(f"Field `lambda.source` points to {source}, which is not a folder; point it at the "
                           "folder holding the inference Lambda's code")
-    files = lambda_files(source)
+    entries = lambda_entries(source)
     module = config.handler.rsplit(".", 1)[0].replace(".", "/") + ".py"
-    if "." not in config.handler or module not in files:
+    if "." not in config.handler or module not in entries:
         raise ConfigError(f"Field `lambda.handler` is {config.handler!r}, but {source} has no {module}; "
                           "use MODULE.FUNCTION, e.g. inference.handler")
     name = config.name or default_name
-    target = write_zip({rel: source / rel for rel in files}, workdir / f"{name}.zip")
+    target = write_zip(entries, workdir / f"{name}.zip")
     sha256 = file_sha256(target)
-    content = tree_sha256(source, files)
+    content = json_sha256({rel: file_sha256(path) for rel, path in sorted(entries.items())})
     return LambdaPackage(path=target, name=name, handler=config.handler,
                          version=f"{config.version}+{content[:12]}", sha256=sha256)
+
+
+def lambda_entries(source: Path) -> dict[str, Path]:
+    """Everything the Lambda zip holds, zip path → file: the Lambda's own files, and beside them the device-side
+    modules deeplens-build ships with every Lambda (``deeplens_publish``)."""
+    files = lambda_files(source)
+    clash = sorted(set(files) & set(SUPPORT_MODULES))
+    if clash:
+        raise ConfigError(f"`lambda.source` holds {', '.join(clash)}, which deeplens-build ships beside every Lambda; "
+                          "rename yours")
+    return {**{rel: source / rel for rel in files}, **{name: SUPPORT / name for name in SUPPORT_MODULES}}
 
 
 def lambda_files(source: Path) -> list[str]:

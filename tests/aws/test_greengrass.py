@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +196,27 @@ def test_lambda_component_request_matches_the_greengrassv2_api(aws: str, tmp_pat
             "status": {"componentState": "DEPLOYABLE"}}, request)
         answer = client.create_component_version(**request)
     assert answer["status"]["componentState"] == "DEPLOYABLE"
+
+
+@pytest.mark.parametrize(("loop", "code"), [("pass", 0), ("raise RuntimeError('camera unplugged')", 1)])
+def test_the_recipe_run_script_runs_the_lambda_as_a_nucleus_would(tmp_path: Path, onnx_model_dir: Path,
+                                                                   loop: str, code: int) -> None:
+    lambda_dir = tmp_path / "lambda"
+    lambda_dir.mkdir()
+    (lambda_dir / "inference.py").write_text(
+        "import threading\n\nimport deeplens_publish\n\n\ndef _loop():\n"
+        "    for frame in (1, 2):\n        deeplens_publish.publish({'frame': frame})\n"
+        f"    {loop}\n\n\nthreading.Thread(target=_loop).start()\n\n\ndef handler(event, context):\n    return None\n")
+    config = _project(tmp_path, onnx_model_dir, **{"lambda": {"source": str(lambda_dir)}})
+    files = _bundle_files(Path(package_json(config)["bundle"]))
+    recipe = json.loads(files["greengrass/recipe.json"])
+    artifacts = tmp_path / "artifacts"
+    with zipfile.ZipFile(io.BytesIO(files["lambda/deeplens-test-model.zip"])) as archive:
+        archive.extractall(artifacts / "deeplens-test-model")  # what Unarchive: ZIP leaves on the device
+    script = recipe["Manifests"][0]["Lifecycle"]["Run"]["Script"]
+    script = script.replace("{artifacts:decompressedPath}", str(artifacts)).replace("python3", sys.executable, 1)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "AWS_IOT_THING_NAME": "deeplens_abc"})
+    assert done.returncode == code, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [{"frame": 1}, {"frame": 2}]
+    assert ("camera unplugged" in done.stderr) == bool(code)

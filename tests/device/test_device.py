@@ -91,7 +91,7 @@ def _lambda_bundle(tmp_path: Path, onnx_model_dir: Path, loop: str, **lambda_set
     code = tmp_path / "lambda-src"
     code.mkdir()
     body = "\n".join("    " + line for line in loop.strip().splitlines())
-    (code / "inference.py").write_text(f"import json, os, threading\n\n\ndef _loop():\n{body}\n\n\n"
+    (code / "inference.py").write_text(f"import os, threading\n\nimport deeplens_publish\n\n\ndef _loop():\n{body}\n\n\n"
                                        "threading.Thread(target=_loop).start()\n\n\n"
                                        "def handler(event, context):\n    return None\n")
     config = testing.write_project(tmp_path / "project", source=onnx_model_dir, **{"lambda": {
@@ -218,7 +218,7 @@ def test_run_refuses_a_bundle_nobody_vouched_for(example_bundle: Path, tmp_path:
 
 def test_lambda_gets_a_clean_environment(broker: Broker, tmp_path: Path, onnx_model_dir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle = _lambda_bundle(tmp_path, onnx_model_dir, 'print(json.dumps({"frame": 1, "env": dict(os.environ)}))',
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, 'deeplens_publish.publish({"frame": 1, "env": dict(os.environ)})',
                             environment={"DECLARED": "yes"})
     monkeypatch.setenv("DEEPLENS_SIGNING_KEY", "-----BEGIN PRIVATE KEY----- secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
@@ -236,7 +236,7 @@ def test_lambda_gets_a_clean_environment(broker: Broker, tmp_path: Path, onnx_mo
 def test_a_dying_loop_ends_run_with_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
     bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
 for frame in range(1, 4):
-    print(json.dumps({"frame": frame}), flush=True)
+    deeplens_publish.publish({"frame": frame})
 raise RuntimeError("camera unplugged")
 """)
     options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=10)
@@ -248,7 +248,7 @@ raise RuntimeError("camera unplugged")
 def test_fewer_results_than_asked_for_is_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
     bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
 for frame in range(1, 3):
-    print(json.dumps({"frame": frame}), flush=True)
+    deeplens_publish.publish({"frame": frame})
 """)
     options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=5)
     with pytest.raises(DeviceRunError, match="stopped after 2 of the 5 results"):

@@ -29,7 +29,7 @@ def test_zip_is_deterministic_and_skips_bytecode(tmp_path: Path) -> None:
     b = package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "b"))
     assert a.path.read_bytes() == b.path.read_bytes() and a.version == b.version
     with zipfile.ZipFile(a.path) as z:
-        assert z.namelist() == ["inference.py", "pkg/post.py"]
+        assert z.namelist() == ["deeplens_publish.py", "inference.py", "pkg/post.py"], "the publisher ships beside"
         assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
@@ -80,6 +80,13 @@ def test_refuses_a_hard_link_to_a_file_outside_the_folder(tmp_path: Path) -> Non
     (source / "copy.txt").unlink(missing_ok=True)
     os.link(source / "notes.txt", source / "copy.txt")  # both links inside: harmless
     package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out2"))
+
+
+def test_a_lambda_module_named_like_the_shipped_publisher_is_refused(tmp_path: Path) -> None:
+    source = _source(tmp_path / "src")
+    (source / "deeplens_publish.py").write_text("def publish(result):\n    print(result)\n")
+    with pytest.raises(ConfigError, match="holds deeplens_publish.py, which deeplens-build ships beside every Lambda"):
+        package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
 
 
 def test_handler_module_must_exist(tmp_path: Path) -> None:

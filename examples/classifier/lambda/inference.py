@@ -6,30 +6,20 @@ runtime, and publishes the top prediction as JSON to ``$aws/things/<thing>/infer
 
 Frames come from the DeepLens camera (``awscam``) when there is one; otherwise from ``DEEPLENS_FRAMES`` (a folder
 of ``.npy`` HxWx3 uint8 frames, or of images, or a video file, read with OpenCV), or generated frames. Results go
-through the Greengrass SDK on a v1 core, else one JSON line per frame on stdout. ``DEEPLENS_MAX_FRAMES`` stops the
-loop after N frames (for an emulator or a CI run).
+through ``deeplens_publish`` (shipped beside this module by deeplens-build): Greengrass IPC on a v2 core, the
+Greengrass SDK on a v1 core, MQTT under ``deeplens-build run``. ``DEEPLENS_MAX_FRAMES`` stops the loop after N
+frames (for an emulator or a CI run).
 """
 
 import glob
-import json
 import os
 import threading
 import time
 
+import deeplens_publish
 from preprocess import to_tensor
 
 MODEL_DIR = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
-THING = os.environ.get("AWS_IOT_THING_NAME", "deeplens")
-TOPIC = f"$aws/things/{THING}/infer"
-
-
-def _publisher():
-    try:
-        import greengrasssdk  # present on a Greengrass v1 core
-    except ImportError:
-        return lambda payload: print(payload, flush=True)
-    client = greengrasssdk.client("iot-data")
-    return lambda payload: client.publish(topic=TOPIC, payload=payload)
 
 
 def _frames(source):
@@ -72,7 +62,6 @@ def _frames(source):
 def infinite_infer_run(max_frames=None):
     import onnxruntime as ort
 
-    publish = _publisher()
     session = ort.InferenceSession(os.path.join(MODEL_DIR, "model.onnx"), providers=ort.get_available_providers())
     model_input = session.get_inputs()[0]
     labels_path = os.path.join(MODEL_DIR, "labels.txt")
@@ -82,13 +71,13 @@ def infinite_infer_run(max_frames=None):
         start = time.perf_counter()
         scores = session.run(None, {model_input.name: to_tensor(frame, model_input.shape)})[0][0]
         top = int(scores.argmax())
-        publish(json.dumps({
+        deeplens_publish.publish({
             "frame": count,
             "label": labels[top] if top < len(labels) else str(top),
             "index": top,
             "score": float(scores[top]),
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-        }))
+        })
         if max_frames is not None and count >= max_frames:
             return
         time.sleep(interval)

@@ -1,0 +1,188 @@
+"""Publish inference results the way the core in front of this Lambda expects. Shipped by deeplens-build in
+every Lambda zip, beside the Lambda's own modules; it needs nothing of deeplens-build.
+
+    import deeplens_publish
+
+    deeplens_publish.publish({"label": "cat", "score": 0.93})    # to $aws/things/<thing>/infer, QoS 1
+
+The path is chosen once, by what the process finds around it:
+
+- a Greengrass v2 core (the nucleus sets ``AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT``): Greengrass
+  IPC, ``publish_to_iot_core`` with QoS 1 (``awsiotsdk``, which the runtime definitions install). Printing
+  would only reach the component's log, never MQTT;
+- ``deeplens-build run`` (``DEEPLENS_MQTT=HOST:PORT``): MQTT straight to that broker, QoS 1; while the broker is
+  down, up to ``DEEPLENS_MQTT_BUFFER`` results wait (the oldest are dropped first);
+- a Greengrass v1 core (DeepLens): ``greengrasssdk``'s ``iot-data`` client;
+- none of these (a developer running the module by hand): one JSON line per result on stdout, said once.
+"""
+
+import atexit
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+
+IPC_SOCKET = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
+MQTT = "DEEPLENS_MQTT"
+MQTT_BUFFER = "DEEPLENS_MQTT_BUFFER"
+STATS = "DEEPLENS_PUBLISH_STATS"
+FLUSH_SECONDS = 5.0
+
+_lock = threading.Lock()
+_chosen = None
+
+
+def topic(thing=None):
+    """The device's results topic: ``$aws/things/<thing>/infer`` (the thing from ``AWS_IOT_THING_NAME``)."""
+    return "$aws/things/{}/infer".format(thing or os.environ.get("AWS_IOT_THING_NAME", "deeplens"))
+
+
+def publish(result, topic_name=None):
+    """Publish ``result`` (a JSON-serialisable value, or a ready str/bytes payload) to ``topic_name``."""
+    payload = result if isinstance(result, (str, bytes)) else json.dumps(result)
+    publisher().publish(topic_name or topic(), payload)
+
+
+def publisher():
+    """The publishing path for this process, chosen on first use."""
+    global _chosen
+    with _lock:
+        if _chosen is None:
+            _chosen = _choose()
+        return _chosen
+
+
+def _choose():
+    if os.environ.get(IPC_SOCKET):
+        return IpcPublisher()
+    if os.environ.get(MQTT):
+        return MqttPublisher(os.environ[MQTT], buffer=int(os.environ.get(MQTT_BUFFER, "1000")))
+    try:
+        import greengrasssdk
+    except ImportError:
+        greengrasssdk = None
+    if greengrasssdk is not None and not getattr(greengrasssdk, "DEEPLENS_COMPAT", False):
+        return GreengrassV1Publisher(greengrasssdk)
+    print("deeplens_publish: no Greengrass core and no MQTT broker here: results go to stdout", file=sys.stderr)
+    return StdoutPublisher()
+
+
+class IpcPublisher:
+    """Greengrass v2: the nucleus's IPC, QoS 1."""
+
+    def __init__(self):
+        from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+        from awsiot.greengrasscoreipc.model import QOS
+
+        self._client = GreengrassCoreIPCClientV2()
+        self._qos = QOS.AT_LEAST_ONCE
+
+    def publish(self, topic_name, payload):
+        data = payload.encode() if isinstance(payload, str) else payload
+        self._client.publish_to_iot_core(topic_name=topic_name, qos=self._qos, payload=data)
+
+
+class GreengrassV1Publisher:
+    """Greengrass v1 (DeepLens): the core's own SDK."""
+
+    def __init__(self, greengrasssdk):
+        self._client = greengrasssdk.client("iot-data")
+
+    def publish(self, topic_name, payload):
+        self._client.publish(topic=topic_name, payload=payload)
+
+
+class StdoutPublisher:
+    def publish(self, topic_name, payload):
+        print(payload if isinstance(payload, str) else payload.decode(), flush=True)
+
+
+class MqttPublisher:
+    """MQTT to a broker (``deeplens-build run``), QoS 1: counts what the broker acknowledged, keeps up to
+    ``buffer`` results while it is down and reconnects; writes its counts to ``$DEEPLENS_PUBLISH_STATS``.
+
+    Our lock guards counters only and is never held while calling paho: paho's network thread holds its own
+    locks while it runs our callbacks, so holding ours around a paho call would invert the order and deadlock.
+    """
+
+    def __init__(self, address, buffer):
+        import paho.mqtt.client as mqtt
+
+        host, _, port = address.rpartition(":")
+        self._pending = deque(maxlen=buffer)
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.results = self.sent = self.acknowledged = self.dropped = self.connects = 0
+        self._stats = os.environ.get(STATS)
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                   client_id="deeplens-lambda-{}".format(uuid.uuid4().hex[:12]))
+        self._client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = lambda *args: self._connected.clear()
+        self._client.on_publish = self._on_publish
+        self._client.connect_async(host, int(port), keepalive=10)
+        self._client.loop_start()
+        atexit.register(self.close)
+
+    def publish(self, topic_name, payload):
+        with self._lock:
+            self.results += 1
+            online = self._connected.is_set()
+            if not online:
+                if len(self._pending) == self._pending.maxlen:
+                    self.dropped += 1
+                self._pending.append((topic_name, payload))
+            self._write_stats()
+        if online:
+            self._send(topic_name, payload)
+
+    def close(self):
+        """Give the broker a few seconds to take what is waiting, then record the counts and disconnect."""
+        deadline = time.monotonic() + FLUSH_SECONDS
+        while self._waiting() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            self.dropped += len(self._pending) + self.sent - self.acknowledged
+            self._pending.clear()
+            self.sent = self.acknowledged
+            self._write_stats()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _waiting(self):
+        with self._lock:
+            return bool(self._pending) or self.sent > self.acknowledged
+
+    def _send(self, topic_name, payload):
+        # paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect
+        self._client.publish(topic_name, payload, qos=1)
+        with self._lock:
+            self.sent += 1
+
+    def _on_connect(self, client, userdata, flags, reason, properties):
+        if reason.is_failure:
+            return
+        with self._lock:
+            self.connects += 1
+            self._connected.set()
+            waiting = list(self._pending)
+            self._pending.clear()
+        for item in waiting:
+            self._send(*item)
+
+    def _on_publish(self, client, userdata, mid, reason, properties):
+        with self._lock:
+            self.acknowledged += 1
+            self._write_stats()
+
+    def _write_stats(self):
+        if not self._stats:
+            return
+        temporary = self._stats + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump({"results": self.results, "published": self.acknowledged, "dropped": self.dropped,
+                       "reconnects": max(0, self.connects - 1)}, f)
+        os.replace(temporary, self._stats)
