@@ -41,6 +41,9 @@ from deeplens_build.report import Reporter
 
 STATS_FILE = "publish-stats.json"
 RUN_SUPPORT = "run-support"
+RESTARTS = 2
+"""How often a Lambda that exits with an error is started again: a Greengrass nucleus restarts a failing
+component and marks it broken after its third failure."""
 FLUSH_SECONDS = 5.0
 """How long the Lambda's publisher may take to hand waiting results to the broker when it stops."""
 CONNECT_TIMEOUT = 10.0
@@ -104,14 +107,44 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
     topic = infer_topic(options.thing)
     _probe_broker(options.mqtt_host, options.mqtt_port)  # before the Lambda starts: a wrong address fails in seconds
     stats = root / STATS_FILE
-    stats.unlink(missing_ok=True)
     reporter.step(f"device: {manifest.name} {manifest.version} in {root}, the Lambda publishing to "
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
-    child = subprocess.Popen([python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)], cwd=code,
-                             env=_lambda_environment(root, device_dir, manifest, options, stats))
+    command = [python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)]
+    environment = _lambda_environment(root, device_dir, manifest, options, stats)
+    totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
+    for attempt in range(1, RESTARTS + 2):
+        wanted = None if options.max_frames is None else options.max_frames - totals["published"]
+        ended, counts = _run_once(command, code, environment, stats, wanted, stop)
+        totals = {name: totals[name] + counts[name] for name in totals}
+        if ended in (None, 0) or attempt > RESTARTS:
+            break
+        reporter.warn(f"the Lambda {manifest.lambda_.module} exited with code {ended}; restarting it as the "
+                      f"nucleus would ({attempt} of {RESTARTS} restarts)")
+    summary = DeviceSummary(frames=totals["results"], published=totals["published"], dropped=totals["dropped"],
+                            reconnects=totals["reconnects"], topic=topic)
+    if ended not in (None, 0):
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} {RESTARTS + 1} times "
+                             f"(its output is above): broken, as a core would mark it", summary)
+    if options.max_frames is not None and summary.frames < options.max_frames and not stop.is_set():
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {summary.frames} of the "
+                             f"{options.max_frames} results asked for (did its frames run out?)", summary)
+    if summary.dropped:
+        raise DeviceRunError(f"{summary.dropped} of {summary.frames} result(s) never reached the MQTT broker at "
+                             f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
+    return summary
+
+
+def _run_once(command: list[str], code: Path, environment: dict[str, str], stats: Path, wanted: int | None,
+              stop: threading.Event) -> tuple[int | None, dict[str, int]]:
+    """Run the Lambda's process until it exits, ``wanted`` results reached the broker, or ``stop``.
+
+    :return: its exit code (None when stopped here), and what its publisher counted.
+    """
+    stats.unlink(missing_ok=True)
+    child = subprocess.Popen(command, cwd=code, env=environment)
     try:
         while not stop.is_set() and child.poll() is None:
-            if options.max_frames is not None and _counts(stats)["published"] >= options.max_frames:
+            if wanted is not None and _counts(stats)["published"] >= wanted:
                 break
             time.sleep(0.1)
     finally:
@@ -123,19 +156,7 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-    counts = _counts(stats)
-    summary = DeviceSummary(frames=counts["results"], published=counts["published"], dropped=counts["dropped"],
-                            reconnects=counts["reconnects"], topic=topic)
-    if ended not in (None, 0):
-        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} after {summary.frames} "
-                             "result(s) (its output is above); on a core the nucleus would restart it", summary)
-    if options.max_frames is not None and summary.frames < options.max_frames and not stop.is_set():
-        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {summary.frames} of the "
-                             f"{options.max_frames} results asked for (did its frames run out?)", summary)
-    if summary.dropped:
-        raise DeviceRunError(f"{summary.dropped} of {summary.frames} result(s) never reached the MQTT broker at "
-                             f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
-    return summary
+    return ended, _counts(stats)
 
 
 def _counts(stats: Path) -> dict[str, int]:
