@@ -100,6 +100,8 @@ class LambdaConfig(_Strict):
     timeout: Annotated[int, Strict(), Field(ge=1, le=900)] = 900
     alias: Annotated[str, AfterValidator(names.check_lambda_name)] = "live"
     environment: dict[Annotated[str, AfterValidator(names.check_variable)], str] = Field(default_factory=dict)
+    deeplens_compat: bool = False
+    """Ship the DeepLens device modules (awscam, mo, greengrasssdk) so a DeepLens-era Lambda runs unchanged."""
 
 
 class FetchConfig(_Strict):

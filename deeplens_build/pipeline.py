@@ -350,7 +350,8 @@ def _version(distribution: str) -> str:
 
 def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
     source = config.lambda_.source
-    return {rel: file_sha256(path) for rel, path in lambda_entries(source).items()} if source.is_dir() else {}
+    entries = lambda_entries(source, compat=config.lambda_.deeplens_compat) if source.is_dir() else {}
+    return {rel: file_sha256(path) for rel, path in entries.items()}
 
 
 def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,

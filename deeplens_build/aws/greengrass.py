@@ -36,6 +36,7 @@ LAMBDA_RUNNER = "\n".join((
     "threading.excepthook = _died",
     "signal.signal(signal.SIGTERM, _stop)",
     "sys.path.insert(0, sys.argv[2])",
+    "sys.path.append(os.path.join(sys.argv[2], 'deeplens_compat'))",
     "importlib.import_module(sys.argv[1])",
     "for t in threading.enumerate():",
     "    if t is not threading.main_thread():",

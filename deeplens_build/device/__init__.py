@@ -38,6 +38,7 @@ from deeplens_build.manifest import (
     infer_topic,
 )
 from deeplens_build.report import Reporter
+from deeplens_build.stages.lambda_package import support_files
 
 STATS_FILE = "publish-stats.json"
 RUN_SUPPORT = "run-support"
@@ -103,6 +104,10 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
     code = root / "code"
     with zipfile.ZipFile(root / manifest.lambda_.file) as archive:
         archive.extractall(code)
+    for rel, path in support_files(compat=True).items():  # the DeepLens modules are always there under run
+        if not (code / rel).exists():
+            (code / rel).parent.mkdir(exist_ok=True)
+            shutil.copyfile(path, code / rel)
     python = _runtime_python(root, manifest, reporter)
     topic = infer_topic(options.thing)
     _probe_broker(options.mqtt_host, options.mqtt_port)  # before the Lambda starts: a wrong address fails in seconds

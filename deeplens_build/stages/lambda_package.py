@@ -20,6 +20,8 @@ from deeplens_build.types import LambdaPackage
 SUPPORT = Path(__file__).resolve().parents[1] / "device" / "support"
 """Device-side modules: never imported by the build, only shipped."""
 SUPPORT_MODULES = ("deeplens_publish.py",)
+COMPAT_DIR = "deeplens_compat"
+"""Where the DeepLens device modules (awscam, mo, greengrasssdk) ship, apart, so that real ones win."""
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 """The earliest time a zip entry can hold."""
 
@@ -53,7 +55,7 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
     if not source.is_dir():
         raise ConfigError(f"Field `lambda.source` points to {source}, which is not a folder; point it at the "
                           "folder holding the inference Lambda's code")
-    entries = lambda_entries(source)
+    entries = lambda_entries(source, compat=config.deeplens_compat)
     module = config.handler.rsplit(".", 1)[0].replace(".", "/") + ".py"
     if "." not in config.handler or module not in entries:
         raise ConfigError(f"Field `lambda.handler` is {config.handler!r}, but {source} has no {module}; "
@@ -66,15 +68,25 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
                          version=f"{config.version}+{content[:12]}", sha256=sha256)
 
 
-def lambda_entries(source: Path) -> dict[str, Path]:
+def lambda_entries(source: Path, *, compat: bool) -> dict[str, Path]:
     """Everything the Lambda zip holds, zip path → file: the Lambda's own files, and beside them the device-side
-    modules deeplens-build ships with every Lambda (``deeplens_publish``)."""
+    modules deeplens-build ships with every Lambda (``deeplens_publish``), plus the DeepLens compatibility
+    modules in ``deeplens_compat/`` when ``compat`` (the runner puts that folder last on the import path)."""
     files = lambda_files(source)
-    clash = sorted(set(files) & set(SUPPORT_MODULES))
+    shipped = support_files(compat)
+    clash = sorted(rel for rel in files if rel in shipped or rel.split("/")[0] == COMPAT_DIR)
     if clash:
         raise ConfigError(f"`lambda.source` holds {', '.join(clash)}, which deeplens-build ships beside every Lambda; "
                           "rename yours")
-    return {**{rel: source / rel for rel in files}, **{name: SUPPORT / name for name in SUPPORT_MODULES}}
+    return {**{rel: source / rel for rel in files}, **shipped}
+
+
+def support_files(compat: bool) -> dict[str, Path]:
+    """The device-side modules to ship, zip path → file."""
+    files = {name: SUPPORT / name for name in SUPPORT_MODULES}
+    if compat:
+        files.update({f"{COMPAT_DIR}/{path.name}": path for path in sorted((SUPPORT / COMPAT_DIR).glob("*.py"))})
+    return files
 
 
 def lambda_files(source: Path) -> list[str]:

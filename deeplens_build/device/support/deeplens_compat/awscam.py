@@ -1,0 +1,119 @@
+"""DeepLens's ``awscam`` on any device: camera frames, and the bundle's model run by its runtime.
+
+Shipped by deeplens-build (``[lambda] deeplens_compat = true``) at the end of the import path, so the real
+module wins on a DeepLens. A DeepLens-era Lambda keeps its code:
+
+    ret, frame = awscam.getLastFrame()
+    model = awscam.Model(model_path, {"GPU": 1})      # whatever the path: the bundle's artifact is loaded
+    inference = model.parseResult("ssd", model.doInference(cv2.resize(frame, (300, 300))))
+
+Frames come from ``DEEPLENS_FRAMES`` (a folder of ``.npy`` or image files, shown in a loop, or a video file),
+else the first camera (``/dev/video0``), else generated frames; ``DEEPLENS_FRAME_INTERVAL`` paces them like a
+camera, and after ``DEEPLENS_MAX_FRAMES`` frames (``deeplens-build run --max-frames``) the camera has no newer frame
+and ``getLastFrame`` waits, as on a device, until the Lambda is stopped. The model is the bundle's ONNX artifact in
+``DEEPLENS_MODEL_DIR``, run by onnxruntime with the best provider present (the DeepLens model optimizer's work
+was done at build time). Pixels go in as float32 values, as DeepLens fed its optimized models.
+"""
+
+import glob
+import os
+import threading
+
+DEEPLENS_COMPAT = True
+MODEL_DIR = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
+_frames = None
+_frames_lock = threading.Lock()
+
+
+def getLastFrame():  # noqa: N802  (DeepLens's name)
+    """The newest frame as ``(True, frame)`` (HxWx3 uint8, BGR), or ``(False, None)`` when there is none."""
+    global _frames
+    with _frames_lock:
+        if _frames is None:
+            _frames = _limited(_frame_source(os.environ.get("DEEPLENS_FRAMES")))
+        return next(_frames, (False, None))
+
+
+def _limited(frames):
+    import time
+
+    limit = os.environ.get("DEEPLENS_MAX_FRAMES")
+    interval = float(os.environ.get("DEEPLENS_FRAME_INTERVAL", "0"))
+    for count, frame in enumerate(frames, start=1):
+        yield frame
+        if limit is not None and count >= int(limit):
+            threading.Event().wait()  # no newer frame will come; the Lambda is stopped from outside
+        time.sleep(interval)
+
+
+def _frame_source(source):
+    import numpy as np
+
+    if source and os.path.isdir(source):
+        paths = sorted(glob.glob(os.path.join(source, "*")))
+        while paths:  # a camera never runs out: show the folder again and again
+            for path in paths:
+                frame = np.load(path) if path.endswith(".npy") else _imread(path)
+                if frame is not None:
+                    yield True, frame
+        return
+    if source or os.path.exists("/dev/video0"):
+        import cv2
+
+        video = cv2.VideoCapture(source or 0)
+        ok, frame = video.read()
+        while ok:
+            yield True, frame
+            ok, frame = video.read()
+        return
+    rng = np.random.default_rng(0)
+    while True:
+        yield True, rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+
+
+def _imread(path):
+    import cv2
+
+    return cv2.imread(path)
+
+
+class Model:
+    """A model loaded for inference. ``model_path`` and ``loading_config`` are accepted as DeepLens took them;
+    the bundle's artifact is what runs."""
+
+    def __init__(self, model_path, loading_config=None):
+        import onnxruntime as ort
+
+        artifact = os.path.join(MODEL_DIR, "model.onnx")
+        self._session = ort.InferenceSession(artifact, providers=ort.get_available_providers())
+        self._input = self._session.get_inputs()[0]
+        shape = self._input.shape
+        self._channels_first = shape[1] in (1, 3)
+        self.height, self.width = (shape[2], shape[3]) if self._channels_first else (shape[1], shape[2])
+
+    def doInference(self, frame):  # noqa: N802
+        """``{output name: flat float array}`` for one frame, resized to the model's input first."""
+        import numpy as np
+
+        if frame.shape[:2] != (self.height, self.width):
+            import cv2
+
+            frame = cv2.resize(frame, (self.width, self.height))
+        tensor = frame.astype(np.float32)
+        tensor = (tensor.transpose(2, 0, 1) if self._channels_first else tensor)[np.newaxis]
+        outputs = self._session.run(None, {self._input.name: tensor})
+        return {meta.name: value.ravel() for meta, value in zip(self._session.get_outputs(), outputs)}
+
+    def parseResult(self, model_type, raw_results):  # noqa: N802
+        """DeepLens's result shape: ``{model_type: [{"label": i, "prob": p}, ...]}``, most probable first; for
+        ``"ssd"`` each also has ``xmin``, ``ymin``, ``xmax``, ``ymax`` in pixels of the model's input (rows of the
+        first output: class, probability, then box corners from 0 to 1; a negative class is padding)."""
+        values = next(iter(raw_results.values()))
+        if model_type == "ssd":
+            parsed = [{"label": int(row[0]), "prob": float(row[1]),
+                       "xmin": float(row[2]) * self.width, "ymin": float(row[3]) * self.height,
+                       "xmax": float(row[4]) * self.width, "ymax": float(row[5]) * self.height}
+                      for row in values.reshape(-1, 6) if row[0] >= 0]
+        else:
+            parsed = [{"label": index, "prob": float(prob)} for index, prob in enumerate(values)]
+        return {model_type: sorted(parsed, key=lambda item: item["prob"], reverse=True)}

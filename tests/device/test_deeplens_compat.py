@@ -1,0 +1,148 @@
+"""DeepLens-era Lambdas, written against awscam, mo and greengrasssdk as the DeepLens samples are, run unchanged
+under `run` and publish to a real broker (mosquitto)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_device import THING, Broker, _frames, _key, _subscribe
+
+from deeplens_build import testing
+from deeplens_build.device import DeviceOptions, run_device
+from deeplens_build.report import Reporter
+
+# Both in the shape of the DeepLens samples: module-level client and loop, started at import, `while True`.
+CLASSIFIER = '''
+import json
+import os
+
+import awscam
+import cv2
+import greengrasssdk
+import mo
+
+client = greengrasssdk.client("iot-data")
+iot_topic = "$aws/things/{}/infer".format(os.environ["AWS_IOT_THING_NAME"])
+
+
+def lambda_handler(event, context):
+    return
+
+
+def infinite_infer_run():
+    input_width, input_height = 32, 32
+    model_type = "classification"
+    error, model_path = mo.optimize("image-classification", input_width, input_height)
+    model = awscam.Model(model_path, {"GPU": 1})
+    while True:
+        ret, frame = awscam.getLastFrame()
+        if not ret:
+            raise Exception("Failed to get frame from the stream")
+        frame_resize = cv2.resize(frame, (input_height, input_width))
+        parsed_inference_results = model.parseResult(model_type, model.doInference(frame_resize))
+        top_k = parsed_inference_results[model_type][0:5]
+        print(top_k)
+        client.publish(topic=iot_topic, payload=json.dumps({"class{}".format(obj["label"]): obj["prob"]
+                                                            for obj in top_k}))
+
+
+infinite_infer_run()
+'''
+
+DETECTOR = '''
+import json
+import os
+import threading
+
+import awscam
+import cv2
+import greengrasssdk
+import mo
+
+
+def lambda_handler(event, context):
+    return
+
+
+def infinite_infer_run():
+    client = greengrasssdk.client("iot-data")
+    iot_topic = "$aws/things/{}/infer".format(os.environ["AWS_IOT_THING_NAME"])
+    input_width, input_height = 32, 32
+    error, model_path = mo.optimize("ssd_mobilenet", input_width, input_height)
+    model = awscam.Model(model_path, {"GPU": 1})
+    while True:
+        ret, frame = awscam.getLastFrame()
+        if not ret:
+            raise Exception("Failed to get frame from the stream")
+        yscale = float(frame.shape[0]) / input_height
+        xscale = float(frame.shape[1]) / input_width
+        frame_resize = cv2.resize(frame, (input_height, input_width))
+        parsed_inference_results = model.parseResult("ssd", model.doInference(frame_resize))
+        cloud_output = {}
+        for obj in parsed_inference_results["ssd"]:
+            if obj["prob"] > 0.1:
+                xmin, ymin = int(xscale * obj["xmin"]), int(yscale * obj["ymin"])
+                xmax, ymax = int(xscale * obj["xmax"]), int(yscale * obj["ymax"])
+                cv2.rectangle(frame, (xmin, ymin), (xmax, ymax), (255, 165, 20), 4)
+                cloud_output["object{}".format(obj["label"])] = [obj["prob"], xmin, ymin, xmax, ymax]
+        client.publish(topic=iot_topic, payload=json.dumps(cloud_output))
+
+
+threading.Thread(target=infinite_infer_run).start()
+'''
+
+
+def _ssd_model(path: Path) -> Path:
+    """A tiny real detector with the SSD output DeepLens parsed: [1, boxes, 6] rows of class, prob, corners."""
+    rng = np.random.default_rng(4)
+    weights = numpy_helper.from_array(rng.standard_normal((24, 3)).astype(np.float32) * 0.01, "w")
+    shape = numpy_helper.from_array(np.array([1, 4, 6], dtype=np.int64), "shape")
+    nodes = [helper.make_node("GlobalAveragePool", ["data"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w"], ["boxes"], transB=1),
+             helper.make_node("Reshape", ["boxes", "shape"], ["rows"]),
+             helper.make_node("Sigmoid", ["rows"], ["detections"])]
+    graph = helper.make_graph(nodes, "tiny_ssd", [helper.make_tensor_value_info("data", TensorProto.FLOAT,
+                                                                                [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("detections", TensorProto.FLOAT, [1, 4, 6])],
+                              initializer=[weights, shape])
+    path.parent.mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path.parent
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.mark.parametrize("kind", ["classifier", "detector"])
+def test_a_deeplens_sample_lambda_runs_unchanged_and_publishes(broker: Broker, tmp_path: Path, kind: str) -> None:
+    source = (testing.onnx_classifier(tmp_path / "model" / "model.onnx").parent if kind == "classifier"
+              else _ssd_model(tmp_path / "model" / "model.onnx"))
+    code = tmp_path / "lambda"
+    code.mkdir()
+    (code / "lambda_function.py").write_text(CLASSIFIER if kind == "classifier" else DETECTOR)
+    config = testing.write_project(tmp_path / "project", source=source, model={"task": "other"}, **{"lambda": {
+        "source": str(code), "handler": "lambda_function.lambda_handler", "deeplens_compat": True}})
+    bundle = testing.build(config).bundle
+    received, thread, _ = _subscribe(broker.port, 5)
+    summary = run_device(bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING,
+                                               frames=str(_frames(tmp_path / "frames", 3)), max_frames=5),
+                         reporter=Reporter(quiet=True), stop=__import__("threading").Event(), public_key=_key(bundle))
+    thread.join(timeout=20)
+    assert summary.published == 5 and len(received) == 5, "a camera loop: three frames shown again and again"
+    if kind == "classifier":
+        for result in received:
+            assert len(result) == 5 and 0.0 < sum(result.values()) <= 1.0 + 1e-5
+            assert list(result.values()) == sorted(result.values(), reverse=True), "top-5, most probable first"
+    else:
+        for result in received:
+            assert result and all(len(box) == 5 and box[0] > 0.1 for box in result.values())
