@@ -11,6 +11,7 @@ end ``run`` with an error, as a core would restart a component that exits with o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from deeplens_build.report import Reporter
 from deeplens_build.stages.lambda_package import support_files
 
 STATS_FILE = "publish-stats.json"
+STREAM_FILE = "results.mjpeg"
+"""The project stream's latest frame, in the Lambda's home folder (DeepLens used /tmp/results.mjpeg)."""
 RUN_SUPPORT = "run-support"
 RESTARTS = 2
 """How often a Lambda that exits with an error is started again: a Greengrass nucleus restarts a failing
@@ -64,6 +68,8 @@ class DeviceOptions:
     max_frames: int | None = None
     frame_interval: float = 0.0
     buffer: int = 1000
+    stream_port: int | None = None
+    """Serve the project stream (frames and results in a browser) on 127.0.0.1 at this port."""
 
 
 @dataclass(frozen=True)
@@ -117,14 +123,15 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
     command = [python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)]
     environment = _lambda_environment(root, device_dir, manifest, options, stats)
     totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
-    for attempt in range(1, RESTARTS + 2):
-        wanted = None if options.max_frames is None else options.max_frames - totals["published"]
-        ended, counts = _run_once(command, code, environment, stats, wanted, stop)
-        totals = {name: totals[name] + counts[name] for name in totals}
-        if ended in (None, 0) or attempt > RESTARTS:
-            break
-        reporter.warn(f"the Lambda {manifest.lambda_.module} exited with code {ended}; restarting it as the "
-                      f"nucleus would ({attempt} of {RESTARTS} restarts)")
+    with _project_stream(options, root / "home" / STREAM_FILE, f"{manifest.name} {manifest.version}", reporter):
+        for attempt in range(1, RESTARTS + 2):
+            wanted = None if options.max_frames is None else options.max_frames - totals["published"]
+            ended, counts = _run_once(command, code, environment, stats, wanted, stop)
+            totals = {name: totals[name] + counts[name] for name in totals}
+            if ended in (None, 0) or attempt > RESTARTS:
+                break
+            reporter.warn(f"the Lambda {manifest.lambda_.module} exited with code {ended}; restarting it as the "
+                          f"nucleus would ({attempt} of {RESTARTS} restarts)")
     summary = DeviceSummary(frames=totals["results"], published=totals["published"], dropped=totals["dropped"],
                             reconnects=totals["reconnects"], topic=topic)
     if ended not in (None, 0):
@@ -137,6 +144,29 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
         raise DeviceRunError(f"{summary.dropped} of {summary.frames} result(s) never reached the MQTT broker at "
                              f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
     return summary
+
+
+@contextlib.contextmanager
+def _project_stream(options: DeviceOptions, frames: Path, title: str, reporter: Reporter) -> Iterator[None]:
+    """While the block runs, the project stream: the page, the Lambda's frames, and the results the broker got."""
+    if options.stream_port is None:
+        yield
+        return
+    from deeplens_build.device.stream import ProjectStream, Results
+
+    results, subscribed, done = Results(), threading.Event(), threading.Event()
+    listener = threading.Thread(target=watch, daemon=True, args=(options.mqtt_host, options.mqtt_port, options.thing),
+                                kwargs={"count": None, "emit": results.add, "stop": done, "subscribed": subscribed})
+    listener.start()
+    subscribed.wait(CONNECT_TIMEOUT)
+    stream = ProjectStream(options.stream_port, frames, results, title)
+    reporter.step(f"project stream: {stream.url}")
+    try:
+        yield
+    finally:
+        stream.close()
+        done.set()
+        listener.join(timeout=5)
 
 
 def _run_once(command: list[str], code: Path, environment: dict[str, str], stats: Path, wanted: int | None,
@@ -210,6 +240,8 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
                 "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval),
                 "DEEPLENS_MQTT": f"{options.mqtt_host}:{options.mqtt_port}", "DEEPLENS_MQTT_BUFFER": str(options.buffer),
                 "DEEPLENS_PUBLISH_STATS": str(stats)})
+    if options.stream_port is not None:
+        env["DEEPLENS_STREAM"] = str(home / STREAM_FILE)
     if (root / RUN_SUPPORT).is_dir():
         env["PYTHONPATH"] = str(root / RUN_SUPPORT)
     if options.frames:

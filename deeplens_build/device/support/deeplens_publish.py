@@ -14,6 +14,9 @@ The path is chosen once, by what the process finds around it:
   down, up to ``DEEPLENS_MQTT_BUFFER`` results wait (the oldest are dropped first);
 - a Greengrass v1 core (DeepLens): ``greengrasssdk``'s ``iot-data`` client;
 - none of these (a developer running the module by hand): one JSON line per result on stdout, said once.
+
+``show(frame)`` is the project stream: the annotated frame, as JPEG, at ``stream_path()`` (``$DEEPLENS_STREAM``,
+else ``/tmp/results.mjpeg`` as on DeepLens), where ``deeplens-build run --stream`` serves it to a browser.
 """
 
 import atexit
@@ -26,6 +29,7 @@ import uuid
 from collections import deque
 
 IPC_SOCKET = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
+STREAM = "DEEPLENS_STREAM"
 MQTT = "DEEPLENS_MQTT"
 MQTT_BUFFER = "DEEPLENS_MQTT_BUFFER"
 STATS = "DEEPLENS_PUBLISH_STATS"
@@ -44,6 +48,25 @@ def publish(result, topic_name=None):
     """Publish ``result`` (a JSON-serialisable value, or a ready str/bytes payload) to ``topic_name``."""
     payload = result if isinstance(result, (str, bytes)) else json.dumps(result)
     publisher().publish(topic_name or topic(), payload)
+
+
+def stream_path():
+    """Where the project stream's frames go."""
+    return os.environ.get(STREAM, "/tmp/results.mjpeg")
+
+
+def show(frame):
+    """Put ``frame`` (HxWx3 uint8, BGR, already annotated) on the project stream; a no-op without OpenCV."""
+    try:
+        import cv2
+    except ImportError:
+        return
+    ok, jpeg = cv2.imencode(".jpg", frame)
+    if ok:
+        path = stream_path()
+        with open(path + ".tmp", "wb") as f:
+            f.write(jpeg.tobytes())
+        os.replace(path + ".tmp", path)  # a reader never sees half a frame
 
 
 def publisher():

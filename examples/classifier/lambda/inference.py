@@ -59,6 +59,14 @@ def _frames(source):
             yield rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
 
 
+def _annotated(frame, text):
+    import cv2
+
+    frame = frame.copy()
+    cv2.putText(frame, text, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, (255, 165, 20), 2)
+    return frame
+
+
 def infinite_infer_run(max_frames=None):
     import onnxruntime as ort
 
@@ -71,13 +79,16 @@ def infinite_infer_run(max_frames=None):
         start = time.perf_counter()
         scores = session.run(None, {model_input.name: to_tensor(frame, model_input.shape)})[0][0]
         top = int(scores.argmax())
+        label = labels[top] if top < len(labels) else str(top)
         deeplens_publish.publish({
             "frame": count,
-            "label": labels[top] if top < len(labels) else str(top),
+            "label": label,
             "index": top,
             "score": float(scores[top]),
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         })
+        if os.environ.get(deeplens_publish.STREAM):  # someone watches the project stream
+            deeplens_publish.show(_annotated(frame, f"{label} {scores[top]:.2f}"))
         if max_frames is not None and count >= max_frames:
             return
         time.sleep(interval)

@@ -1,0 +1,86 @@
+"""`run --stream`: the project stream page, checked in a real browser (Debian's chromium, headless)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_device import THING, Broker, _key, example_bundle  # noqa: F401  (example_bundle is a fixture)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed; .ci/run installs it")
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chromium(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", "--window-size=1000,600", "--timeout=2500", *args, url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def _stream_region(png: Path) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(png))
+    assert image is not None, f"chromium wrote no screenshot at {png}"
+    return image[16:496, 16:656]  # where the page puts the 640x480 stream
+
+
+def test_the_project_stream_shows_live_frames_and_the_latest_label(broker: Broker, example_bundle: Path,  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    port = _free_port()
+    command = [sys.executable, "-m", "deeplens_build.cli", "run", str(example_bundle), "--public-key",
+               str(_key(example_bundle)), "--mqtt", f"127.0.0.1:{broker.port}", "--thing", THING, "--fps", "10",
+               "--stream", str(port), "--device-dir", str(tmp_path / "device")]
+    device = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, latest = time.monotonic() + 60, None
+        while time.monotonic() < deadline and not latest:
+            try:
+                latest = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/results.json", timeout=2))["latest"]
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert latest, "results reached the page's feed"
+        url = f"http://127.0.0.1:{port}/"
+        shots = []
+        for index in range(2):
+            shot = tmp_path / f"shot{index}.png"
+            _chromium(url, tmp_path / f"profile{index}", f"--screenshot={shot}")
+            shots.append(_stream_region(shot))
+        assert shots[0].std() > 5 and shots[1].std() > 5, "frames are drawn, not an empty box"
+        assert np.abs(shots[0].astype(int) - shots[1].astype(int)).mean() > 1, "the image changes between shots"
+        dom = _chromium(url, tmp_path / "profile-dom", "--dump-dom").stdout
+        shown = re.search(r'id="label">([^<]*)<', dom)
+        with tarfile.open(example_bundle) as bundle:
+            labels = bundle.extractfile("model/labels.txt").read().decode().splitlines()
+        assert shown and shown.group(1) in labels, f"the latest label, one of the model's: {dom[-600:]}"
+    finally:
+        device.send_signal(signal.SIGTERM)
+        out, err = device.communicate(timeout=60)
+    assert device.returncode == 0, err
