@@ -5,11 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
+import socket
+import subprocess
+import time
 import traceback
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
 from deeplens_build.cli import main
@@ -88,3 +93,35 @@ def runtime_definition(root: Path, name: str, requirements: list[str], platforms
         f'name = "{name}"\nsummary = "test runtime"\nformats = ["onnx"]\naccelerator = "cpu"\npython = "3.10"\n'
         f'platforms = {list(platforms)!r}\n'.replace("'", '"') + f"\n[requirements]\n{reqs}\n")
     return root
+
+
+class Broker:
+    """Debian's mosquitto on a free port of 127.0.0.1, for the device tests (.ci/run installs it)."""
+
+    def __init__(self, workdir: Path):
+        if shutil.which("mosquitto") is None:
+            pytest.skip("mosquitto is not installed; .ci/run installs it")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None

@@ -95,7 +95,7 @@ def _convert_copy(source, model, workdir):
 
 BROKEN_OPTIMIZER = testing.fake_plugin(
     "broken",  # its 'original' disagrees with its artifact, as after a broken optimization
-    detect=lambda source: ModelFiles(files=source.matching(".broken.onnx")) if source.matching(".broken.onnx") else None,
+    detect=lambda source: ModelFiles(files=found) if (found := source.matching(".broken.onnx")) else None,
     convert=_convert_copy,
     reference_run=lambda source, model, inputs: {name: value + 0.05 for name, value in
                                                  onnxtools.run(source.path(model.files[0]), inputs).items()})

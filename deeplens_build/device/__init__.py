@@ -238,7 +238,8 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
     env.update({"HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1",
                 MODEL_DIR_VARIABLE: str(root / MODEL_DIR), THING_VARIABLE: options.thing,
                 "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval),
-                "DEEPLENS_MQTT": f"{options.mqtt_host}:{options.mqtt_port}", "DEEPLENS_MQTT_BUFFER": str(options.buffer),
+                "DEEPLENS_MQTT": f"{options.mqtt_host}:{options.mqtt_port}",
+                "DEEPLENS_MQTT_BUFFER": str(options.buffer),
                 "DEEPLENS_PUBLISH_STATS": str(stats)})
     if options.stream_port is not None:
         env["DEEPLENS_STREAM"] = str(home / STREAM_FILE)

@@ -185,8 +185,8 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
     except UnsafeMember as exc:
         shutil.rmtree(dest, ignore_errors=True)
         which = f"member {member.name!r}" if member is not None and member.name else "the archive"
-        raise SourceError(f"archive {origin}: {which} {exc}; refusing to extract it. Re-create the archive from "
-                          "the training output folder with relative paths (`tar -czhf` stores files, not links).") from exc
+        raise SourceError(f"archive {origin}: {which} {exc}; refusing to extract it. Re-create the archive from the "
+                          "training output folder with relative paths (`tar -czhf` stores files, not links).") from exc
     except OSError as exc:
         shutil.rmtree(dest, ignore_errors=True)
         if exc.errno is not None:  # the file system's refusal (disk full, read-only, ...), not the archive's fault

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_device import THING, Broker, _frames, _key, _subscribe
+from helpers import Broker
+from test_device import THING, _frames, _key, _subscribe
 
 from deeplens_build import testing
 from deeplens_build.device import DeviceOptions, run_device
@@ -114,13 +115,6 @@ def _ssd_model(path: Path) -> Path:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path.parent
 
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.mark.parametrize("kind", ["classifier", "detector"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli, error_line, files_under
+from helpers import Broker, cli, error_line, files_under
 
 from deeplens_build import onnxtools, testing
 from deeplens_build.device import (
@@ -29,44 +29,6 @@ from deeplens_build.report import Reporter
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "classifier"
 THING = "deeplens_test"
-
-
-class Broker:
-    def __init__(self, workdir: Path):
-        if shutil.which("mosquitto") is None:
-            pytest.skip("mosquitto is not installed; .ci/run installs it")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +53,8 @@ def _lambda_bundle(tmp_path: Path, onnx_model_dir: Path, loop: str, **lambda_set
     code = tmp_path / "lambda-src"
     code.mkdir()
     body = "\n".join("    " + line for line in loop.strip().splitlines())
-    (code / "inference.py").write_text(f"import os, threading\n\nimport deeplens_publish\n\n\ndef _loop():\n{body}\n\n\n"
+    (code / "inference.py").write_text("import os, threading\n\nimport deeplens_publish\n\n\n"
+                                       f"def _loop():\n{body}\n\n\n"
                                        "threading.Thread(target=_loop).start()\n\n\n"
                                        "def handler(event, context):\n    return None\n")
     config = testing.write_project(tmp_path / "project", source=onnx_model_dir, **{"lambda": {
@@ -233,7 +196,8 @@ def test_lambda_gets_a_clean_environment(broker: Broker, tmp_path: Path, onnx_mo
     assert Path(env["DEEPLENS_MODEL_DIR"]).is_absolute() and (Path(env["DEEPLENS_MODEL_DIR"]) / "model.onnx").is_file()
 
 
-def test_a_dying_loop_is_restarted_then_ends_run_with_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
+def test_a_dying_loop_is_restarted_then_ends_run_with_an_error(broker: Broker, tmp_path: Path,
+                                                               onnx_model_dir: Path) -> None:
     bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
 for frame in range(1, 4):
     deeplens_publish.publish({"frame": frame})

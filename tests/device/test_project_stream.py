@@ -16,18 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_device import THING, Broker, _key, example_bundle  # noqa: F401  (example_bundle is a fixture)
+from helpers import Broker
+from test_device import THING, _key, example_bundle  # noqa: F401  (example_bundle is a fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed; .ci/run installs it")
 
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
 
 
 def _free_port() -> int:
