@@ -186,27 +186,48 @@ def verify(bundle: Path, public_key: Path | None) -> None:
               help="v2: devices per minute the IoT job rolls out to.")
 @click.option("--abort-percent", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="v2: cancel the rollout when this share of devices failed.")
-@click.option("--json", "as_json", is_flag=True, help="Print the deployment as JSON.")
+@click.option("--wait", is_flag=True, help="Follow the deployment until every device is done; exit non-zero if one "
+              "failed.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="With --wait: seconds to wait for every device.")
+@click.option("--json", "as_json", is_flag=True, help="Print the deployment (and, with --wait, each device) as JSON.")
 @_handle_errors
 def deploy_command(bundle: Path, target_text: str, fmt: str, public_key: Path | None, allow_any_signer: bool,
-                   rollout_rate: int, abort_percent: float, as_json: bool) -> None:
+                   rollout_rate: int, abort_percent: float, wait: bool, timeout: float, as_json: bool) -> None:
     """Verify the bundle, upload its artifacts to S3, register and deploy it with Greengrass."""
     from deeplens_build.aws.deploy import Clients, Rollout, deploy, parse_target
+    from deeplens_build.aws.rollout import follow
+    from deeplens_build.errors import RolloutError
     from deeplens_build.report import Reporter
 
+    clients, reporter = Clients(), Reporter()
     result = deploy(bundle, parse_target(target_text), fmt=fmt, public_key=public_key,
                     allow_any_signer=allow_any_signer,
                     rollout=Rollout(maximum_per_minute=rollout_rate, abort_failure_percent=abort_percent),
-                    clients=Clients(), reporter=Reporter(), workdir=Path.cwd() / ".deeplens")
+                    clients=clients, reporter=reporter, workdir=Path.cwd() / ".deeplens")
+    report = {"deployment_id": result.deployment_id, "format": result.format,
+              "target": f"{result.target.kind}:{result.target.name}", "topic": result.topic,
+              "component": result.component, "uploaded": list(result.uploaded), "skipped": list(result.skipped),
+              **result.extra}
+    if not as_json:
+        click.echo(f"deployment {result.deployment_id} ({result.format}) to {result.target.kind} "
+                   f"{result.target.name}")
+        click.echo(f"  uploaded {len(result.uploaded)}, already there {len(result.skipped)}")
+        click.echo(f"  results will appear on MQTT topic {result.topic}")
+    failure = None
+    if wait:
+        try:
+            outcome = follow(result, clients, timeout=timeout, interval=5.0, reporter=reporter)
+        except RolloutError as exc:
+            outcome, failure = exc.outcome, exc
+        report["devices"] = [{"device": d.device, "status": d.status, "reason": d.reason} for d in outcome.devices]
+        report["succeeded"] = failure is None
+        if not as_json and failure is None:
+            click.echo(f"  all {len(outcome.devices)} device(s) succeeded")
     if as_json:
-        click.echo(json.dumps({"deployment_id": result.deployment_id, "format": result.format,
-                               "target": f"{result.target.kind}:{result.target.name}", "topic": result.topic,
-                               "component": result.component, "uploaded": list(result.uploaded),
-                               "skipped": list(result.skipped), **result.extra}, indent=2))
-        return
-    click.echo(f"deployment {result.deployment_id} ({result.format}) to {result.target.kind} {result.target.name}")
-    click.echo(f"  uploaded {len(result.uploaded)}, already there {len(result.skipped)}")
-    click.echo(f"  results will appear on MQTT topic {result.topic}")
+        click.echo(json.dumps(report, indent=2))
+    if failure is not None:
+        raise failure
 
 
 @main.command()

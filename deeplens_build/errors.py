@@ -22,6 +22,7 @@ class ExitCode(IntEnum):
     SIGNING = 9
     AWS = 10
     DEVICE = 11
+    ROLLOUT = 12
 
 
 class DeepLensBuildError(Exception):
@@ -70,6 +71,16 @@ class SigningError(DeepLensBuildError):
 
 class AwsError(DeepLensBuildError):
     exit_code = ExitCode.AWS
+
+
+class RolloutError(DeepLensBuildError):
+    """A deployment failed on some devices, or did not finish in time; ``outcome`` holds every device's state."""
+
+    exit_code = ExitCode.ROLLOUT
+
+    def __init__(self, message: str, outcome: object):
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class DeviceError(DeepLensBuildError):

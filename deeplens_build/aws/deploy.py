@@ -31,6 +31,8 @@ from deeplens_build.report import Reporter
 
 _TARGET = re.compile(r"^(?P<kind>thing|thing-group):(?P<name>[A-Za-z0-9_:.-]+)$")
 SHA256_METADATA = "sha256"
+RECIPE_DIGEST_TAG = "deeplens-build:recipe-sha256"
+"""The tag on a component version that records its recipe's sha256 (see :func:`_register_component`)."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,14 @@ class Clients:
     iot: Any = None
     greengrass: Any = None
     greengrassv2: Any = None
+    sts: Any = None
 
     def __post_init__(self) -> None:
         import boto3
         from botocore.config import Config
 
         retries = Config(retries={"mode": "standard", "max_attempts": 8})
-        for name in ("s3", "iot", "greengrass", "greengrassv2"):
+        for name in ("s3", "iot", "greengrass", "greengrassv2", "sts"):
             if getattr(self, name) is None:
                 setattr(self, name, boto3.client(name, config=retries))
 
@@ -174,7 +177,7 @@ def _deploy_v2(clients: Clients, recipe: Mapping[str, Any], recipe_file: Path, t
     target_arn = _target_arn(clients.iot, target)
     name, version = recipe["ComponentName"], recipe["ComponentVersion"]
     try:
-        clients.greengrassv2.create_component_version(inlineRecipe=recipe_file.read_bytes())
+        reused = _register_component(clients, name, version, recipe_file)
         answer = clients.greengrassv2.create_deployment(
             targetArn=target_arn,
             deploymentName=f"{name}-{version}",
@@ -190,7 +193,43 @@ def _deploy_v2(clients: Clients, recipe: Mapping[str, Any], recipe_file: Path, t
     except (ClientError, BotoCoreError) as exc:
         raise AwsError(f"registering or deploying component {name} {version} failed: {exc}") from exc
     return Deployment(deployment_id=answer["deploymentId"], format="v2", target=target, topic=target.topic,
-                      uploaded=uploaded, skipped=skipped, component=f"{name} {version}")
+                      uploaded=uploaded, skipped=skipped, component=f"{name} {version}",
+                      extra={"component_reused": reused})
+
+
+def _register_component(clients: Clients, name: str, version: str, recipe_file: Path) -> bool:
+    """Create the component version, or reuse it when the same recipe is already registered under it.
+
+    Greengrass refuses a second ``create_component_version`` for an existing version (ConflictException), so a
+    redeploy (another thing group, a retry after a failed rollout) looks it up first. The recipe's sha256 is
+    recorded in a tag when the version is created and compared when it exists: the same recipe is reused, a
+    different one under the same version is the owner's mistake to fix.
+
+    :return: whether an existing version was reused.
+    """
+    from botocore.exceptions import ClientError
+
+    digest = file_sha256(recipe_file)
+    arn = _component_version_arn(clients, name, version)
+    try:
+        existing = clients.greengrassv2.describe_component(arn=arn)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+        clients.greengrassv2.create_component_version(inlineRecipe=recipe_file.read_bytes(),
+                                                      tags={RECIPE_DIGEST_TAG: digest})
+        return False
+    if existing.get("tags", {}).get(RECIPE_DIGEST_TAG) != digest:
+        raise AwsError(f"component {name} version {version} is already registered with a different recipe; "
+                       "component versions cannot change: bump `model.version` in deeplens.toml and build again")
+    return True
+
+
+def _component_version_arn(clients: Clients, name: str, version: str) -> str:
+    identity = clients.sts.get_caller_identity()
+    partition = identity["Arn"].split(":")[1]
+    region = clients.greengrassv2.meta.region_name
+    return f"arn:{partition}:greengrass:{region}:{identity['Account']}:components:{name}:versions:{version}"
 
 
 def _deploy_v1(clients: Clients, definitions: Mapping[str, Any], target: Target, uploaded: tuple[str, ...],
@@ -204,11 +243,12 @@ def _deploy_v1(clients: Clients, definitions: Mapping[str, Any], target: Target,
         group = next((g for g in groups if g.get("Name") == target.name), None)
         if group is None:
             raise AwsError(f"Greengrass v1 group {target.name!r} was not found; create it with its core first")
-        version = greengrass.create_v1_group_version(clients.greengrass, definitions, group["Id"])
+        version, reused = greengrass.create_v1_group_version(clients.greengrass, definitions, group["Id"])
         answer = clients.greengrass.create_deployment(GroupId=group["Id"], GroupVersionId=version,
                                                       DeploymentType="NewDeployment")
     except (ClientError, BotoCoreError) as exc:
         raise AwsError(f"deploying to Greengrass v1 group {target.name!r} failed: {exc}") from exc
     subject = definitions["subscription-definition"]["Subscriptions"][0]["Subject"]
     return Deployment(deployment_id=answer["DeploymentId"], format="v1", target=target, topic=subject,
-                      uploaded=uploaded, skipped=skipped, extra={"group_version": version})
+                      uploaded=uploaded, skipped=skipped,
+                      extra={"group_id": group["Id"], "group_version": version, "group_version_reused": reused})

@@ -17,7 +17,7 @@ from typing import Any
 
 from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
-from deeplens_build.digest import file_sha256
+from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.manifest import MODEL_DIR_VARIABLE, infer_topic
 from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
@@ -172,20 +172,31 @@ def v1_definitions(config: ProjectConfig, published: PublishedLambda, *,
     }
 
 
-def create_v1_group_version(client: Any, definitions: Mapping[str, Mapping[str, Any]], group_id: str) -> str:
-    """Register the v1 definitions with ``client`` (boto3 greengrass) and tie them into a new group version.
+def create_v1_group_version(client: Any, definitions: Mapping[str, Mapping[str, Any]],
+                            group_id: str) -> tuple[str, bool]:
+    """Register the v1 definitions with ``client`` (boto3 greengrass) and tie them into a new group version, or
+    reuse the group's latest version when it was built from these same definitions (a redeploy).
 
     The group's current core, device, logger and connector definitions are carried over: a group version
-    replaces every definition, and a group without its core cannot be deployed.
+    replaces every definition, and a group without its core cannot be deployed. The function definition is
+    named after the definitions' digest, which is how a later deploy recognises them.
+
+    :return: the group version, and whether it was reused.
     """
+    marker = f"deeplens-build-{json_sha256(definitions)[:32]}"
     kept: dict[str, str] = {}
     latest = client.get_group(GroupId=group_id).get("LatestVersion")
     if latest:
         current = client.get_group_version(GroupId=group_id, GroupVersionId=latest).get("Definition", {})
+        functions = current.get("FunctionDefinitionVersionArn", "")
+        if "/functions/" in functions:
+            function_id = functions.split("/functions/", 1)[1].split("/", 1)[0]
+            if client.get_function_definition(FunctionDefinitionId=function_id).get("Name") == marker:
+                return latest, True
         kept = {k: v for k, v in current.items() if k in (
             "CoreDefinitionVersionArn", "DeviceDefinitionVersionArn", "LoggerDefinitionVersionArn",
             "ConnectorDefinitionVersionArn")}
-    function = client.create_function_definition(InitialVersion=definitions["function-definition"])
+    function = client.create_function_definition(Name=marker, InitialVersion=definitions["function-definition"])
     resource = client.create_resource_definition(InitialVersion=definitions["resource-definition"])
     subscription = client.create_subscription_definition(InitialVersion=definitions["subscription-definition"])
     version = client.create_group_version(
@@ -195,7 +206,7 @@ def create_v1_group_version(client: Any, definitions: Mapping[str, Mapping[str, 
         ResourceDefinitionVersionArn=resource["LatestVersionArn"],
         SubscriptionDefinitionVersionArn=subscription["LatestVersionArn"],
     )
-    return version["Version"]
+    return version["Version"], False
 
 
 def digest_b64(path: Path) -> str:

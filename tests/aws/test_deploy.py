@@ -4,52 +4,29 @@ rule."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
 import pytest
-from botocore.stub import Stubber
+from botocore.stub import ANY, Stubber
+from conftest import BUCKET, group_with_core
 from helpers import cli, error_line
 
-from deeplens_build import testing
 from deeplens_build.aws.deploy import Clients, Rollout, Target, deploy
 from deeplens_build.errors import AwsError, VerificationError
 from deeplens_build.report import Reporter
-
-BUCKET = "deeplens-greengrass-artifacts"
-
-
-@pytest.fixture
-def bundle(aws: str, tmp_path: Path, onnx_model_dir: Path) -> Path:
-    role = boto3.client("iam").create_role(RoleName="r", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    config = testing.write_project(tmp_path / "project", source=onnx_model_dir,
-                                   greengrass={"format": "both", "thing_name": "deeplens_abc"})
-    config.write_text(config.read_text().replace('handler = "inference.handler"',
-                                                 f'handler = "inference.handler"\nrole = "{role}"'))
-    key = testing.signing_key(config.parent)
-    return testing.build(config, key=key, publish=True).bundle
-
-
-def _group_with_core(name: str) -> str:
-    """A Greengrass v1 group with a core, as a DeepLens registration leaves it."""
-    iot, gg = boto3.client("iot"), boto3.client("greengrass")
-    thing = iot.create_thing(thingName="deeplens_abc")["thingArn"]
-    cert = iot.create_keys_and_certificate(setAsActive=True)["certificateArn"]
-    core = gg.create_core_definition(InitialVersion={"Cores": [
-        {"Id": "core", "ThingArn": thing, "CertificateArn": cert, "SyncShadow": False}]})
-    group = gg.create_group(Name=name, InitialVersion={"CoreDefinitionVersionArn": core["LatestVersionArn"]})
-    return group["Id"]
-
 
 def _v2_clients(stub_responses: bool = True) -> tuple[Clients, Stubber]:
     v2 = boto3.client("greengrassv2", region_name="us-east-1")
     stub = Stubber(v2)
     if stub_responses:
+        stub.add_client_error("describe_component", "ResourceNotFoundException", http_status_code=404)
         stub.add_response("create_component_version", {
             "componentName": "com.deeplens.deeplens-test-model", "componentVersion": "1.0.0",
             "creationTimestamp": "2026-11-28T00:00:00Z", "status": {"componentState": "REQUESTED"}})
@@ -79,8 +56,67 @@ def test_v2_uploads_then_registers_and_deploys_to_a_thing(bundle: Path, tmp_path
     assert second.uploaded == () and len(second.skipped) == 3, "same sha256 already in S3: skipped"
 
 
+RECIPE_ARN = "arn:aws:greengrass:us-east-1:123456789012:components:com.deeplens.deeplens-test-model:versions:1.0.0"
+
+
+def test_deploying_one_bundle_twice_to_two_targets_registers_one_component_version(bundle: Path,
+                                                                                   tmp_path: Path) -> None:
+    """greengrassv2 is a Stubber (moto has none): it checks each request's shape against the service model."""
+    iot = boto3.client("iot")
+    iot.create_thing(thingName="deeplens_abc")
+    iot.create_thing_group(thingGroupName="deeplens-fleet")
+    recipe = json.loads(_bundle_member(bundle, "greengrass/recipe.json"))
+    digest = hashlib.sha256(_bundle_member(bundle, "greengrass/recipe.json")).hexdigest()
+    v2 = boto3.client("greengrassv2", region_name="us-east-1")
+    stub = Stubber(v2)
+    stub.add_client_error("describe_component", "ResourceNotFoundException", http_status_code=404,
+                          expected_params={"arn": RECIPE_ARN})
+    stub.add_response("create_component_version", {
+        "componentName": recipe["ComponentName"], "componentVersion": "1.0.0",
+        "creationTimestamp": "2026-11-28T00:00:00Z", "status": {"componentState": "REQUESTED"}},
+        expected_params={"inlineRecipe": ANY, "tags": {"deeplens-build:recipe-sha256": digest}})
+    stub.add_response("create_deployment", {"deploymentId": "deployment-1"})
+    for deployment in ("deployment-2", "deployment-3"):  # the second target, then a retry: no new version
+        stub.add_response("describe_component", {"arn": RECIPE_ARN, "tags": {"deeplens-build:recipe-sha256": digest}},
+                          expected_params={"arn": RECIPE_ARN})
+        stub.add_response("create_deployment", {"deploymentId": deployment})
+    stub.activate()
+    clients = Clients(greengrassv2=v2)
+    targets = (("thing", "deeplens_abc"), ("thing-group", "deeplens-fleet"), ("thing", "deeplens_abc"))
+    results = [_deploy(bundle, Target(kind, name), clients, tmp_path) for kind, name in targets]
+    stub.assert_no_pending_responses()
+    assert [r.extra["component_reused"] for r in results] == [False, True, True]
+    assert [r.deployment_id for r in results] == ["deployment-1", "deployment-2", "deployment-3"]
+
+
+def test_a_different_recipe_under_the_same_version_says_to_bump_it(bundle: Path, tmp_path: Path) -> None:
+    boto3.client("iot").create_thing(thingName="deeplens_abc")
+    v2 = boto3.client("greengrassv2", region_name="us-east-1")
+    stub = Stubber(v2)
+    stub.add_response("describe_component", {"arn": RECIPE_ARN, "tags": {"deeplens-build:recipe-sha256": "0" * 64}})
+    stub.activate()
+    with pytest.raises(AwsError, match=r"version 1.0.0 is already registered with a different recipe.*bump "
+                                       r"`model.version`"):
+        _deploy(bundle, Target("thing", "deeplens_abc"), Clients(greengrassv2=v2), tmp_path)
+    stub.assert_no_pending_responses()
+
+
+def test_v1_twice_to_one_group_reuses_its_group_version(bundle: Path, tmp_path: Path) -> None:
+    group_id = group_with_core("deeplens-group")
+    first = _deploy(bundle, Target("thing-group", "deeplens-group"), Clients(), tmp_path, fmt="v1")
+    second = _deploy(bundle, Target("thing-group", "deeplens-group"), Clients(), tmp_path, fmt="v1")
+    assert second.extra["group_version"] == first.extra["group_version"] and second.extra["group_version_reused"]
+    versions = boto3.client("greengrass").list_group_versions(GroupId=group_id)["Versions"]
+    assert len(versions) == 2, "the registration's own version and ours: the redeploy added none"
+
+
+def _bundle_member(bundle: Path, name: str) -> bytes:
+    with tarfile.open(bundle) as tar:
+        return tar.extractfile(name).read()
+
+
 def test_v1_creates_definitions_group_version_and_deployment(bundle: Path, tmp_path: Path) -> None:
-    group_id = _group_with_core("deeplens-group")
+    group_id = group_with_core("deeplens-group")
     result = _deploy(bundle, Target("thing-group", "deeplens-group"), Clients(), tmp_path, fmt="v1")
     assert result.deployment_id and result.topic == "$aws/things/deeplens_abc/infer"
     gg = boto3.client("greengrass")
@@ -90,7 +126,7 @@ def test_v1_creates_definitions_group_version_and_deployment(bundle: Path, tmp_p
 
 
 def test_cli_prints_deployment_and_topic_as_json(bundle: Path, tmp_path: Path, monkeypatch) -> None:
-    _group_with_core("deeplens-group")
+    group_with_core("deeplens-group")
     monkeypatch.chdir(tmp_path)
     out = json.loads(cli("deploy", bundle, "--target", "thing-group:deeplens-group", "--format", "v1",
                          "--public-key", tmp_path / "project" / "signing-key.pub.pem", "--json").stdout)
@@ -103,7 +139,7 @@ def test_deploy_without_a_trusted_key_is_refused_unless_any_signer_is_allowed(bu
     refused = cli("deploy", bundle, "--target", "thing:deeplens_abc", "--format", "v1", expect=2)
     assert "pass --public-key with the signer's public key" in error_line(refused)
     assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=BUCKET), "nothing uploaded"
-    _group_with_core("deeplens-group")
+    group_with_core("deeplens-group")
     allowed = cli("deploy", bundle, "--target", "thing-group:deeplens-group", "--format", "v1",
                   "--allow-any-signer")
     assert "warning: --allow-any-signer" in allowed.output and "deployment" in allowed.stdout

@@ -167,10 +167,11 @@ def test_v1_documents_create_definitions_and_a_group_version(aws: str, tmp_path:
 
     client = boto3.client("greengrass")
     group = client.create_group(Name="deeplens-group")
-    version = create_v1_group_version(client, definitions, group["Id"])
+    version, reused = create_v1_group_version(client, definitions, group["Id"])
     stored = client.get_group_version(GroupId=group["Id"], GroupVersionId=version)["Definition"]
     assert {"FunctionDefinitionVersionArn", "ResourceDefinitionVersionArn",
-            "SubscriptionDefinitionVersionArn"} <= set(stored)
+            "SubscriptionDefinitionVersionArn"} <= set(stored) and not reused
+    assert create_v1_group_version(client, definitions, group["Id"]) == (version, True), "the same bundle again"
 
 
 def test_v1_without_a_published_lambda_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) -> None:
