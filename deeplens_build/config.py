@@ -112,6 +112,8 @@ class FetchConfig(_Strict):
 class TargetConfig(_Strict):
     platform: Literal["linux-x86_64", "linux-aarch64"] = "linux-x86_64"
     accelerator: Literal["cpu", "gpu"] = "cpu"
+    python: Annotated[str, StringConstraints(pattern=r"^3\.\d{1,2}$")] | None = None
+    """The device's Python (``"3.10"``); the runtime definition's default when unset."""
 
 
 class RuntimeConfig(_Strict):

@@ -23,7 +23,7 @@ from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
 from deeplens_build.cache import Cache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256
-from deeplens_build.errors import ConfigError
+from deeplens_build.errors import BundleError, ConfigError
 from deeplens_build.manifest import (
     IMAGE,
     LABELS,
@@ -251,7 +251,12 @@ def _runtime(b: _Build, detection: Detection, converted: ConvertedModel,
     runtime = select_runtime(optimized.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
                              suggested=b.manager.runtime(detection, converted, target.platform),
                              available=load_runtimes(b.config.runtime.definitions))
-    b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator})")
+    runtime = runtime.for_python(target.python or runtime.python)
+    if optimized.format == "onnx" and runtime.onnx_opset and optimized.opset and optimized.opset > runtime.onnx_opset:
+        raise BundleError(f"the artifact is ONNX opset {optimized.opset}, but runtime {runtime.name} on Python "
+                          f"{runtime.python} ({', '.join(runtime.requirements[target.platform])}) loads opset "
+                          f"{runtime.onnx_opset} at most; choose a newer `target.python`")
+    b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator}), Python {runtime.python}")
     if not b.config.runtime.vendor:
         return runtime, Wheelhouse(wheels=())
     return runtime, vendor_wheels(runtime, target.platform, config=b.config.runtime, cache=b.cache,

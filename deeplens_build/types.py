@@ -6,6 +6,7 @@ an upstream stage decided. Paths are absolute on this machine; the manifest reco
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +273,24 @@ class ParityReport:
 
 
 @dataclass(frozen=True)
+class RuntimePins:
+    """What a runtime installs on a device with one Python version.
+
+    :param requirements: exact requirements per device platform.
+    :param onnx_opset: the highest ONNX opset that runtime loads, when the definition states it.
+    """
+
+    requirements: Mapping[str, tuple[str, ...]]
+    onnx_opset: int | None = None
+
+
+@dataclass(frozen=True)
 class Runtime:
-    """A runtime definition from ``runtimes/<name>/runtime.toml``: what a device needs to run an artifact."""
+    """A runtime definition from ``runtimes/<name>/runtime.toml``: what a device needs to run an artifact.
+
+    ``python``, ``requirements`` and ``onnx_opset`` are for the default device Python; ``pythons`` holds the pins
+    for the other Pythons the definition supports (:meth:`for_python` picks one).
+    """
 
     name: str
     summary: str
@@ -284,6 +301,29 @@ class Runtime:
     requirements: Mapping[str, tuple[str, ...]]
     definition: Path
     definition_sha256: str
+    onnx_opset: int | None = None
+    pythons: Mapping[str, RuntimePins] = field(default_factory=dict)
+
+    @property
+    def supported_pythons(self) -> tuple[str, ...]:
+        return tuple(sorted({self.python, *self.pythons}, key=lambda v: tuple(int(p) for p in v.split("."))))
+
+    def for_python(self, python: str) -> Runtime:
+        """This runtime as installed on a device with ``python``.
+
+        :raises ConfigError: when the definition has no pins for that Python.
+        """
+        from deeplens_build.errors import ConfigError
+
+        if python == self.python:
+            return self
+        pins = self.pythons.get(python)
+        if pins is None:
+            raise ConfigError(f"Field `target.python` is {python!r}, but runtime {self.name} has wheels pinned for "
+                              f"Python {', '.join(self.supported_pythons)}; choose one of them, or add pins for "
+                              f"{python} to {self.definition}")
+        return dataclasses.replace(self, python=python, requirements=pins.requirements, onnx_opset=pins.onnx_opset,
+                                   pythons={})
 
 
 @dataclass(frozen=True)

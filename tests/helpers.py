@@ -65,33 +65,40 @@ def package_project(workdir: Path, source: Path | str, *, expect: int = 0, **tab
     return package_json(testing.write_project(workdir / "project", source=source, **tables), expect=expect)
 
 
-def wheel(wheelhouse: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A real, installable pure-Python wheel, written by hand (PEP 427)."""
+def wheel(wheelhouse: Path, name: str, version: str, requires: tuple[str, ...] = (),
+          tag: str = "py3-none-any") -> Path:
+    """A real, installable wheel, written by hand (PEP 427); ``tag`` is what pip matches (e.g.
+    ``cp310-cp310-manylinux2014_aarch64``)."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
     dist = f"{name}-{version}.dist-info"
     files = {
         f"{name}/__init__.py": f"VERSION = {version!r}\n",
         f"{dist}/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
             name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)),
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: deeplens-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}/WHEEL": f"Wheel-Version: 1.0\nGenerator: deeplens-tests\nRoot-Is-Purelib: true\nTag: {tag}\n",
     }
     record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
               f"{len(text.encode())}" for path, text in files.items()]
     files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
-    path = wheelhouse / f"{name}-{version}-py3-none-any.whl"
+    path = wheelhouse / f"{name}-{version}-{tag}.whl"
     with zipfile.ZipFile(path, "w") as archive:
         for member, text in files.items():
             archive.writestr(member, text)
     return path
 
 
-def runtime_definition(root: Path, name: str, requirements: list[str], platforms=("linux-x86_64", "linux-aarch64")) -> Path:
+def runtime_definition(root: Path, name: str, requirements: list[str], platforms=("linux-x86_64", "linux-aarch64"),
+                       python: str = "3.10", pythons: dict[str, list[str]] | None = None) -> Path:
+    """A runtime definition under ``root/name``; ``pythons`` adds pins for other device Pythons."""
+    from deeplens_build.testing import to_toml
+
     folder = root / name
     folder.mkdir(parents=True)
-    reqs = "\n".join(f'{p} = {requirements!r}'.replace("'", '"') for p in platforms)
-    (folder / "runtime.toml").write_text(
-        f'name = "{name}"\nsummary = "test runtime"\nformats = ["onnx"]\naccelerator = "cpu"\npython = "3.10"\n'
-        f'platforms = {list(platforms)!r}\n'.replace("'", '"') + f"\n[requirements]\n{reqs}\n")
+    definition = {"name": name, "summary": "test runtime", "formats": ["onnx"], "accelerator": "cpu",
+                  "python": python, "platforms": list(platforms),
+                  "requirements": {p: requirements for p in platforms},
+                  "pythons": {v: {"requirements": {p: reqs for p in platforms}} for v, reqs in (pythons or {}).items()}}
+    (folder / "runtime.toml").write_text(to_toml(definition))
     return root
 
 

@@ -75,11 +75,12 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     module = lambda_pkg.handler.rsplit(".", 1)[0]
     code_dir = "{artifacts:decompressedPath}/" + lambda_pkg.path.stem
     requirements = " ".join(shlex.quote(r) for r in runtime.requirements[config.target.platform])
-    install = (f"python3 -m pip install --no-index --find-links {{artifacts:path}} {requirements}" if vendored
-               else f"python3 -m pip install {requirements}")
+    python = f"python{runtime.python}"  # the device's own Python, for which the wheels were chosen
+    install = (f"{python} -m pip install --no-index --find-links {{artifacts:path}} {requirements}" if vendored
+               else f"{python} -m pip install {requirements}")
     if image is not None:
         install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
-    run = f"python3 -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
+    run = f"{python} -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
     return recipe_format.checked({
         "RecipeFormatVersion": recipe_format.RECIPE_FORMAT,
         "ComponentName": name,

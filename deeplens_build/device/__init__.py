@@ -259,8 +259,14 @@ def _runtime_python(root: Path, manifest: Manifest, reporter: Reporter) -> str:
         reporter.note(f"runtime {runtime.name}: the bundle vendors no wheels, using this interpreter "
                       f"({sys.executable})")
         return sys.executable
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    base = sys.executable if runtime.python == here else shutil.which(f"python{runtime.python}")
+    if base is None:
+        raise DeviceError(f"the bundle's wheels are for a Python {runtime.python} device and this machine has no "
+                          f"python{runtime.python}; install it to run the bundle here, or build with "
+                          f"`target.python = \"{here}\"`")
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     done = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
                            str(root / WHEELS_DIR), *runtime.requirements], capture_output=True, text=True)

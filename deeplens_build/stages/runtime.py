@@ -7,27 +7,36 @@ version and device platforms it supports, and exact requirements per platform. B
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from deeplens_build.cache import Cache
 from deeplens_build.config import RuntimeConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import BundleError, ConfigError
 from deeplens_build.report import Reporter
-from deeplens_build.types import Runtime, Wheelhouse
+from deeplens_build.types import Runtime, RuntimePins, Wheelhouse
 
 DEFINITION = "runtime.toml"
+PYTHON_VERSION = r"^3\.\d{1,2}$"
 PIP_PLATFORMS = {
     "linux-x86_64": ("manylinux_2_28_x86_64", "manylinux2014_x86_64"),
     "linux-aarch64": ("manylinux_2_28_aarch64", "manylinux2014_aarch64"),
 }
 """pip's platform tags for each device platform, newest glibc first."""
+
+
+class _Pins(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requirements: dict[str, tuple[str, ...]]
+    onnx_opset: int | None = None
 
 
 class _Definition(BaseModel):
@@ -37,9 +46,12 @@ class _Definition(BaseModel):
     summary: str
     formats: tuple[str, ...]
     accelerator: Literal["cpu", "gpu"]
-    python: str
+    python: Annotated[str, StringConstraints(pattern=PYTHON_VERSION)]
     platforms: tuple[Literal["linux-x86_64", "linux-aarch64"], ...]
     requirements: dict[str, tuple[str, ...]]
+    onnx_opset: int | None = None
+    pythons: dict[Annotated[str, StringConstraints(pattern=PYTHON_VERSION)], _Pins] = {}
+    """Other device Pythons, each with its own pins (``[pythons."3.10".requirements]``)."""
 
 
 def runtimes_dir() -> Path:
@@ -70,12 +82,17 @@ def _load(path: Path) -> Runtime:
         raise BundleError(f"runtime definition {path} is invalid: {exc}") from exc
     if spec.name != path.parent.name:
         raise BundleError(f"runtime definition {path} names itself {spec.name!r}; it must match its folder")
-    missing = [p for p in spec.platforms if p not in spec.requirements]
-    if missing:
-        raise BundleError(f"runtime definition {path} has no requirements for {', '.join(missing)}")
+    for python, requirements in ((spec.python, spec.requirements),
+                                 *((v, pins.requirements) for v, pins in spec.pythons.items())):
+        missing = [p for p in spec.platforms if p not in requirements]
+        if missing:
+            raise BundleError(f"runtime definition {path} has no requirements for {', '.join(missing)} on "
+                              f"Python {python}")
     return Runtime(name=spec.name, summary=spec.summary, formats=spec.formats, accelerator=spec.accelerator,
                    python=spec.python, platforms=spec.platforms, requirements=spec.requirements,
-                   definition=path, definition_sha256=file_sha256(path))
+                   definition=path, definition_sha256=file_sha256(path), onnx_opset=spec.onnx_opset,
+                   pythons={v: RuntimePins(requirements=pins.requirements, onnx_opset=pins.onnx_opset)
+                            for v, pins in spec.pythons.items()})
 
 
 def select_runtime(fmt: str, platform: str, accelerator: str, *, wanted: str, suggested: str | None,
@@ -134,9 +151,16 @@ def vendor_wheels(runtime: Runtime, platform: str, *, config: RuntimeConfig, cac
                 if line.startswith(("Collecting", "Saved")):
                     reporter.step(f"  {line.strip()}")
         if pip.returncode != 0:
+            missing = next((m["package"] for line in lines
+                            if (m := re.search(r"No matching distribution found for (?P<package>\S+)", line))), None)
+            if missing:
+                raise BundleError(f"cannot vendor runtime {runtime.name}: no wheel of {missing} for {platform} and "
+                                  f"Python {runtime.python} (pin a version that has one for this Python in "
+                                  f"{runtime.definition.name}, or choose another `target.python`)")
             reason = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["no output"]
-            raise BundleError(f"cannot vendor runtime {runtime.name} for {platform}: {reason[0]} (check "
-                              "`runtime.find_links`, `runtime.index` and the pins in its runtime.toml)")
+            raise BundleError(f"cannot vendor runtime {runtime.name} for {platform}, Python {runtime.python}: "
+                              f"{reason[0]} (check `runtime.find_links`, `runtime.index` and the pins in its "
+                              "runtime.toml)")
         wheels = tuple(sorted(scratch.glob("*.whl")))
         if not wheels:
             raise BundleError(f"pip downloaded no wheels for runtime {runtime.name}")

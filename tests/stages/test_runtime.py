@@ -1,8 +1,11 @@
-"""Runtime selection and vendoring, with a local wheelhouse the test builds (no network)."""
+"""Runtime selection and vendoring: against a local wheelhouse the tests build, and once against the package
+index pip reaches here (the built-in runtime's real pins for an aarch64 Python 3.10 device)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -68,4 +71,67 @@ def test_missing_wheel_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) ->
     message = package_project(tmp_path, onnx_model_dir, expect=7, runtime={
         "name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
         "find_links": [str(wheelhouse)]})
-    assert "cannot vendor runtime tiny for linux-x86_64" in message and "tinyrt==1.0" in message
+    assert "cannot vendor runtime tiny: no wheel of tinyrt==1.0 for linux-x86_64 and Python 3.10" in message
+
+
+def _per_python_wheelhouse(root: Path) -> Path:
+    """The same runtime built for three device Pythons, as a real index serves it (one wheel per tag)."""
+    for version in ("38", "310", "311"):
+        wheel(root, "tinyrt", "1.0", tag=f"cp{version}-cp{version}-manylinux2014_aarch64")
+    wheel(root, "tinyrt", "0.9", tag="cp38-cp38-manylinux2014_aarch64")
+    return root
+
+
+@pytest.mark.parametrize(("python", "expected"), [("3.10", "tinyrt-1.0-cp310-cp310-manylinux2014_aarch64.whl"),
+                                                  ("3.8", "tinyrt-0.9-cp38-cp38-manylinux2014_aarch64.whl")])
+def test_vendors_the_device_pythons_wheels_and_installs_them_with_it(tmp_path: Path, onnx_model_dir: Path,
+                                                                     python: str, expected: str) -> None:
+    wheelhouse = _per_python_wheelhouse(tmp_path / "wheelhouse")
+    definitions = runtime_definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"], python="3.11",
+                                     pythons={"3.10": ["tinyrt==1.0"], "3.8": ["tinyrt==0.9"]})
+    runtime = {"name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
+               "find_links": [str(wheelhouse)]}
+    report = package_project(tmp_path, onnx_model_dir, runtime=runtime,
+                             target={"platform": "linux-aarch64", "python": python})
+    manifest = testing.verify(Path(report["bundle"])).manifest
+    assert [Path(w.file).name for w in manifest.runtime.wheels] == [expected]
+    assert manifest.runtime.python == python
+    with tarfile.open(report["bundle"]) as bundle:
+        recipe = json.loads(bundle.extractfile("greengrass/recipe.json").read())
+    lifecycle = recipe["Manifests"][0]["Lifecycle"]
+    assert lifecycle["Install"]["Script"].startswith(f"python{python} -m pip install --no-index")
+    assert lifecycle["Run"]["Script"].startswith(f"python{python} -u -c ")
+
+
+def test_a_python_without_pins_or_wheels_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) -> None:
+    wheelhouse = _per_python_wheelhouse(tmp_path / "wheelhouse")
+    definitions = runtime_definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"], python="3.11",
+                                     pythons={"3.12": ["tinyrt==1.0"]})
+    runtime = {"name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
+               "find_links": [str(wheelhouse)]}
+    unpinned = package_project(tmp_path / "a", onnx_model_dir, expect=3, runtime=runtime,
+                               target={"platform": "linux-aarch64", "python": "3.9"})
+    assert "Field `target.python` is '3.9', but runtime tiny has wheels pinned for Python 3.11, 3.12" in unpinned
+    no_wheel = package_project(tmp_path / "b", onnx_model_dir, expect=7, runtime=runtime,
+                               target={"platform": "linux-aarch64", "python": "3.12"})
+    assert "no wheel of tinyrt==1.0 for linux-aarch64 and Python 3.12" in no_wheel
+
+
+def test_an_artifact_past_the_device_runtimes_opset_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "out"
+    testing.onnx_classifier(source / "model.onnx", opset=21)
+    message = package_project(tmp_path, source, expect=7, target={"python": "3.8"},
+                              inputs={"data": {"shape": [1, 3, 32, 32]}})
+    assert "the artifact is ONNX opset 21, but runtime onnxruntime on Python 3.8" in message
+    assert "loads opset 19 at most" in message
+
+
+def test_vendors_the_builtin_runtime_for_an_aarch64_python_310_device_from_the_index(tmp_path: Path,
+                                                                                     onnx_model_dir: Path) -> None:
+    """Against the package index pip reaches here: the real pins have cp310 aarch64 wheels."""
+    report = package_project(tmp_path, onnx_model_dir, runtime={"vendor": True},
+                             target={"platform": "linux-aarch64", "python": "3.10"})
+    wheels = [Path(w.file).name for w in testing.verify(Path(report["bundle"])).manifest.runtime.wheels]
+    assert any(w.startswith("onnxruntime-1.23.2-cp310-cp310-") and "aarch64" in w for w in wheels), wheels
+    assert any(w.startswith("numpy-1.26.4-cp310-cp310-") and "aarch64" in w for w in wheels), wheels
+    assert any(w.startswith("awscrt-") and "cp310" in w for w in wheels), wheels
