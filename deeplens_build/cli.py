@@ -322,6 +322,8 @@ def keygen(out: Path) -> None:
               help="Results kept while the broker is down (the oldest are dropped first).")
 @click.option("--stream", "stream_port", type=click.IntRange(0, 65535),
               help="Serve the project stream (frames and results in a browser) on 127.0.0.1:PORT.")
+@click.option("--kvs-record", type=click.Path(path_type=Path, dir_okay=False),
+              help="Record what DeepLens_Kinesis_Video would stream to Kinesis Video to this video file (.avi).")
 @click.option("--device-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".deeplens/device"),
               show_default=True)
 @click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=_SIGNER_HELP)
@@ -329,8 +331,8 @@ def keygen(out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @_handle_errors
 def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_frames: int | None,
-                fps: float | None, buffer: int, stream_port: int | None, device_dir: Path, public_key: Path | None,
-                allow_any_signer: bool, as_json: bool) -> None:
+                fps: float | None, buffer: int, stream_port: int | None, kvs_record: Path | None, device_dir: Path,
+                public_key: Path | None, allow_any_signer: bool, as_json: bool) -> None:
     """Run the bundle as a device would: the Lambda's loop over frames, results on MQTT."""
     from deeplens_build.device import DeviceOptions, parse_broker, run_device
     from deeplens_build.report import Reporter
@@ -338,7 +340,7 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
     host, port = parse_broker(broker)
     options = DeviceOptions(device_dir=device_dir, mqtt_host=host, mqtt_port=port, thing=thing, frames=frames,
                             max_frames=max_frames, frame_interval=1 / fps if fps else 0.0, buffer=buffer,
-                            stream_port=stream_port)
+                            stream_port=stream_port, kvs_record=kvs_record)
     summary = run_device(bundle, options, reporter=Reporter(), stop=_stop_on_signals(), public_key=public_key,
                          allow_any_signer=allow_any_signer)
     if as_json:

@@ -141,6 +141,12 @@ class GreengrassConfig(_Strict):
     model_path: str = "/greengrass-machine-learning/model"
 
 
+class DeviceConfig(_Strict):
+    kinesis_video_stream: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.-]{1,256}$")] | None = None
+    """The Kinesis Video stream DeepLens_Kinesis_Video streams to; `deploy` creates it when missing."""
+    retention_hours: Annotated[int, Strict(), Field(ge=0, le=87600)] = 2
+
+
 class BuildConfig(_Strict):
     work_dir: ProjectFolder = Path(".deeplens")
     output: ProjectFolder = Path("dist")
@@ -155,6 +161,7 @@ class ProjectConfig(_Strict):
     runtime: RuntimeConfig
     build: BuildConfig
     greengrass: GreengrassConfig
+    device: DeviceConfig
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     root: Path = Field(default=Path("."), exclude=True)
     """The folder holding ``deeplens.toml``."""
@@ -168,7 +175,7 @@ class ProjectConfig(_Strict):
         return data
 
 
-_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass")
+_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass", "device")
 
 
 def load_config(path: Path | None) -> ProjectConfig:

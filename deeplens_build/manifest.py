@@ -149,6 +149,13 @@ class GreengrassRecord(_Record):
     documents: tuple[BundlePath, ...]
 
 
+class KinesisRecord(_Record):
+    """The Kinesis Video stream the device streams to (``[device] kinesis_video_stream``)."""
+
+    stream: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.-]{1,256}$")]
+    retention_hours: Annotated[int, Field(ge=0)]
+
+
 class PluginRecord(_Record):
     name: ShortText
     distribution: ShortText | None
@@ -175,6 +182,7 @@ class BuildRecord(_Record):
     lambda_: LambdaRecord = Field(alias="lambda")
     greengrass: GreengrassRecord
     provenance: ProvenanceRecord
+    kinesis: KinesisRecord | None = None
 
 
 class FileEntry(_Record):

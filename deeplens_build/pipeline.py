@@ -37,6 +37,7 @@ from deeplens_build.manifest import (
     BuildRecord,
     GreengrassRecord,
     ImageRecord,
+    KinesisRecord,
     LambdaRecord,
     ModelRecord,
     OptimizationRecord,
@@ -326,7 +327,8 @@ def _greengrass_documents(b: _Build, payload: Mapping[str, Path], *, runtime: Ru
         return GreengrassDocuments(files=files)
 
     key = {"payload": {arc: file_sha256(p) for arc, p in payload.items()}, "published": published and published.arn,
-           "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model"})}
+           "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model",
+                                                                "device"})}
     return dict(b.stage("greengrass", key, GreengrassDocuments, write).files)
 
 
@@ -396,4 +398,6 @@ def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, opti
         greengrass=GreengrassRecord(format=config.greengrass.format, component=greengrass.component_name(config),
                                     documents=tuple(documents)),
         provenance=ProvenanceRecord(plugin=PluginRecord(**b.plugin_identity(detection)), tools=dict(b.tools)),
+        kinesis=KinesisRecord(stream=config.device.kinesis_video_stream, retention_hours=config.device.retention_hours)
+        if config.device.kinesis_video_stream else None,
     )

@@ -75,13 +75,14 @@ class Clients:
     greengrass: Any = None
     greengrassv2: Any = None
     sts: Any = None
+    kinesisvideo: Any = None
 
     def __post_init__(self) -> None:
         import boto3
         from botocore.config import Config
 
         retries = Config(retries={"mode": "standard", "max_attempts": 8})
-        for name in ("s3", "iot", "greengrass", "greengrassv2", "sts"):
+        for name in ("s3", "iot", "greengrass", "greengrassv2", "sts", "kinesisvideo"):
             if getattr(self, name) is None:
                 setattr(self, name, boto3.client(name, config=retries))
 
@@ -111,6 +112,8 @@ def deploy(bundle: Path, target: Target, *, fmt: str, rollout: Rollout, clients:
                              f"= {manifest.greengrass.format!r}); rebuild it or deploy with --format "
                              f"{'v1' if fmt == 'v2' else 'v2'}")
         files = {entry.path: Path(scratch) / "bundle" / entry.path for entry in manifest.files}
+        if manifest.kinesis is not None:
+            _ensure_stream(clients, manifest.kinesis.stream, manifest.kinesis.retention_hours, reporter)
         if fmt == "v2":
             recipe = json.loads(files[RECIPE].read_text())
             uploads = {a["Uri"]: _by_name(files, a["Uri"]) for a in recipe["Manifests"][0]["Artifacts"]}
@@ -121,6 +124,26 @@ def deploy(bundle: Path, target: Target, *, fmt: str, rollout: Rollout, clients:
             "S3MachineLearningModelResourceData"]["S3Uri"]
         uploaded, skipped = _upload_all(clients.s3, {uri: files[V1_MODEL_ARCHIVE]}, reporter)
         return _deploy_v1(clients, definitions, target, uploaded, skipped)
+
+
+def _ensure_stream(clients: Clients, name: str, retention_hours: int, reporter: Reporter) -> None:
+    """Create the Kinesis Video stream the device streams to, unless it exists (a redeploy keeps it)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        clients.kinesisvideo.describe_stream(StreamName=name)
+        reporter.step(f"kinesis video: stream {name} exists")
+        return
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise AwsError(f"cannot look up Kinesis Video stream {name}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise AwsError(f"cannot look up Kinesis Video stream {name}: {exc}") from exc
+    try:
+        clients.kinesisvideo.create_stream(StreamName=name, DataRetentionInHours=retention_hours)
+    except (ClientError, BotoCoreError) as exc:
+        raise AwsError(f"cannot create Kinesis Video stream {name}: {exc}") from exc
+    reporter.step(f"kinesis video: created stream {name} ({retention_hours} h retention)")
 
 
 def _by_name(files: Mapping[str, Path], uri: str) -> Path:

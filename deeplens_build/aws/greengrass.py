@@ -24,6 +24,8 @@ from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, Runtim
 
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
 MODEL_RESOURCE_ID = "deeplens-model"
+TOKEN_EXCHANGE = "aws.greengrass.TokenExchangeService"
+"""The nucleus component that hands a component AWS credentials (for the KVS producer)."""
 LAMBDA_RUNNER = "\n".join((
     "import atexit, importlib, os, signal, sys, threading, traceback",
     "def _died(a):",
@@ -81,12 +83,22 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     if image is not None:
         install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
     run = f"{python} -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
+    setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", **environment}
+    dependencies = {}
+    stream = config.device.kinesis_video_stream
+    if stream:
+        # DeepLens_Kinesis_Video streams through the KVS producer's GStreamer element, with the core's credentials
+        install = (f"gst-inspect-1.0 kvssink >/dev/null 2>&1 || {{ echo 'streaming to Kinesis Video stream {stream} "
+                   "needs the KVS producer GStreamer plugin kvssink on this device' >&2; exit 1; }} && " + install)
+        setenv["DEEPLENS_KVS_STREAM"] = stream
+        dependencies[TOKEN_EXCHANGE] = {"VersionRequirement": ">=2.0.0", "DependencyType": "HARD"}
     return recipe_format.checked({
         "RecipeFormatVersion": recipe_format.RECIPE_FORMAT,
         "ComponentName": name,
         "ComponentVersion": config.model.version,
         "ComponentDescription": f"{config.model.name}: {runtime.summary} and its inference loop",
         "ComponentPublisher": "deeplens-build",
+        **({"ComponentDependencies": dependencies} if dependencies else {}),
         "ComponentConfiguration": {"DefaultConfiguration": {
             "topic": topic,
             "accessControl": {"aws.greengrass.ipc.mqttproxy": {f"{name}:mqttproxy:1": {
@@ -98,7 +110,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
         "Manifests": [{
             "Platform": {"os": "linux", "architecture": ARCHITECTURES[config.target.platform]},
             "Lifecycle": {
-                "Setenv": {MODEL_DIR_VARIABLE: "{artifacts:path}", **environment},
+                "Setenv": setenv,
                 "Install": {"Script": install, "Timeout": 900},
                 "Run": {"Script": run},
             },

@@ -70,6 +70,8 @@ class DeviceOptions:
     buffer: int = 1000
     stream_port: int | None = None
     """Serve the project stream (frames and results in a browser) on 127.0.0.1 at this port."""
+    kvs_record: Path | None = None
+    """Record what DeepLens_Kinesis_Video would stream to Kinesis Video to this video file."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,8 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
                 "DEEPLENS_PUBLISH_STATS": str(stats)})
     if options.stream_port is not None:
         env["DEEPLENS_STREAM"] = str(home / STREAM_FILE)
+    if options.kvs_record is not None:
+        env["DEEPLENS_KVS_RECORD"] = str(options.kvs_record.resolve())
     if (root / RUN_SUPPORT).is_dir():
         env["PYTHONPATH"] = str(root / RUN_SUPPORT)
     if options.frames:

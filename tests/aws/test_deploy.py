@@ -15,7 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import ANY, Stubber
-from conftest import BUCKET, group_with_core
+from conftest import BUCKET, group_with_core, published_bundle
 from helpers import cli, error_line
 
 from deeplens_build.aws.deploy import Clients, Rollout, Target, deploy
@@ -231,3 +231,19 @@ def _retries():
     from botocore.config import Config
 
     return Config(retries={"mode": "standard", "max_attempts": 8})
+
+
+def test_a_kinesis_video_stream_is_created_once_and_the_recipe_requires_the_producer(
+        aws: str, tmp_path: Path, onnx_model_dir: Path) -> None:
+    bundle = published_bundle(tmp_path, onnx_model_dir,
+                              device={"kinesis_video_stream": "deeplens-stream", "retention_hours": 24})
+    recipe = json.loads(_bundle_member(bundle, "greengrass/recipe.json"))
+    lifecycle = recipe["Manifests"][0]["Lifecycle"]
+    assert lifecycle["Setenv"]["DEEPLENS_KVS_STREAM"] == "deeplens-stream"
+    assert lifecycle["Install"]["Script"].startswith("gst-inspect-1.0 kvssink")
+    assert recipe["ComponentDependencies"]["aws.greengrass.TokenExchangeService"]["DependencyType"] == "HARD"
+    group_with_core("deeplens-group")
+    for _ in range(2):
+        _deploy(bundle, Target("thing-group", "deeplens-group"), Clients(), tmp_path, fmt="v1")
+    streams = boto3.client("kinesisvideo").list_streams()["StreamInfoList"]
+    assert [(s["StreamName"], s["DataRetentionInHours"]) for s in streams] == [("deeplens-stream", 24)]

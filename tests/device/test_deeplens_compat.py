@@ -140,3 +140,75 @@ def test_a_deeplens_sample_lambda_runs_unchanged_and_publishes(broker: Broker, t
     else:
         for result in received:
             assert result and all(len(box) == 5 and box[0] > 0.1 for box in result.values())
+
+
+KVS_LAMBDA = '''
+import json
+import os
+
+import awscam
+import DeepLens_Kinesis_Video as dkv
+import greengrasssdk
+
+client = greengrasssdk.client("iot-data")
+iot_topic = "$aws/things/{}/infer".format(os.environ["AWS_IOT_THING_NAME"])
+
+
+def lambda_handler(event, context):
+    return
+
+
+def infinite_infer_run():
+    producer = dkv.createProducer("", "", "", "us-east-1")
+    stream = producer.createStream("deeplens-stream", 2)
+    stream.start()
+    for count in range(1, 6):
+        ret, frame = awscam.getLastFrame()
+        client.publish(topic=iot_topic, payload=json.dumps({"frame": count, "shape": list(frame.shape)}))
+    stream.stop()
+    client.publish(topic=iot_topic, payload=json.dumps({"recorded": 5}))
+    while True:
+        awscam.getLastFrame()
+
+
+infinite_infer_run()
+'''
+
+
+def test_a_deeplens_kinesis_video_lambda_records_its_frames_under_run(broker: Broker, tmp_path: Path,
+                                                                      onnx_model_dir: Path) -> None:
+    import cv2
+
+    code = tmp_path / "lambda"
+    code.mkdir()
+    (code / "lambda_function.py").write_text(KVS_LAMBDA)
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, device={
+        "kinesis_video_stream": "deeplens-stream"}, **{"lambda": {
+            "source": str(code), "handler": "lambda_function.lambda_handler", "deeplens_compat": True}})
+    bundle = testing.build(config).bundle
+    received, thread, _ = _subscribe(broker.port, 6)
+    video = tmp_path / "kvs.avi"
+    run_device(bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING,
+                                     frames=str(_frames(tmp_path / "frames", 3)), max_frames=6, kvs_record=video),
+               reporter=Reporter(quiet=True), stop=__import__("threading").Event(), public_key=_key(bundle))
+    thread.join(timeout=20)
+    assert received[-1] == {"recorded": 5}
+    capture = cv2.VideoCapture(str(video))
+    frames = []
+    ok, frame = capture.read()
+    while ok:
+        frames.append(frame)
+        ok, frame = capture.read()
+    assert len(frames) == 5, "every frame the Lambda saw between start and stop"
+    assert {tuple(f.shape) for f in frames} == {tuple(r["shape"]) for r in received[:-1]} == {(60, 80, 3)}
+
+
+def test_off_a_device_the_kinesis_pipeline_is_what_a_device_would_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deeplens_build.stages.lambda_package import SUPPORT
+
+    monkeypatch.syspath_prepend(str(SUPPORT / "deeplens_compat"))
+    monkeypatch.syspath_prepend(str(SUPPORT))
+    dkv = __import__("DeepLens_Kinesis_Video")
+    assert dkv.pipeline("deeplens-stream", "eu-west-1", credentials=("AKID", "SECRET", "")).endswith(
+        "kvssink stream-name=deeplens-stream aws-region=eu-west-1 access-key=AKID secret-key=SECRET")
+    assert "v4l2src device=/dev/video0" in dkv.pipeline("s", "us-east-1")

@@ -20,6 +20,8 @@ import os
 import threading
 
 DEEPLENS_COMPAT = True
+frame_listeners = []
+"""Called with every frame ``getLastFrame`` delivers (``DeepLens_Kinesis_Video`` records through it)."""
 MODEL_DIR = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
 _frames = None
 _frames_lock = threading.Lock()
@@ -31,7 +33,11 @@ def getLastFrame():  # noqa: N802  (DeepLens's name)
     with _frames_lock:
         if _frames is None:
             _frames = _limited(_frame_source(os.environ.get("DEEPLENS_FRAMES")))
-        return next(_frames, (False, None))
+        ok, frame = next(_frames, (False, None))
+    if ok:
+        for listener in list(frame_listeners):
+            listener(frame)
+    return ok, frame
 
 
 def _limited(frames):
