@@ -1,12 +1,13 @@
 """A local device for development and CI: what a Greengrass core does with a bundle, on this machine.
 
 verify and unpack (one pass) into a device folder → the runtime environment (a virtual environment from the
-vendored wheels, or this interpreter when the bundle vendors none) → the Lambda module imported in a child
-process with a clean environment, its loop running over the frames → every result it prints published as JSON
-to ``$aws/things/<thing>/infer`` on an MQTT broker. While the broker is down, results wait in a bounded buffer
-(the oldest are dropped first) and the client reconnects; SIGINT/SIGTERM, or ``max_frames`` results, stop the
-device cleanly. A Lambda whose loop dies, an unreachable broker, lost results or fewer results than asked for
-end ``run`` with an error, as a core would restart a component that exits with one.
+vendored wheels, with the device's Python, or this interpreter when the bundle vendors none) → the Lambda
+started as the recipe's Run script starts it, in a child process with a clean environment, its loop running
+over the frames → its own ``deeplens_publish`` calls sending results to ``$aws/things/<thing>/infer`` on an
+MQTT broker (buffering and reconnecting while it is down), their counts read back from the publisher.
+SIGINT/SIGTERM, or ``max_frames`` acknowledged results, stop the device cleanly. A Lambda that exits with an
+error is restarted as the nucleus would, then reported broken; an unreachable broker, lost results or fewer
+results than asked for also end ``run`` with an error. ``--stream`` serves the project stream meanwhile.
 """
 
 from __future__ import annotations
