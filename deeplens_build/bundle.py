@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import tarfile
 import tempfile
@@ -77,10 +78,12 @@ def remove_partials(output_dir: Path) -> None:
 
 
 def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signing.Signer,
-                 output_dir: Path) -> tuple[Path, str, Manifest]:
+                 output_dir: Path, *, written: Path | None = None) -> tuple[Path, str, Manifest]:
     """Write ``<name>-<version>.tar.gz`` into ``output_dir`` atomically; return its path, sha256 and manifest.
 
     :param payload: archive path → file on disk, for every file but the manifest and its signature.
+    :param written: where to remember what was written (the manifest's digest and the file's stat): when the
+        bundle at the output path is still the one written for the same manifest, it is not written again.
     """
     for arcname in payload:
         try:
@@ -93,9 +96,11 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
         algorithm=signing.ALGORITHM, public_key=signer.public_key_pem,
         fingerprint=signing.fingerprint(signer.public_key_pem)))
     manifest_bytes = manifest.to_json()
+    target = output_dir / bundle_name(manifest.name, manifest.version)
+    if written is not None and (sha256 := _unchanged(target, manifest_bytes, written)):
+        return target, sha256, manifest
     signature = signer.sign(manifest_bytes)
 
-    target = output_dir / bundle_name(manifest.name, manifest.version)
     output_dir.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=output_dir)
     try:
@@ -113,7 +118,33 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return target, file_sha256(target), manifest
+    sha256 = file_sha256(target)
+    if written is not None:
+        _remember(target, manifest_bytes, sha256, written)
+    return target, sha256, manifest
+
+
+def _unchanged(target: Path, manifest_bytes: bytes, written: Path) -> str | None:
+    """The bundle's sha256 when ``target`` is still what was written for this manifest, else None."""
+    try:
+        remembered = json.loads(written.read_text())
+        stat = target.stat()
+    except (OSError, ValueError):
+        return None
+    now = {"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "stat": _identity(stat)}
+    return remembered.get("sha256") if {k: remembered.get(k) for k in now} == now else None
+
+
+def _remember(target: Path, manifest_bytes: bytes, sha256: str, written: Path) -> None:
+    written.parent.mkdir(parents=True, exist_ok=True)
+    temporary = written.with_name(f".{written.name}.{os.getpid()}")
+    temporary.write_text(json.dumps({"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "sha256": sha256,
+                                     "stat": _identity(target.stat())}))
+    os.replace(temporary, written)
+
+
+def _identity(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:

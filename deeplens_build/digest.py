@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
 
 
-_KNOWN: dict[tuple[int, int, int, int, int], str] = {}
+_Identity = tuple[int, int, int, int, int]
+_KNOWN: dict[_Identity, str] = {}
+_USED: set[_Identity] = set()
+RACY_SECONDS = 2.0
+"""A file changed this recently may change again within its mtime's granularity: never remembered across builds."""
 
 
 def file_sha256(path: Path) -> str:
-    """The file's sha256, read once per build: the cache keys, the recipe and the manifest all ask for the same
-    files, which may be hundreds of MB. Keyed by device, inode, size and change times (not by path, so a cache
-    entry renamed into place is not read again); a changed file gets a new change time and is read again."""
+    """The file's sha256, read once: the cache keys, the recipe and the manifest all ask for the same files,
+    which may be hundreds of MB. Keyed by device, inode, size and change times (not by path, so a cache entry
+    renamed into place is not read again); a changed file gets a new change time and is read again. With
+    :func:`remembered`, what was read in earlier builds is known too (a stat index, like git's and ninja's)."""
     stat = os.stat(path)
     identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if (known := _KNOWN.get(identity)) is None:
         known = _KNOWN[identity] = _read_sha256(path)
+    _USED.add(identity)
     return known
+
+
+@contextlib.contextmanager
+def remembered(index: Path, *, trust: bool = True) -> Iterator[None]:
+    """Know the digests an earlier build stored in ``index`` (unless not ``trust``), and store this build's.
+
+    Only the files this build asked about are stored, so the index stays the size of one build.
+    """
+    if trust:
+        try:
+            stored = json.loads(index.read_text())
+            _KNOWN.update({tuple(int(part) for part in key.split(":")): value for key, value in stored.items()})
+        except (OSError, ValueError):
+            pass  # no index yet, or a damaged one: everything is read once
+    _USED.clear()
+    try:
+        yield
+    finally:
+        if _USED:  # a build that stopped before reading anything leaves no trace
+            _store(index)
+
+
+def _store(index: Path) -> None:
+    settled = time.time_ns() - int(RACY_SECONDS * 1e9)
+    entries = {":".join(map(str, identity)): _KNOWN[identity] for identity in _USED
+               if identity[3] < settled and identity[4] < settled}
+    index.parent.mkdir(parents=True, exist_ok=True)
+    temporary = index.with_name(f".{index.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(entries, sort_keys=True))
+    os.replace(temporary, index)
 
 
 def _read_sha256(path: Path) -> str:

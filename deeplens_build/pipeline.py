@@ -22,7 +22,7 @@ from deeplens_build.aws.publish import publish_lambda
 from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
 from deeplens_build.cache import Cache
 from deeplens_build.config import ProjectConfig
-from deeplens_build.digest import file_sha256
+from deeplens_build.digest import file_sha256, remembered
 from deeplens_build.errors import BundleError, ConfigError
 from deeplens_build.manifest import (
     IMAGE,
@@ -80,6 +80,8 @@ from deeplens_build.types import (
 )
 
 T = TypeVar("T")
+STAT_INDEX = "stat-index.json"
+"""In the work folder: each input's (device, inode, size, times) → sha256, so an unchanged input is not read."""
 
 CORE_TOOLS = ("numpy", "onnx", "onnxruntime", "onnxconverter-common")
 """Distributions whose versions shape the optimized artifact: part of every cache key and the manifest."""
@@ -107,28 +109,35 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
     output = options.output or config.build.output
     remove_partials(output)
     try:
-        b = _Build.start(config, options, manager, reporter)
-        training = _fetch(b)
-        detection = _detect(b, training)
-        converted = _convert(b, training, detection)
-        optimized = _optimize(b, converted)
-        parity = _parity(b, training, detection, converted, optimized)
-        runtime, wheelhouse = _runtime(b, detection, converted, optimized)
-        lambda_pkg = _lambda(b)
-        payload = _payload(b, converted, optimized, runtime, wheelhouse, lambda_pkg)
-        image = _runtime_image(b, payload, runtime)
-        published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
-                                   reporter=reporter) if options.publish else None
-        documents = _greengrass_documents(b, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
-                                          image=image, lambda_pkg=lambda_pkg, published=published)
-        record = _manifest(b, training=training, detection=detection, optimized=optimized, parity=parity,
-                           runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
-                           published=published, documents=sorted(documents), labels=LABELS in payload)
-        return _bundle(b, {**payload, **documents}, record, training=training, optimized=optimized, parity=parity,
-                       output=output)
+        with remembered(config.build.work_dir / STAT_INDEX, trust=options.use_cache):
+            return _package(config, options, output, manager=manager, reporter=reporter)
     except BaseException:
         (output / bundle_name(config.model.name, config.model.version)).unlink(missing_ok=True)
         raise
+
+
+def _package(config: ProjectConfig, options: BuildOptions, output: Path, *, manager: PluginManager,
+             reporter: Reporter) -> BuildResult:
+    """The pipeline's sequence."""
+    b = _Build.start(config, options, manager, reporter)
+    training = _fetch(b)
+    detection = _detect(b, training)
+    converted = _convert(b, training, detection)
+    optimized = _optimize(b, converted)
+    parity = _parity(b, training, detection, converted, optimized)
+    runtime, wheelhouse = _runtime(b, detection, converted, optimized)
+    lambda_pkg = _lambda(b)
+    payload = _payload(b, converted, optimized, runtime, wheelhouse, lambda_pkg)
+    image = _runtime_image(b, payload, runtime)
+    published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
+                               reporter=reporter) if options.publish else None
+    documents = _greengrass_documents(b, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
+                                      image=image, lambda_pkg=lambda_pkg, published=published)
+    record = _manifest(b, training=training, detection=detection, optimized=optimized, parity=parity,
+                       runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
+                       published=published, documents=sorted(documents), labels=LABELS in payload)
+    return _bundle(b, {**payload, **documents}, record, training=training, optimized=optimized, parity=parity,
+                   output=output)
 
 
 @dataclass
@@ -287,7 +296,9 @@ def _payload(b: _Build, converted: ConvertedModel, optimized: OptimizedModel, ru
 def _bundle(b: _Build, payload: Mapping[str, Path], record: BuildRecord, *, training: TrainingOutput,
             optimized: OptimizedModel, parity: ParityReport | None, output: Path) -> BuildResult:
     b.reporter.step(f"bundle: signing with {b.signer.description}")
-    path, sha256, manifest = write_bundle(payload, record, b.signer, output)
+    written = (b.config.build.work_dir / "written" / f"{record.name}-{record.version}.json"
+               if b.options.use_cache else None)  # --no-cache writes the bundle again, whatever is there
+    path, sha256, manifest = write_bundle(payload, record, b.signer, output, written=written)
     sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),
                         bundle=path.stat().st_size)
     return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,

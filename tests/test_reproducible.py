@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
+
+import pytest
 
 from helpers import package_json
 
@@ -70,3 +74,54 @@ def test_source_date_epoch_sets_the_archive_timestamps(project: Path, monkeypatc
     with tarfile.open(bundle) as tar:
         assert {m.mtime for m in tar.getmembers()} == {1700000000}
         assert {(m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar.getmembers()} == {(0, 0, "", "", 0o644)}
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every file whose bytes are hashed, as a new process would see it (nothing known but the stat index)."""
+    from deeplens_build import digest
+
+    seen: list[Path] = []
+    original = digest._read_sha256
+
+    def counting(path: Path) -> str:
+        seen.append(Path(path))
+        return original(path)
+
+    monkeypatch.setattr(digest, "_read_sha256", counting)
+    monkeypatch.setattr(digest, "RACY_SECONDS", 0.0)  # the test's files are seconds old; a real index waits 2 s
+    monkeypatch.setattr(digest, "_KNOWN", {})
+    return seen
+
+
+def test_a_no_change_rebuild_reads_no_input_and_leaves_the_bundle_alone(project: Path, reads: list[Path]) -> None:
+    from deeplens_build import digest
+
+    first = package_json(project)
+    before = Path(first["bundle"]).stat()
+    digest._KNOWN.clear()  # a new process: only the stat index remembers
+    reads.clear()
+    second = package_json(project)
+    assert reads == [], "every digest came from the stat index"
+    after = Path(second["bundle"]).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), "the bundle was not rewritten"
+    assert second["sha256"] == first["sha256"]
+
+
+def test_a_touched_input_is_read_again_and_a_changed_one_rebuilds(project: Path, onnx_model_dir: Path,
+                                                                  reads: list[Path]) -> None:
+    from deeplens_build import digest
+
+    first = package_json(project)
+    model = onnx_model_dir / "model.onnx"
+    os.utime(model, ns=(time.time_ns() - 10**10, time.time_ns() - 10**10))  # touched: same bytes, new times
+    digest._KNOWN.clear()
+    reads.clear()
+    touched = package_json(project)
+    assert [p.name for p in reads] == ["model.onnx"], "only the touched file is read, once"
+    assert touched["sha256"] == first["sha256"] and "convert" in touched["cached_stages"]
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01  # one byte of the model
+    model.write_bytes(bytes(data))
+    changed = package_json(project)
+    assert "convert" not in changed["cached_stages"] and changed["sha256"] != first["sha256"]
