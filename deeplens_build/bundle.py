@@ -78,12 +78,13 @@ def remove_partials(output_dir: Path) -> None:
 
 
 def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signing.Signer,
-                 output_dir: Path, *, written: Path | None = None) -> tuple[Path, str, Manifest]:
+                 output_dir: Path, *, written: Path | None = None, reuse: bool = True) -> tuple[Path, str, Manifest]:
     """Write ``<name>-<version>.tar.gz`` into ``output_dir`` atomically; return its path, sha256 and manifest.
 
     :param payload: archive path → file on disk, for every file but the manifest and its signature.
     :param written: where to remember what was written (the manifest's digest and the file's stat): when the
         bundle at the output path is still the one written for the same manifest, it is not written again.
+    :param reuse: False (``--no-cache``) writes the bundle whatever is there, and still remembers it.
     """
     for arcname in payload:
         try:
@@ -97,7 +98,7 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
         fingerprint=signing.fingerprint(signer.public_key_pem)))
     manifest_bytes = manifest.to_json()
     target = output_dir / bundle_name(manifest.name, manifest.version)
-    if written is not None and (sha256 := _unchanged(target, manifest_bytes, written)):
+    if written is not None and reuse and (sha256 := _unchanged(target, manifest_bytes, written)):
         return target, sha256, manifest
     signature = signer.sign(manifest_bytes)
 

@@ -18,7 +18,10 @@ _Identity = tuple[int, int, int, int, int]
 _KNOWN: dict[_Identity, str] = {}
 _USED: set[_Identity] = set()
 RACY_SECONDS = 2.0
-"""A file changed this recently may change again within its mtime's granularity: never remembered across builds."""
+"""A file changed this recently, on a file system with whole-second times, may change again without its times
+changing: not remembered across builds (git's "racily clean" entries)."""
+RACY_SECONDS_FINE = 0.01
+"""The same for file systems with sub-second times (their times say so: not a whole second)."""
 
 
 def file_sha256(path: Path) -> str:
@@ -55,9 +58,14 @@ def remembered(index: Path, *, trust: bool = True) -> Iterator[None]:
 
 
 def _store(index: Path) -> None:
-    settled = time.time_ns() - int(RACY_SECONDS * 1e9)
+    now = time.time_ns()
+
+    def settled(stamp: int) -> bool:
+        margin = RACY_SECONDS if stamp % 1_000_000_000 == 0 else min(RACY_SECONDS, RACY_SECONDS_FINE)
+        return stamp < now - int(margin * 1e9)
+
     entries = {":".join(map(str, identity)): _KNOWN[identity] for identity in _USED
-               if identity[3] < settled and identity[4] < settled}
+               if settled(identity[3]) and settled(identity[4])}
     index.parent.mkdir(parents=True, exist_ok=True)
     temporary = index.with_name(f".{index.name}.{os.getpid()}")
     temporary.write_text(json.dumps(entries, sort_keys=True))

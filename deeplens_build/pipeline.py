@@ -296,9 +296,9 @@ def _payload(b: _Build, converted: ConvertedModel, optimized: OptimizedModel, ru
 def _bundle(b: _Build, payload: Mapping[str, Path], record: BuildRecord, *, training: TrainingOutput,
             optimized: OptimizedModel, parity: ParityReport | None, output: Path) -> BuildResult:
     b.reporter.step(f"bundle: signing with {b.signer.description}")
-    written = (b.config.build.work_dir / "written" / f"{record.name}-{record.version}.json"
-               if b.options.use_cache else None)  # --no-cache writes the bundle again, whatever is there
-    path, sha256, manifest = write_bundle(payload, record, b.signer, output, written=written)
+    written = b.config.build.work_dir / "written" / f"{record.name}-{record.version}.json"
+    path, sha256, manifest = write_bundle(payload, record, b.signer, output, written=written,
+                                          reuse=b.options.use_cache)
     sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),
                         bundle=path.stat().st_size)
     return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,
