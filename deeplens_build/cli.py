@@ -55,6 +55,9 @@ class _Main(click.Group):
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `deeplens-build`: the help, not an error
+            click.echo(exc.format_message())
+            sys.exit(0)
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()} (see deeplens-build --help)", err=True)
             sys.exit(exc.exit_code)

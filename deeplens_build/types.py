@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from deeplens_build.errors import ConversionError
+from deeplens_build.errors import ConfigError, ConversionError
 
 if TYPE_CHECKING:
     from deeplens_build.manifest import Manifest
@@ -313,8 +313,6 @@ class Runtime:
 
         :raises ConfigError: when the definition has no pins for that Python.
         """
-        from deeplens_build.errors import ConfigError
-
         if python == self.python:
             return self
         pins = self.pythons.get(python)

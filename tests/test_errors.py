@@ -184,3 +184,9 @@ def test_keygen_under_umask_000_makes_nothing_writable_by_others(tmp_path: Path)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in
              (out, out.with_name("release.pub.pem"), out.parent, out.parent.parent)}
     assert modes == {"release.pem": 0o600, "release.pub.pem": 0o644, "nested": 0o700, "keys": 0o700}
+
+
+def test_usage_mistakes_are_one_error_line_and_a_bare_command_shows_the_help() -> None:
+    assert "error: No such command 'pakage'" in error_line(cli("pakage", expect=2))
+    assert "error: No such option '--sourse'" in error_line(cli("package", "--sourse", "x", expect=2))
+    assert cli().output.startswith("Usage: deeplens-build")
