@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_tensorflow.py
 	$(BIN)/python bench/bench_caffe.py
 	$(BIN)/python bench/bench_device.py
+	$(BIN)/python bench/bench_rebuild.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens
