@@ -156,7 +156,10 @@ def check_end(tar: tarfile.TarFile) -> None:
     :raises UnsafeMember: for data after the end; the decompressor's own errors for a damaged trailer.
     """
     stream = tar.fileobj
-    stream.seek(tar.offset)
+    if stream.tell() < tar.offset:
+        stream.seek(tar.offset)
+    # else tarfile already read past the end-of-archive blocks (zeros, by definition); a compressed stream would
+    # only seek back by decompressing again from the start
     padding = 0
     for block in iter(lambda: stream.read(_CHUNK), b""):
         padding += len(block)

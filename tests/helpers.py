@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import io
 import json
 import shutil
 import socket
 import subprocess
+import tarfile
 import time
 import traceback
 import zipfile
@@ -132,3 +135,15 @@ class Broker:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def open_bundle(path: Path | str) -> tarfile.TarFile:
+    """A bundle opened for reading in a test, whatever its compression (zstd, or the gzip of older bundles)."""
+    import zstandard
+
+    data = Path(path).read_bytes()
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    else:
+        data = gzip.decompress(data)
+    return tarfile.open(fileobj=io.BytesIO(data))

@@ -31,7 +31,7 @@ def test_four_concurrent_no_cache_builds_in_three_rounds_all_succeed_with_identi
             assert "Traceback" not in err
             digests.add(json.loads(out)["sha256"])
     assert len(digests) == 1, "every build wrote the same bytes"
-    bundle = next((project.parent / "dist").glob("*.tar.gz"))
+    bundle = next((project.parent / "dist").glob("*.tar.zst"))
     testing.verify(bundle)
     cache = project.parent / ".deeplens" / "cache"
     assert not list(cache.glob("*/.build-*")), "no scratch folder is left behind"
@@ -58,7 +58,7 @@ def test_what_a_killed_build_left_is_removed_and_a_live_build_is_left_alone(proj
     dead.mkdir()
     (dead / locks.OWNER).touch()
     (dead / "model.onnx").write_bytes(b"half")
-    partial = dist / ".deeplens-test-model-1.0.0.tar.gz.killed01.partial"
+    partial = dist / ".deeplens-test-model-1.0.0.tar.zst.killed01.partial"
     partial.write_bytes(b"half a bundle")
     with locks.owned_folder(cache, ".build-") as live:
         package_json(project, "--no-cache")

@@ -7,7 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from helpers import cli, package_json
+from helpers import cli, open_bundle, package_json
 
 from deeplens_build import testing
 
@@ -16,7 +16,7 @@ def test_package_builds_a_verified_bundle_and_reports_json(project: Path) -> Non
     report = package_json(project)
 
     bundle = Path(report["bundle"])
-    assert bundle.name == "deeplens-test-model-1.0.0.tar.gz"
+    assert bundle.name == "deeplens-test-model-1.0.0.tar.zst"
     assert bundle.parent == project.parent / "dist"
     assert report["name"] == "deeplens-test-model" and report["version"] == "1.0.0"
     assert report["framework"] == "onnx"
@@ -27,7 +27,7 @@ def test_package_builds_a_verified_bundle_and_reports_json(project: Path) -> Non
     assert report["sha256"] == hashlib.sha256(bundle.read_bytes()).hexdigest()
     verified = testing.verify(bundle, project.parent / "signing-key.pub.pem")
     assert verified.trusted
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         names = tar.getnames()
     assert names[:2] == ["manifest.json", "manifest.sig"]
     assert set(names[2:]) == {"model/model.onnx", "model/labels.txt", "lambda/deeplens-test-model.zip",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import package_json
+from helpers import open_bundle, package_json
 
 from deeplens_build import testing
 
@@ -67,11 +67,10 @@ def test_changed_lambda_source_gets_a_new_content_version(project: Path) -> None
 
 
 def test_source_date_epoch_sets_the_archive_timestamps(project: Path, monkeypatch) -> None:
-    import tarfile
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     bundle = Path(package_json(project)["bundle"])
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         assert {m.mtime for m in tar.getmembers()} == {1700000000}
         assert {(m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar.getmembers()} == {(0, 0, "", "", 0o644)}
 

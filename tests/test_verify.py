@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import cli, error_line, package_json
+from helpers import cli, error_line, open_bundle, package_json
 
 from deeplens_build import signing, testing
 from deeplens_build.device import DeviceOptions, run_device
@@ -27,7 +27,7 @@ def bundle(project: Path) -> Path:
 
 
 def _members(bundle: Path) -> dict[str, bytes]:
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
@@ -109,7 +109,7 @@ def test_wrong_public_key_fails(bundle: Path, tmp_path: Path) -> None:
 
 def test_duplicate_member_and_link_are_refused(bundle: Path) -> None:
     raw = io.BytesIO()
-    with tarfile.open(bundle) as src, tarfile.open(fileobj=raw, mode="w") as tar:
+    with open_bundle(bundle) as src, tarfile.open(fileobj=raw, mode="w") as tar:
         for member in src.getmembers():
             tar.addfile(member, src.extractfile(member))
         link = tarfile.TarInfo("model/link")
@@ -224,26 +224,42 @@ def test_pax_header_bomb_in_a_bundle_is_refused(bundle: Path) -> None:
     assert "extended (PAX/GNU) header of" in error_line(cli("verify", target, expect=8))
 
 
-def test_damaged_gzip_trailer_is_refused(bundle: Path, tmp_path: Path) -> None:
-    data = bundle.read_bytes()
-    for offset, what in ((-8, "CRC"), (-3, "length")):
-        damaged = tmp_path / f"{what}.tar.gz"
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_damaged_trailer_or_truncation_is_refused(bundle: Path, tmp_path: Path, compression: str) -> None:
+    data = bundle.read_bytes() if compression == "zstd" else _rewrite(bundle, _members(bundle)).read_bytes()
+    for offset, what in ((-8, "last block"), (-3, "checksum or length")):
+        damaged = tmp_path / f"{compression}-{offset}.bundle"
         damaged.write_bytes(_flip(data, len(data) + offset))
         assert "is damaged" in error_line(cli("verify", damaged, expect=8)), what
+    truncated = tmp_path / f"{compression}-truncated.bundle"
+    truncated.write_bytes(data[:-5])
+    assert "is damaged" in error_line(cli("verify", truncated, expect=8))
 
 
-def test_a_second_gzip_member_appended_is_refused(bundle: Path, tmp_path: Path) -> None:
+def test_a_bundle_of_the_earlier_gzip_format_still_verifies_and_unpacks(bundle: Path, project: Path,
+                                                                        tmp_path: Path) -> None:
+    older = _rewrite(bundle, _members(bundle))  # the same members, compressed as bundles were before zstd
+    assert older.read_bytes()[:2] == b"\x1f\x8b"
+    assert cli("verify", older, "--public-key", project.parent / "signing-key.pub.pem").stdout.startswith("verified:")
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_a_second_compressed_stream_appended_is_refused(bundle: Path, tmp_path: Path, compression: str) -> None:
+    import zstandard
+
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         info = tarfile.TarInfo("lambda/evil.py")
         payload = b"import os\n"
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    appended = tmp_path / "appended.tar.gz"
-    appended.write_bytes(bundle.read_bytes() + gzip.compress(raw.getvalue()))
+    compress = zstandard.compress if compression == "zstd" else gzip.compress
+    data = bundle.read_bytes() if compression == "zstd" else _rewrite(bundle, _members(bundle)).read_bytes()
+    appended = tmp_path / "appended.bundle"
+    appended.write_bytes(data + compress(raw.getvalue()))  # `tar -tif` would list lambda/evil.py
     assert "has data after the end of the archive" in error_line(cli("verify", appended, expect=8))
-    garbage = tmp_path / "garbage.tar.gz"
-    garbage.write_bytes(bundle.read_bytes() + b"trailing bytes")
+    garbage = tmp_path / "garbage.bundle"
+    garbage.write_bytes(data + b"trailing bytes")
     assert "is damaged" in error_line(cli("verify", garbage, expect=8))
 
 

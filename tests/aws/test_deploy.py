@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +15,7 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 from conftest import BUCKET, group_with_core, published_bundle
-from helpers import cli, error_line
+from helpers import cli, error_line, open_bundle
 
 from deeplens_build.aws.deploy import Clients, Rollout, Target, deploy
 from deeplens_build.errors import AwsError, VerificationError
@@ -111,7 +110,7 @@ def test_v1_twice_to_one_group_reuses_its_group_version(bundle: Path, tmp_path: 
 
 
 def _bundle_member(bundle: Path, name: str) -> bytes:
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         return tar.extractfile(name).read()
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.stub import Stubber
-from helpers import package_json
+from helpers import open_bundle, package_json
 
 from deeplens_build import testing
 from deeplens_build.aws.greengrass import create_v1_group_version
@@ -38,7 +37,7 @@ def _lowercase_keys(value: Any) -> Any:
 
 
 def _bundle_files(bundle: Path) -> dict[str, bytes]:
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 

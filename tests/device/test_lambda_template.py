@@ -7,11 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from helpers import open_bundle
 
 from deeplens_build import onnxtools, testing
 
@@ -22,7 +22,7 @@ def test_template_publishes_one_prediction_per_frame_matching_onnxruntime(tmp_pa
     project = shutil.copytree(EXAMPLE, tmp_path / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
     bundle = testing.build(project / "deeplens.toml").bundle
     device = tmp_path / "device"
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         tar.extractall(device, filter="data")
     with zipfile.ZipFile(next((device / "lambda").glob("*.zip"))) as code:
         code.extractall(device / "code")

@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Broker
+from helpers import Broker, open_bundle
 from test_device import THING, _key, example_bundle  # noqa: F401  (example_bundle is a fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -71,7 +70,7 @@ def test_the_project_stream_shows_live_frames_and_the_latest_label(broker: Broke
         assert np.abs(shots[0].astype(int) - shots[1].astype(int)).mean() > 1, "the image changes between shots"
         dom = _chromium(url, tmp_path / "profile-dom", "--dump-dom").stdout
         shown = re.search(r'id="label">([^<]*)<', dom)
-        with tarfile.open(example_bundle) as bundle:
+        with open_bundle(example_bundle) as bundle:
             labels = bundle.extractfile("model/labels.txt").read().decode().splitlines()
         assert shown and shown.group(1) in labels, f"the latest label, one of the model's: {dom[-600:]}"
     finally:

@@ -3,13 +3,12 @@ framework plugin that can express one: one Cast per input, shared by its consume
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from helpers import package_project
+from helpers import open_bundle, package_project
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -63,7 +62,7 @@ def test_fp16_with_an_input_feeding_two_nodes_builds_and_keeps_parity(tmp_path: 
     source = BUILDERS[framework](tmp_path / "out")
     report = package_project(tmp_path, source, model={"precision": "fp16"})
     assert report["framework"] == framework and report["parity"]["passed"]
-    with tarfile.open(report["bundle"]) as tar:
+    with open_bundle(report["bundle"]) as tar:
         model = onnx.load_from_string(tar.extractfile("model/model.onnx").read())
     onnx.checker.check_model(model, full_check=True)
     for graph_input in model.graph.input:

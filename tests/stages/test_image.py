@@ -8,7 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import package_project, runtime_definition, wheel
+from helpers import open_bundle, package_project, runtime_definition, wheel
 
 from deeplens_build import testing
 
@@ -39,7 +39,7 @@ def test_image_round_trip_build_save_load_files(engine, tmp_path: Path, onnx_mod
     manifest = testing.verify(bundle).manifest.to_dict()
     image = manifest["runtime"]["image"]
     assert image["file"] == "runtime/image.tar" and image["tag"] == "deeplens-test-model-runtime:1.0.0"
-    with tarfile.open(bundle) as tar:
+    with open_bundle(bundle) as tar:
         saved = tar.extractfile("runtime/image.tar").read()
         recipe = json.loads(tar.extractfile("greengrass/recipe.json").read())
     assert recipe["Manifests"][0]["Lifecycle"]["Install"]["Script"].startswith(

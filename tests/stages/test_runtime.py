@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import package_project, runtime_definition, wheel
+from helpers import open_bundle, package_project, runtime_definition, wheel
 
 from deeplens_build import testing
 from deeplens_build.errors import BundleError, ConfigError
@@ -96,7 +95,7 @@ def test_vendors_the_device_pythons_wheels_and_installs_them_with_it(tmp_path: P
     manifest = testing.verify(Path(report["bundle"])).manifest
     assert [Path(w.file).name for w in manifest.runtime.wheels] == [expected]
     assert manifest.runtime.python == python
-    with tarfile.open(report["bundle"]) as bundle:
+    with open_bundle(report["bundle"]) as bundle:
         recipe = json.loads(bundle.extractfile("greengrass/recipe.json").read())
     lifecycle = recipe["Manifests"][0]["Lifecycle"]
     assert lifecycle["Install"]["Script"].startswith(f"python{python} -m pip install --no-index")
