@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from deeplens_build import locks
+from deeplens_build.archive import Extractor, UnsafeMember, member_parts, open_tar
 from deeplens_build.digest import file_sha256, json_sha256
 
 T = TypeVar("T")
@@ -48,10 +50,12 @@ def tool_cache_environment(work_dir: Path) -> dict[str, str]:
 
 
 class Cache:
-    def __init__(self, root: Path, *, reuse: bool = True):
-        """:param reuse: False (``--no-cache``) rebuilds every stage, and stores the fresh results."""
+    def __init__(self, root: Path, *, reuse: bool = True, shared: SharedCache | None = None):
+        """:param reuse: False (``--no-cache``) rebuilds every stage, and stores the fresh results.
+        :param shared: a cache other machines fill too (CI), asked after this one and before building."""
         self.root = root
         self.reuse = reuse
+        self.shared = shared
 
     def key(self, stage: str, material: Mapping[str, Any]) -> str:
         return json_sha256({"stage": stage, "format": CACHE_FORMAT, "material": material})
@@ -71,12 +75,17 @@ class Cache:
         locks.remove_abandoned_folders(folder, _SCRATCH)
         for trash in folder.glob(f"{_TRASH}*"):  # only ever left by a build killed while discarding an entry
             shutil.rmtree(trash, ignore_errors=True)
+        key = entry.name
         with locks.owned_folder(folder, _SCRATCH) as scratch:
-            result = build(scratch)
-            data = _relative(adapter.dump_python(result, mode="json"), f"{scratch}{os.sep}")
-            files = {rel: file_sha256(scratch / rel) for rel in _files(scratch)}
-            (scratch / _RESULT).write_text(json.dumps({"result": data, "files": files}, indent=1, sort_keys=True),
-                                           encoding="utf-8")
+            # a shared entry counts only once every file matches the digests its result.json records
+            shared = (self.reuse and self.shared is not None and self.shared.fetch(stage, key, scratch)
+                      and _load(adapter, scratch) is not None)
+            if not shared:
+                result = build(_emptied(scratch))
+                data = _relative(adapter.dump_python(result, mode="json"), f"{scratch}{os.sep}")
+                files = {rel: file_sha256(scratch / rel) for rel in _files(scratch)}
+                (scratch / _RESULT).write_text(json.dumps({"result": data, "files": files}, indent=1,
+                                                          sort_keys=True), encoding="utf-8")
             with locks.held(folder / _PUBLISH_LOCK):
                 if (winner := _load(adapter, entry)) is not None:
                     return winner, False  # a concurrent build published the same entry first
@@ -87,7 +96,92 @@ class Cache:
                 os.replace(scratch, entry)
         loaded = _load(adapter, entry)
         assert loaded is not None, f"cache entry {entry} vanished after publishing"
-        return loaded, False
+        if not shared and self.shared is not None:
+            self.shared.store(stage, key, entry)
+        return loaded, bool(shared)
+
+
+def _emptied(scratch: Path) -> Path:
+    """``scratch`` without what a rejected shared entry left in it (its owner file stays)."""
+    for path in scratch.iterdir():
+        if path.name != locks.OWNER:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return scratch
+
+
+class SharedCache:
+    """Stage entries shared between machines in S3 (``[build] cache = "s3://BUCKET/PREFIX"`` or ``--cache``).
+
+    An entry is uploaded as one tar object, after it was published here complete; a download is extracted with
+    the same checks as any archive and used only when every file matches the digests its ``result.json``
+    records, so a corrupt or truncated object is discarded and the stage rebuilt. Trust: whoever can write the
+    prefix can write entries whose files and digests agree — give the prefix the same trust as the build.
+    A shared cache never fails a build: an unreachable bucket is a warning and a local build.
+    """
+
+    def __init__(self, uri: str, warn: Callable[[str], None], client: Any = None):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        self.uri, self.bucket, self.prefix, self.warn = uri, bucket, prefix.strip("/"), warn
+        self.unreachable = False  # said once, then the rest of the build does without it
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+        self.client = client
+
+    def _object(self, stage: str, key: str) -> str:
+        return "/".join(part for part in (self.prefix, f"v{CACHE_FORMAT}", stage, f"{key}.tar") if part)
+
+    def fetch(self, stage: str, key: str, scratch: Path) -> bool:
+        """Download the entry into ``scratch``; whether there was one that extracted cleanly."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self.unreachable:
+            return False
+        name = self._object(stage, key)
+        download = scratch / ".shared.tar"
+        try:
+            self.client.download_file(self.bucket, name, str(download))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                self.warn(f"shared cache {self.uri}: cannot read {name} ({exc}); building {stage} here")
+            return False
+        except BotoCoreError as exc:
+            self.unreachable = True
+            self.warn(f"shared cache {self.uri}: cannot reach it ({exc}); building without it")
+            return False
+        try:
+            with open_tar(download, mode="r:") as tar, Extractor(scratch / ".shared") as out:
+                for member in tar:
+                    out.add(tar, member, member_parts(member))
+        except (UnsafeMember, tarfile.TarError, OSError, EOFError) as exc:
+            self.warn(f"shared cache {self.uri}: {name} is damaged ({exc}); building {stage} here")
+            return False
+        finally:
+            download.unlink(missing_ok=True)
+        for path in (scratch / ".shared").iterdir():
+            os.replace(path, scratch / path.name)
+        (scratch / ".shared").rmdir()
+        return True
+
+    def store(self, stage: str, key: str, entry: Path) -> None:
+        """Upload a complete entry (never a half one: ``entry`` was published here first)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self.unreachable:
+            return
+        name = self._object(stage, key)
+        with tempfile.TemporaryDirectory(prefix=".upload-", dir=entry.parent) as scratch:
+            packed = Path(scratch) / "entry.tar"
+            with tarfile.open(packed, "w", format=tarfile.PAX_FORMAT) as tar:
+                for rel in _files(entry):
+                    tar.add(entry / rel, arcname=rel, recursive=False)
+            try:
+                self.client.upload_file(str(packed), self.bucket, name,
+                                        ExtraArgs={"Metadata": {"sha256": file_sha256(packed)}})
+            except (ClientError, BotoCoreError) as exc:
+                self.warn(f"shared cache {self.uri}: cannot store {name} ({exc}); other machines will build it")
 
 
 def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -81,27 +82,32 @@ def main(debug: bool) -> None:
               help="Folder for the bundle [build.output].")
 @click.option("--signing-key", help="PEM private key or kms:KEY_ID [$DEEPLENS_SIGNING_KEY].")
 @click.option("--no-cache", is_flag=True, help="Rebuild every stage (and refresh the cache).")
+@click.option("--cache", "shared_cache", help="A cache shared between machines, s3://BUCKET/PREFIX [build.cache].")
 @click.option("--publish", is_flag=True, help="Publish the Lambda version first; the bundle records its ARN.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing the build.")
 @_handle_errors
 def package(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
-            no_cache: bool, publish: bool, as_json: bool) -> None:
+            no_cache: bool, shared_cache: str | None, publish: bool, as_json: bool) -> None:
     """Build the bundle: fetch, convert, optimize, check parity, sign."""
     from deeplens_build.cache import tool_cache_environment
-    from deeplens_build.config import load_config
+    from deeplens_build.config import SHARED_CACHE, load_config
+    from deeplens_build.errors import UsageError
     from deeplens_build.pipeline import BuildOptions
     from deeplens_build.pipeline import package as build
     from deeplens_build.plugins import build_plugin_manager
     from deeplens_build.report import Reporter
 
     config = load_config(config_path)
+    if shared_cache is not None and not re.match(SHARED_CACHE, shared_cache):
+        raise UsageError(f"--cache {shared_cache!r} is not s3://BUCKET/PREFIX")
     os.environ.update(tool_cache_environment(config.build.work_dir))  # before onnxruntime or keras is imported
     manager = build_plugin_manager()
     reporter = Reporter()
     for failure in manager.failures:
         reporter.warn(f"plugin {failure.name} was skipped: {failure.reason}")
     result = build(config, BuildOptions(source=source, output=output, signing_key=signing_key,
-                                        use_cache=not no_cache, publish=publish), manager=manager,
+                                        use_cache=not no_cache, publish=publish, shared_cache=shared_cache),
+                   manager=manager,
                    reporter=reporter)
     if as_json:
         parity = result.parity

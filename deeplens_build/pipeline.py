@@ -20,7 +20,7 @@ from deeplens_build import __version__
 from deeplens_build.aws import greengrass
 from deeplens_build.aws.publish import publish_lambda
 from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
-from deeplens_build.cache import Cache
+from deeplens_build.cache import Cache, SharedCache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256, remembered
 from deeplens_build.errors import BundleError, ConfigError
@@ -96,6 +96,8 @@ class BuildOptions:
     signing_key: str | None = None
     use_cache: bool = True
     publish: bool = False
+    shared_cache: str | None = None
+    """``--cache s3://BUCKET/PREFIX``, in place of ``build.cache``."""
 
 
 def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginManager,
@@ -164,9 +166,11 @@ class _Build:
                               "or set `greengrass.format = \"v2\"`")
         tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
                                                                  "python": platform.python_version()}
+        shared_uri = options.shared_cache or config.build.cache
+        shared = SharedCache(shared_uri, warn=reporter.warn) if shared_uri else None
         return cls(config=config, options=options, manager=manager, reporter=reporter,
                    signer=load_signer(options.signing_key), settings=manager.settings(config.plugins),
-                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache), tools=tools)
+                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared), tools=tools)
 
     def stage(self, name: str, key: Mapping[str, Any], result_type: type[T], build: Callable[[Path], T]) -> T:
         """``build``'s result, from the cache when ``key`` (everything it depends on) was built before."""
@@ -338,8 +342,9 @@ def _greengrass_documents(b: _Build, payload: Mapping[str, Path], *, runtime: Ru
         return GreengrassDocuments(files=files)
 
     key = {"payload": {arc: file_sha256(p) for arc, p in payload.items()}, "published": published and published.arn,
-           "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model",
-                                                                "device"})}
+           # no local path in the key, so another machine's entry (a shared cache) is found
+           "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model", "device"},
+                                       exclude={"lambda_": {"source"}, "model": {"source", "labels"}})}
     return dict(b.stage("greengrass", key, GreengrassDocuments, write).files)
 
 
