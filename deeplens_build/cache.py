@@ -19,6 +19,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -185,15 +186,60 @@ class SharedCache:
 
 
 def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
-    """The entry's result, or None when it is missing, unreadable, or a file no longer matches its digest."""
+    """The entry's result, or None when it is missing, unreadable, or a file no longer matches its digest.
+    A loaded entry's ``result.json`` gets a new modification time: ``prune`` removes the least recently used."""
     try:
         recorded = json.loads((entry / _RESULT).read_text(encoding="utf-8"))
         files = recorded["files"]
         if any(file_sha256(entry / rel) != sha256 for rel, sha256 in files.items()):
             return None
-        return adapter.validate_python(_absolute(recorded["result"], entry))
+        result = adapter.validate_python(_absolute(recorded["result"], entry))
+        os.utime(entry / _RESULT)
+        return result
     except (OSError, ValueError, KeyError, TypeError, ValidationError):
         return None
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    stage: str
+    path: Path
+    size: int
+    used: float
+    """When it was last built or reused (seconds since the epoch)."""
+
+
+def entries(root: Path) -> list[EntryInfo]:
+    """Every published entry of the cache at ``root``, least recently used first."""
+    found = []
+    for result in root.glob(f"*/*/{_RESULT}"):
+        entry = result.parent
+        if entry.name.startswith("."):
+            continue
+        size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+        found.append(EntryInfo(stage=entry.parent.name, path=entry, size=size, used=result.stat().st_mtime))
+    return sorted(found, key=lambda e: e.used)
+
+
+def prune(root: Path, max_size: int) -> list[EntryInfo]:
+    """Remove the least recently used entries until the cache holds at most ``max_size`` bytes.
+
+    Each removal is a rename out of sight under the stage's publish lock, so a build never sees half an entry;
+    a build that was about to reuse a removed entry builds it again. :return: what was removed.
+    """
+    found = entries(root)
+    total = sum(e.size for e in found)
+    removed = []
+    for entry in found:
+        if total <= max_size:
+            break
+        with locks.held(entry.path.parent / _PUBLISH_LOCK):
+            trash = Path(tempfile.mkdtemp(prefix=_TRASH, dir=entry.path.parent))
+            os.replace(entry.path, trash / "entry")
+            shutil.rmtree(trash, ignore_errors=True)
+        total -= entry.size
+        removed.append(entry)
+    return removed
 
 
 def _files(folder: Path) -> list[str]:

@@ -386,6 +386,54 @@ def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> 
     watch(host, port, thing, count=count, emit=emit, stop=_stop_on_signals())
 
 
+@main.group("cache")
+def cache_group() -> None:
+    """Look at or trim the local stage cache (``<build.work_dir>/cache``)."""
+
+
+@cache_group.command("info")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project file [./deeplens.toml].")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@_handle_errors
+def cache_info(config_path: Path | None, as_json: bool) -> None:
+    """Entries and bytes per stage."""
+    from deeplens_build.cache import entries
+    from deeplens_build.config import load_config
+
+    root = load_config(config_path).build.work_dir / "cache"
+    stages: dict[str, dict[str, int]] = {}
+    for entry in entries(root):
+        figures = stages.setdefault(entry.stage, {"entries": 0, "bytes": 0})
+        figures["entries"] += 1
+        figures["bytes"] += entry.size
+    total = sum(f["bytes"] for f in stages.values())
+    if as_json:
+        click.echo(json.dumps({"cache": str(root), "bytes": total, "stages": stages}, indent=2, sort_keys=True))
+        return
+    click.echo(f"{root}: {_size(total)} in {sum(f['entries'] for f in stages.values())} entries")
+    for stage, figures in sorted(stages.items()):
+        click.echo(f"  {stage:12} {figures['entries']:5} entries  {_size(figures['bytes'])}")
+
+
+@cache_group.command("prune")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Project file [./deeplens.toml].")
+@click.option("--max-size", required=True, help="Keep at most this much, e.g. 2G, 500M, 100000 (bytes).")
+@_handle_errors
+def cache_prune(config_path: Path | None, max_size: str) -> None:
+    """Remove the least recently used entries until the cache fits in --max-size."""
+    from deeplens_build.cache import prune
+    from deeplens_build.config import load_config
+    from deeplens_build.errors import UsageError
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)i?B?", max_size.strip(), re.IGNORECASE)
+    if not match:
+        raise UsageError(f"--max-size {max_size!r} is not a size such as 2G, 500M or 100000")
+    units = "KMGT".find(match[2].upper()) + 1 if match[2] else 0
+    limit = int(float(match[1]) * 1024 ** units)
+    removed = prune(load_config(config_path).build.work_dir / "cache", limit)
+    click.echo(f"removed {len(removed)} entries ({_size(sum(e.size for e in removed))}), least recently used first")
+
+
 def _stop_on_signals():
     """An event set by SIGINT or SIGTERM, so long-running commands stop cleanly."""
     import signal
