@@ -116,8 +116,11 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
 
     output_dir.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=output_dir)
+    # in use until renamed: remove_partials leaves it alone; the lock lives on a second descriptor, since
+    # writing closes the first before the rename
+    lock = os.dup(fd)
     try:
-        locks.hold(fd)  # in use: remove_partials leaves it alone while this build lives
+        locks.hold(lock)
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True,
                                               write_content_size=False)
         with os.fdopen(fd, "wb") as raw, compressor.stream_writer(raw, closefd=False) as zst, \
@@ -132,6 +135,8 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
     sha256 = file_sha256(target)
     if written is not None:
         _remember(target, manifest_bytes, sha256, written)
