@@ -140,10 +140,12 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
     if ended not in (None, 0):
         raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} {RESTARTS + 1} times "
                              f"(its output is above): broken, as a core would mark it", summary)
-    if options.max_frames is not None and summary.frames < options.max_frames and not stop.is_set():
+    if stop.is_set():
+        return summary  # stopped by the user: a result in flight at that moment may be lost, and is counted
+    if options.max_frames is not None and summary.frames < options.max_frames:
         raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {summary.frames} of the "
                              f"{options.max_frames} results asked for (did its frames run out?)", summary)
-    if summary.dropped:
+    if summary.published < (options.max_frames or summary.frames):  # results past --max-frames may be cut off
         raise DeviceRunError(f"{summary.dropped} of {summary.frames} result(s) never reached the MQTT broker at "
                              f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
     return summary

@@ -256,4 +256,5 @@ def test_sigterm_stops_the_device_cleanly(broker: Broker, example_bundle: Path, 
     out, err = device.communicate(timeout=30)
     assert device.returncode == 0, err
     summary = json.loads(out)
-    assert summary["frames"] >= 3 and summary["published"] == summary["frames"]
+    assert summary["frames"] >= 3 and summary["published"] >= 3
+    assert summary["published"] + summary["dropped"] == summary["frames"], "a result in flight at the stop is counted"

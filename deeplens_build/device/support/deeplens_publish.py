@@ -168,9 +168,10 @@ class MqttPublisher:
         while self._waiting() and time.monotonic() < deadline:
             time.sleep(0.05)
         with self._lock:
-            self.dropped += len(self._pending) + self.sent - self.acknowledged
+            # whatever the broker did not acknowledge is lost: waiting, unacknowledged, or being published by the
+            # Lambda's thread at the very moment the process was told to stop
+            self.dropped = self.results - self.acknowledged
             self._pending.clear()
-            self.sent = self.acknowledged
             self._write_stats()
         self._client.disconnect()
         self._client.loop_stop()
