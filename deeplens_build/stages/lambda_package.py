@@ -55,7 +55,9 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
     if not source.is_dir():
         raise ConfigError(f"Field `lambda.source` points to {source}, which is not a folder; point it at the "
                           "folder holding the inference Lambda's code")
-    entries = lambda_entries(source, compat=config.deeplens_compat)
+    files = lambda_files(source)
+    _refuse_secrets(source, files)
+    entries = _with_support(source, files, compat=config.deeplens_compat)
     module = config.handler.rsplit(".", 1)[0].replace(".", "/") + ".py"
     if "." not in config.handler or module not in entries:
         raise ConfigError(f"Field `lambda.handler` is {config.handler!r}, but {source} has no {module}; "
@@ -71,8 +73,14 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
 def lambda_entries(source: Path, *, compat: bool) -> dict[str, Path]:
     """Everything the Lambda zip holds, zip path → file: the Lambda's own files, and beside them the device-side
     modules deeplens-build ships with every Lambda (``deeplens_publish``), plus the DeepLens compatibility
-    modules in ``deeplens_compat/`` when ``compat`` (the runner puts that folder last on the import path)."""
-    files = lambda_files(source)
+    modules in ``deeplens_compat/`` when ``compat`` (the runner puts that folder last on the import path).
+
+    Listing only, for the cache key: the secret checks run when the zip is built (:func:`package_lambda`), so a
+    no-change rebuild neither imports detect-secrets nor scans again files whose digests have not changed."""
+    return _with_support(source, lambda_files(source), compat=compat)
+
+
+def _with_support(source: Path, files: list[str], *, compat: bool) -> dict[str, Path]:
     shipped = support_files(compat)
     clash = sorted(rel for rel in files if rel in shipped or rel.split("/")[0] == COMPAT_DIR)
     if clash:
@@ -90,29 +98,34 @@ def support_files(compat: bool) -> dict[str, Path]:
 
 
 def lambda_files(source: Path) -> list[str]:
-    """The files to package, sorted; raises ``ConfigError`` naming every file that looks like, or holds, a secret,
-    and every link (symbolic or hard) to a file outside the folder."""
-    files, secrets = [], []
-    candidates = [p for p in sorted(source.rglob("*")) if p.is_file() and not _skipped(p.relative_to(source))]
-    inside = Counter(_identity(p) for p in candidates)
-    for path in candidates:
-        rel = path.relative_to(source)
+    """The files to package (bytecode and tool folders left out), sorted POSIX paths relative to ``source``."""
+    files = [p.relative_to(source).as_posix() for p in sorted(source.rglob("*"))
+             if p.is_file() and not _skipped(p.relative_to(source))]
+    if not files:
+        raise ConfigError(f"`lambda.source` ({source}) holds no files to package")
+    return files
+
+
+def _refuse_secrets(source: Path, files: list[str]) -> None:
+    """Raise ``ConfigError`` naming every file that looks like, or holds, a secret, and every link (symbolic or
+    hard) to a file outside the folder."""
+    secrets, clean = [], []
+    inside = Counter(_identity(source / rel) for rel in files)
+    for rel in files:
+        path = source / rel
         if path.is_symlink() and not path.resolve().is_relative_to(source.resolve()):
-            secrets.append(f"{rel.as_posix()} (a link to {path.resolve()})")
+            secrets.append(f"{rel} (a link to {path.resolve()})")
         elif not path.is_symlink() and path.stat().st_nlink > inside[_identity(path)]:
-            secrets.append(f"{rel.as_posix()} (a hard link to a file outside the folder)")
-        elif _secret_name(rel):
-            secrets.append(rel.as_posix())
+            secrets.append(f"{rel} (a hard link to a file outside the folder)")
+        elif _secret_name(Path(rel)):
+            secrets.append(rel)
         else:
-            files.append(rel.as_posix())
-    secrets += [f"{rel} (holds {kind})" for rel, kind in _secret_contents(source, files)]
+            clean.append(rel)
+    secrets += [f"{rel} (holds {kind})" for rel, kind in _secret_contents(source, clean)]
     if secrets:
         raise ConfigError(f"`lambda.source` holds files that look like secrets: {', '.join(secrets)}; move them "
                           "out of the Lambda's folder (pass secrets through the Lambda's environment or AWS "
                           "Secrets Manager), they must never be deployed")
-    if not files:
-        raise ConfigError(f"`lambda.source` ({source}) holds no files to package")
-    return files
 
 
 def _skipped(rel: Path) -> bool:
