@@ -37,7 +37,7 @@ from deeplens_build.archive import (
     member_parts,
     open_tar,
 )
-from deeplens_build.digest import file_sha256
+from deeplens_build.digest import file_sha256, stat_identity
 from deeplens_build.errors import (
     BundleError,
     SigningError,
@@ -150,7 +150,7 @@ def _unchanged(target: Path, manifest_bytes: bytes, written: Path) -> str | None
         stat = target.stat()
     except (OSError, ValueError):
         return None
-    now = {"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "stat": _identity(stat)}
+    now = {"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "stat": list(stat_identity(stat))}
     return remembered.get("sha256") if {k: remembered.get(k) for k in now} == now else None
 
 
@@ -158,12 +158,8 @@ def _remember(target: Path, manifest_bytes: bytes, sha256: str, written: Path) -
     written.parent.mkdir(parents=True, exist_ok=True)
     temporary = written.with_name(f".{written.name}.{os.getpid()}")
     temporary.write_text(json.dumps({"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "sha256": sha256,
-                                     "stat": _identity(target.stat())}))
+                                     "stat": list(stat_identity(target.stat()))}))
     os.replace(temporary, written)
-
-
-def _identity(stat: os.stat_result) -> list[int]:
-    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:

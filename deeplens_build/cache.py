@@ -179,8 +179,7 @@ class SharedCache:
                 for rel in _files(entry):
                     tar.add(entry / rel, arcname=rel, recursive=False)
             try:
-                self.client.upload_file(str(packed), self.bucket, name,
-                                        ExtraArgs={"Metadata": {"sha256": file_sha256(packed)}})
+                self.client.upload_file(str(packed), self.bucket, name)  # checked by its files' digests on download
             except (ClientError, BotoCoreError) as exc:
                 self.warn(f"shared cache {self.uri}: cannot store {name} ({exc}); other machines will build it")
 

@@ -113,7 +113,7 @@ class FetchConfig(_Strict):
 class TargetConfig(_Strict):
     platform: Literal["linux-x86_64", "linux-aarch64"] = "linux-x86_64"
     accelerator: Literal["cpu", "gpu"] = "cpu"
-    python: Annotated[str, StringConstraints(pattern=r"^3\.\d{1,2}$")] | None = None
+    python: Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)] | None = None
     """The device's Python (``"3.10"``); the runtime definition's default when unset."""
 
 
@@ -143,7 +143,7 @@ class GreengrassConfig(_Strict):
 
 
 class DeviceConfig(_Strict):
-    kinesis_video_stream: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.-]{1,256}$")] | None = None
+    kinesis_video_stream: Annotated[str, StringConstraints(pattern=names.KVS_STREAM)] | None = None
     """The Kinesis Video stream DeepLens_Kinesis_Video streams to; `deploy` creates it when missing."""
     retention_hours: Annotated[int, Strict(), Field(ge=0, le=87600)] = 2
 

@@ -29,12 +29,16 @@ def file_sha256(path: Path) -> str:
     which may be hundreds of MB. Keyed by device, inode, size and change times (not by path, so a cache entry
     renamed into place is not read again); a changed file gets a new change time and is read again. With
     :func:`remembered`, what was read in earlier builds is known too (a stat index, like git's and ninja's)."""
-    stat = os.stat(path)
-    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    identity = stat_identity(os.stat(path))
     if (known := _KNOWN.get(identity)) is None:
         known = _KNOWN[identity] = _read_sha256(path)
     _USED.add(identity)
     return known
+
+
+def stat_identity(stat: os.stat_result) -> _Identity:
+    """What says a file is unchanged without reading it: device, inode, size, modification and change times."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @contextlib.contextmanager

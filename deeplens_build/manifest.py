@@ -152,7 +152,7 @@ class GreengrassRecord(_Record):
 class KinesisRecord(_Record):
     """The Kinesis Video stream the device streams to (``[device] kinesis_video_stream``)."""
 
-    stream: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.-]{1,256}$")]
+    stream: Annotated[str, StringConstraints(pattern=names.KVS_STREAM)]
     retention_hours: Annotated[int, Field(ge=0)]
 
 

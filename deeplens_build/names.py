@@ -22,6 +22,10 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RUNTIME_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_BUNDLE_PATH = 1024
+PYTHON_VERSION = r"^3\.\d{1,2}$"
+"""A device's Python, as ``target.python`` and runtime definitions name it: ``"3.10"``."""
+KVS_STREAM = r"^[a-zA-Z0-9_.-]{1,256}$"
+"""A Kinesis Video stream name, as the service allows it."""
 
 
 def check_model_name(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from deeplens_build.aws.deploy import Clients, Deployment
@@ -19,6 +19,8 @@ from deeplens_build.report import Reporter
 SUCCEEDED = "SUCCEEDED"
 TERMINAL = frozenset({SUCCEEDED, "FAILED", "REJECTED", "TIMED_OUT", "REMOVED", "CANCELED"})
 _V1_STATUS = {"Success": SUCCEEDED, "Failure": "FAILED", "InProgress": "IN_PROGRESS", "Building": "IN_PROGRESS"}
+_Reasons = dict[str, str | None]
+"""Why each failed device failed: asked once per device."""
 _REASON_KEYS = ("deployment-failure-cause", "detailed-deployment-status", "reason")
 
 
@@ -40,13 +42,6 @@ class Outcome:
         return tuple(d for d in self.devices if d.status != SUCCEEDED)
 
 
-@dataclass
-class _Reasons:
-    """Why a device failed, asked once per device."""
-
-    known: dict[str, str | None] = field(default_factory=dict)
-
-
 def follow(deployment: Deployment, clients: Clients, *, timeout: float, interval: float, reporter: Reporter,
            sleep: Callable[[float], None] = time.sleep) -> Outcome:
     """Poll until every device of ``deployment`` is done, printing each state as it changes.
@@ -54,7 +49,7 @@ def follow(deployment: Deployment, clients: Clients, *, timeout: float, interval
     :raises RolloutError: naming the failed devices and their reasons, or the states when ``timeout`` passed.
     """
     poll = _v2_states if deployment.format == "v2" else _v1_states
-    reasons = _Reasons()
+    reasons: _Reasons = {}
     deadline = time.monotonic() + timeout
     shown: dict[str, str] = {}
     with reporter.progress(total=None, desc="devices done", unit="device") as bar:
@@ -102,11 +97,11 @@ def _v2_states(deployment: Deployment, clients: Clients, reasons: _Reasons) -> t
             status = summary["jobExecutionSummary"]["status"]
             reason = None
             if status in TERMINAL - {SUCCEEDED}:
-                if thing not in reasons.known:
+                if thing not in reasons:
                     execution = clients.iot.describe_job_execution(jobId=job_id, thingName=thing)["execution"]
                     details = execution.get("statusDetails", {}).get("detailsMap", {})
-                    reasons.known[thing] = ", ".join(details[k] for k in _REASON_KEYS if details.get(k)) or None
-                reason = reasons.known[thing]
+                    reasons[thing] = ", ".join(details[k] for k in _REASON_KEYS if details.get(k)) or None
+                reason = reasons[thing]
             states.append(DeviceState(thing, status, reason))
         process = clients.iot.describe_job(jobId=job_id)["job"].get("jobProcessDetails", {})
     except (ClientError, BotoCoreError) as exc:

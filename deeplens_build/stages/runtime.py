@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from deeplens_build import names
 from deeplens_build.cache import Cache
 from deeplens_build.config import RuntimeConfig
 from deeplens_build.digest import file_sha256
@@ -24,7 +25,6 @@ from deeplens_build.report import Reporter
 from deeplens_build.types import Runtime, RuntimePins, Wheelhouse
 
 DEFINITION = "runtime.toml"
-PYTHON_VERSION = r"^3\.\d{1,2}$"
 PIP_PLATFORMS = {
     "linux-x86_64": ("manylinux_2_28_x86_64", "manylinux2014_x86_64"),
     "linux-aarch64": ("manylinux_2_28_aarch64", "manylinux2014_aarch64"),
@@ -46,11 +46,11 @@ class _Definition(BaseModel):
     summary: str
     formats: tuple[str, ...]
     accelerator: Literal["cpu", "gpu"]
-    python: Annotated[str, StringConstraints(pattern=PYTHON_VERSION)]
+    python: Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)]
     platforms: tuple[Literal["linux-x86_64", "linux-aarch64"], ...]
     requirements: dict[str, tuple[str, ...]]
     onnx_opset: int | None = None
-    pythons: dict[Annotated[str, StringConstraints(pattern=PYTHON_VERSION)], _Pins] = {}
+    pythons: dict[Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)], _Pins] = {}
     """Other device Pythons, each with its own pins (``[pythons."3.10".requirements]``)."""
 
 
