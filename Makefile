@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_caffe.py
 	$(BIN)/python bench/bench_device.py
 	$(BIN)/python bench/bench_rebuild.py
+	$(BIN)/python bench/bench_targets.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens

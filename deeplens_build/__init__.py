@@ -28,17 +28,20 @@ from __future__ import annotations
 import pluggy
 
 from deeplens_build.errors import (
+    CompileError,
     ConversionError,
     DeepLensBuildError,
     PluginError,
     SourceError,
 )
 from deeplens_build.types import (
-    ConvertedModel,
+    Artifact,
     Framework,
     ModelFiles,
     PluginSettings,
+    Runner,
     SourceKind,
+    TargetBackend,
     TensorSpec,
     TrainingOutput,
     choose_one,
@@ -53,15 +56,18 @@ hookimpl = pluggy.HookimplMarker(NAME)
 
 __all__ = [
     "NAME",
+    "Artifact",
+    "CompileError",
     "ConversionError",
-    "ConvertedModel",
     "DeepLensBuildError",
     "Framework",
     "ModelFiles",
     "PluginError",
     "PluginSettings",
     "SourceError",
+    "Runner",
     "SourceKind",
+    "TargetBackend",
     "TensorSpec",
     "TrainingOutput",
     "choose_one",

@@ -259,9 +259,19 @@ def inspect(bundle: Path, as_json: bool) -> None:
             click.echo(f"  {kind:6} {spec.name} {list(spec.shape)} {spec.dtype}{layout}")
     if parity := m.parity:
         click.echo(f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g}), "
-                   f"max rel diff {parity.max_rel_diff:.3g}, {parity.samples} samples, seed {parity.seed}")
+                   f"max rel diff {parity.max_rel_diff:.3g}, {parity.samples} samples, seed {parity.seed}, "
+                   f"on {parity.runtime}")
     opt = m.optimization
     click.echo(f"  sizes   {_size(opt.size_before)} → {_size(opt.size_after)} ({', '.join(opt.passes)})")
+    if opt.fp32_nodes:
+        click.echo(f"  fp32    {len(opt.fp32_nodes)} node(s) kept in FP32 for parity: {', '.join(opt.fp32_nodes)}")
+    if target := m.target:
+        ceiling = f", ONNX opset ≤ {target.max_opset}" if target.max_opset else ""
+        click.echo(f"  target  {target.backend} (compiled on: {target.compiled_on}{ceiling}; "
+                   f"{target.distribution or target.plugin} {target.version or ''})".replace(" )", ")"))
+    for latency in m.profile:
+        click.echo(f"  latency {latency.runtime}: median {latency.median_ms:.3f} ms, p95 {latency.p95_ms:.3f} ms "
+                   f"(batch 1, {latency.runs} runs)")
     click.echo(f"  runtime {m.runtime.name} on {m.runtime.platform}: {', '.join(m.runtime.requirements)}")
     published = f", published {m.lambda_.arn}" if m.lambda_.arn else ", not published"
     click.echo(f"  lambda  {m.lambda_.name} {m.lambda_.version} ({m.lambda_.handler}{published})")
@@ -277,7 +287,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plugins as JSON.")
 @_handle_errors
 def plugins(as_json: bool) -> None:
-    """List the plugins found, built-in and third-party alike: frameworks and source kinds."""
+    """List the plugins found, built-in and third-party alike: frameworks, source kinds and target backends."""
     from deeplens_build.plugins import build_plugin_manager
 
     manager = build_plugin_manager()
@@ -289,6 +299,12 @@ def plugins(as_json: bool) -> None:
             "sources": [{"name": s.kind.name, "prefixes": list(s.kind.prefixes), "summary": s.kind.summary,
                          "plugin": s.plugin, "distribution": s.distribution, "version": s.version,
                          "builtin": s.builtin} for s in manager.sources],
+            "targets": [{"name": t.backend.name, "summary": t.backend.summary, "plugin": t.plugin,
+                         "accelerators": list(t.backend.accelerators), "platforms": list(t.backend.platforms),
+                         "max_opset": t.backend.max_opset, "compiles_on": "device" if t.backend.device_build else
+                         "build" if t.backend.compile else "nothing", "distribution": t.distribution,
+                         "version": t.version, "builtin": t.builtin, "tools": dict(t.tool_versions)}
+                        for t in manager.targets],
             "failed": [{"name": f.name, "distribution": f.distribution, "reason": f.reason}
                        for f in manager.failures],
         }, indent=2))
@@ -303,6 +319,9 @@ def plugins(as_json: bool) -> None:
     for s in manager.sources:
         origin = "built-in" if s.builtin else "third-party"
         click.echo(f"source {s.kind.name:12} {s.kind.summary} ({s.distribution or s.plugin}, {origin})")
+    for t in manager.targets:
+        origin = "built-in" if t.builtin else "third-party"
+        click.echo(f"target {t.backend.name:12} {t.backend.summary} ({t.distribution or t.plugin}, {origin})")
     for f in manager.failures:
         click.echo(f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}")
 

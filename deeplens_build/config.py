@@ -115,6 +115,10 @@ class TargetConfig(_Strict):
     accelerator: Literal["cpu", "gpu"] = "cpu"
     python: Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)] | None = None
     """The device's Python (``"3.10"``); the runtime definition's default when unset."""
+    backend: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]*$")] = "onnxruntime"
+    """The target backend (``deeplens-build plugins`` lists them): ``onnxruntime``, ``openvino``, ``tensorrt``."""
+    opset: Annotated[int, Strict(), Field(ge=7, le=40)] | None = None
+    """The highest ONNX opset the device's runtime loads, when lower than the backend's and runtime's own."""
 
 
 class RuntimeConfig(_Strict):
@@ -148,6 +152,12 @@ class DeviceConfig(_Strict):
     retention_hours: Annotated[int, Strict(), Field(ge=0, le=87600)] = 2
 
 
+class ProfileConfig(_Strict):
+    runs: Annotated[int, Strict(), Field(ge=0, le=10000)] = 0
+    """Timed runs per runtime on the build machine (batch 1), recorded in the manifest; 0 turns profiling off.
+    Off by default: latencies differ from run to run, so a profiled bundle is not byte-for-byte reproducible."""
+
+
 class BuildConfig(_Strict):
     work_dir: ProjectFolder = Path(".deeplens")
     output: ProjectFolder = Path("dist")
@@ -165,6 +175,7 @@ class ProjectConfig(_Strict):
     build: BuildConfig
     greengrass: GreengrassConfig
     device: DeviceConfig
+    profile: ProfileConfig
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
     root: Path = Field(default=Path("."), exclude=True)
     """The folder holding ``deeplens.toml``."""
@@ -178,7 +189,7 @@ class ProjectConfig(_Strict):
         return data
 
 
-_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass", "device")
+_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass", "device", "profile")
 
 
 def load_config(path: Path | None) -> ProjectConfig:

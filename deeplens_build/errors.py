@@ -53,6 +53,10 @@ class ConversionError(PluginError):
     """Raised by plugins: the model cannot be converted. The core adds the plugin's name."""
 
 
+class CompileError(PluginError):
+    """Raised by target backends: the artifact cannot be compiled for the target. The core adds the backend."""
+
+
 class ParityError(DeepLensBuildError):
     exit_code = ExitCode.PARITY
 

@@ -1,11 +1,14 @@
 """The plugin contract: every hook a plugin can implement. These docstrings are its manual.
 
 A plugin is a module registered under the ``deeplens_build`` entry-point group. The core owns the pipeline
-(fetch, detect, convert, optimize, parity, runtime, lambda, bundle, sign), its order, its cache and its
-errors. There are two kinds of plugin, and one module may be both:
+(fetch, detect, convert, optimize, compile, parity, runtime, lambda, bundle, sign), its order, its cache and
+its errors. There are three kinds of plugin, and one module may be several:
 
 - a **source** plugin implements ``deeplens_build_sources``: the source strings it claims (``s3://``,
   ``sagemaker-job:``, a company's ``registry://``) and how to fetch them into the work folder;
+- a **target** plugin implements ``deeplens_build_targets``: backends that turn the optimized ONNX artifact
+  into what a device executes (OpenVINO IR, a TensorRT engine built on the device), run it for parity, and
+  name the runtime that installs it;
 - a **framework** plugin fills four slots for its own framework:
 
 1. ``deeplens_build_framework`` — declare the framework (required).
@@ -40,11 +43,12 @@ import pluggy
 
 from deeplens_build import NAME
 from deeplens_build.types import (
-    ConvertedModel,
+    Artifact,
     Framework,
     ModelFiles,
     PluginSettings,
     SourceKind,
+    TargetBackend,
     TrainingOutput,
 )
 
@@ -83,6 +87,48 @@ def deeplens_build_sources() -> list[SourceKind]:
         @hookimpl
         def deeplens_build_sources():
             return [SourceKind(name="gcs", prefixes=("gs://",), summary="gs://BUCKET/OBJECT", fetch=fetch_gcs)]
+    """
+
+
+@hookspec
+def deeplens_build_targets() -> list[TargetBackend]:
+    """Declare the target backends this plugin provides.
+
+    Called once when the plugin manager is built; every plugin's answers are collected, and two backends of one
+    name are an error naming both plugins. ``[target] backend`` picks one by name (default ``"onnxruntime"``,
+    the core's own: the optimized ONNX artifact, run by onnxruntime on the device).
+
+    What the core does with a backend, in order: framework plugins export ONNX at ``max_opset`` at most (the
+    lowest of it, the runtime definition's and ``target.opset``), and the optimized artifact imports only
+    standard ONNX; an operator outside ``operators`` fails the build. ``compile`` turns that ONNX into the
+    files that ship (cached by the ONNX's digest, the precision and the versions of ``requires``). Parity then
+    runs the original framework against ``load``'s runner on the compiled files — the device's own runtime,
+    on the build machine's CPU — or against onnxruntime on the ONNX when ``load`` is None. The bundle carries
+    the compiled files, ``device_module`` as ``deeplens_model.py`` (what the inference Lambda loads the model
+    with) and ``device_build`` as ``deeplens_compile.py``, which the recipe's Install phase runs after the
+    runtime is installed.
+
+    Import your runtime inside ``compile`` and ``load``, never at module import time. Raise
+    :class:`deeplens_build.CompileError` for a model your backend cannot compile, naming what to change.
+
+    :return: a list of :class:`~deeplens_build.TargetBackend`.
+
+    The OpenVINO backend (``plugins/openvino``) is the worked example.
+
+    Example::
+
+        def compile_ir(artifact, workdir, precision):
+            import openvino as ov
+            ov.save_model(ov.convert_model(artifact.path), workdir / "model.xml", compress_to_fp16=True)
+            return dataclasses.replace(artifact, format="openvino-ir", path=workdir / "model.xml",
+                                       extra_files=(workdir / "model.bin",))
+
+        @hookimpl
+        def deeplens_build_targets():
+            return [TargetBackend(name="openvino", summary="OpenVINO IR (Intel CPU/GPU)", accelerators=("cpu", "gpu"),
+                                  platforms=("linux-x86_64",), device_module=HERE / "device.py", runtime="openvino",
+                                  runtimes=(HERE / "runtime" / "openvino" / "runtime.toml",),
+                                  compile=compile_ir, load=load_ir, requires=("openvino",))]
     """
 
 
@@ -141,7 +187,8 @@ def deeplens_build_convert(
     workdir: Path,
     shapes: Mapping[str, tuple[int, ...]],
     settings: PluginSettings,
-) -> ConvertedModel:
+    opset: int | None,
+) -> Artifact:
     """Convert the claimed model into an artifact written under ``workdir``.
 
     Return ONNX (``format="onnx"``) whenever the framework can export it: the core then optimizes it and
@@ -149,8 +196,8 @@ def deeplens_build_convert(
     ``deeplens_build_runtime`` to name the runtime that runs it.
 
     Called only on the plugin that claimed the source. The result is cached by the core under a key made of
-    the source digest, the claimed files, ``shapes``, ``settings`` and your plugin's and framework's versions,
-    so the conversion must depend on nothing else.
+    the source digest, the claimed files, ``shapes``, ``settings``, ``opset`` and your plugin's and framework's
+    versions, so the conversion must depend on nothing else.
 
     :param source: the training output.
     :param model: what your ``deeplens_build_detect`` returned.
@@ -158,7 +205,10 @@ def deeplens_build_convert(
     :param shapes: input shapes from ``[model.inputs.<name>] shape`` in ``deeplens.toml``; use them when the
         model does not record its own, and raise ``ConversionError`` naming the key when both are missing.
     :param settings: this plugin's validated settings (see ``deeplens_build_detect``).
-    :return: a :class:`~deeplens_build.ConvertedModel` naming the artifact, its inputs and outputs.
+    :param opset: the highest ONNX opset the target's runtime loads, or None for no limit: export at that opset
+        (or lower) when your exporter lets you choose. An artifact above it is lowered by the core with onnx's
+        version converter when it can, and refused when it cannot.
+    :return: a :class:`~deeplens_build.Artifact` naming the artifact, its inputs and outputs.
 
     Example::
 
@@ -166,7 +216,7 @@ def deeplens_build_convert(
         def deeplens_build_convert(source, model, workdir):
             target = workdir / "model.onnx"
             shutil.copyfile(source.path(model.files[0]), target)
-            return ConvertedModel(format="onnx", path=target, inputs=(...), outputs=(...))
+            return Artifact(format="onnx", path=target, inputs=(...), outputs=(...))
     """
 
 
@@ -174,7 +224,7 @@ def deeplens_build_convert(
 def deeplens_build_reference_run(
     source: TrainingOutput,
     model: ModelFiles,
-    converted: ConvertedModel,
+    converted: Artifact,
     inputs: Mapping[str, np.ndarray],
     settings: PluginSettings,
 ) -> Mapping[str, np.ndarray]:
@@ -202,7 +252,7 @@ def deeplens_build_reference_run(
 
 
 @hookspec(firstresult=True)
-def deeplens_build_runtime(converted: ConvertedModel, platform: str) -> str | None:
+def deeplens_build_runtime(converted: Artifact, platform: str) -> str | None:
     """Name the runtime (a folder under ``runtimes/``) that runs your native artifact, or return None.
 
     Not needed for ONNX artifacts: the core picks the runtime whose ``formats`` include the artifact's format

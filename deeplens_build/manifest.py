@@ -22,7 +22,7 @@ from pydantic import (
 
 from deeplens_build import names
 from deeplens_build.errors import VerificationError
-from deeplens_build.types import ParityReport, SageMakerJob, TensorSpec
+from deeplens_build.types import Latency, ParityReport, SageMakerJob, TensorSpec
 
 SCHEMA = "deeplens-build/bundle@1"
 MANIFEST = "manifest.json"
@@ -45,8 +45,16 @@ V1_DIR = f"{GREENGRASS_DIR}/v1"
 V1_MODEL_ARCHIVE = f"{V1_DIR}/model.zip"
 V1_DEFINITIONS = ("function-definition", "resource-definition", "subscription-definition")
 
+DEVICE_MODULE = f"{MODEL_DIR}/deeplens_model.py"
+"""The target backend's device side: ``load(model_dir)`` gives the Lambda a model to run, whatever the backend."""
+DEVICE_BUILD = f"{MODEL_DIR}/deeplens_compile.py"
+"""A backend's step that compiles on the device (``python deeplens_compile.py MODEL_DIR WORK_DIR``), if any."""
+
 MODEL_DIR_VARIABLE = "DEEPLENS_MODEL_DIR"
 """The device contract: the Lambda finds the bundle's model folder in this environment variable."""
+WORK_DIR_VARIABLE = "DEEPLENS_WORK_DIR"
+"""A folder the component may write and that survives redeployments (``{work:path}``): engines built on the
+device, and their timing caches, live there."""
 THING_VARIABLE = "AWS_IOT_THING_NAME"
 """Set by every Greengrass core: the thing the Lambda runs on."""
 
@@ -100,6 +108,20 @@ class OptimizationRecord(_Record):
     opset: int | None
     size_before: int
     size_after: int
+    fp32_nodes: tuple[ShortText, ...] = ()
+    """At ``precision = "fp16"``: the nodes kept in FP32 so parity passes."""
+
+
+class TargetRecord(_Record):
+    backend: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]*$")]
+    plugin: ShortText
+    distribution: ShortText | None
+    version: ShortText | None
+    tools: dict[str, ShortText]
+    max_opset: int | None
+    compiled_on: Literal["build", "device", "nothing"]
+    """Where the artifact becomes what the device executes: on the build machine, on the device at install, or
+    nowhere (the ONNX artifact runs as it is)."""
 
 
 class WheelRecord(_Record):
@@ -178,6 +200,9 @@ class BuildRecord(_Record):
     model: ModelRecord
     optimization: OptimizationRecord
     parity: ParityReport | None
+    target: TargetRecord | None = None
+    profile: tuple[Latency, ...] = ()
+    """Latency at batch 1 on each runtime of the build machine (``[profile] runs``), the original's included."""
     runtime: RuntimeRecord
     lambda_: LambdaRecord = Field(alias="lambda")
     greengrass: GreengrassRecord

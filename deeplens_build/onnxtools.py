@@ -62,6 +62,70 @@ def foreign_operators(model: onnx.ModelProto) -> list[str]:
             if n.domain not in STANDARD_DOMAINS]
 
 
+def nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node of the model: the graph's, its subgraphs' (If, Loop, Scan bodies) and its functions'."""
+    from onnx import AttributeProto
+
+    found = []
+    pending = [model.graph, *(f for f in model.functions)]
+    while pending:
+        for node in pending.pop().node:
+            found.append(node)
+            for attribute in node.attribute:
+                if attribute.type == AttributeProto.GRAPH:
+                    pending.append(attribute.g)
+                elif attribute.type == AttributeProto.GRAPHS:
+                    pending.extend(attribute.graphs)
+    return found
+
+
+def trim_domains(model: onnx.ModelProto) -> int:
+    """Drop the operator domains the model imports but no node uses (the standard one always stays).
+
+    :return: how many were dropped.
+    """
+    used = {n.domain for n in nodes(model)} | STANDARD_DOMAINS | {f.domain for f in model.functions}
+    keep = [o for o in model.opset_import if o.domain in used]
+    dropped = len(model.opset_import) - len(keep)
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return dropped
+
+
+def oldest_ir_version(model: onnx.ModelProto) -> bool:
+    """Stamp the oldest IR version the model's opsets allow: onnx writes its own newest (11 for onnx 1.18), and
+    an older runtime refuses a newer IR even when it knows every operator (onnxruntime 1.16 reads IR 9 at most).
+
+    :return: whether the version changed.
+    """
+    from onnx import helper
+
+    oldest = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    changed = model.ir_version != oldest
+    model.ir_version = oldest
+    return changed
+
+
+def lower_opset(model: onnx.ModelProto, wanted: int) -> onnx.ModelProto:
+    """The model converted down to opset ``wanted`` with onnx's version converter.
+
+    :raises ConversionError: when the converter has no way down for one of its operators.
+    """
+    import onnx
+    from onnx import version_converter
+
+    found = opset(model)
+    try:
+        lowered = version_converter.convert_version(model, wanted)
+        onnx.checker.check_model(lowered)
+    except Exception as exc:  # the converter raises RuntimeError, IndexError or a C++ assertion as ValueError
+        raise ConversionError(
+            f"the model is ONNX opset {found}, the target loads opset {wanted} at most, and onnx's version "
+            f"converter cannot lower it ({_first_line(exc)}); export the model at opset {wanted} or lower, or "
+            "choose a target whose runtime is newer") from exc
+    return lowered
+
+
 def opset(model: onnx.ModelProto) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
 

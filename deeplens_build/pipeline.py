@@ -1,6 +1,7 @@
-"""The build: fetch → detect → convert → optimize → parity → runtime → lambda → bundle → sign.
+"""The build: fetch → detect → convert → optimize → reference → precision → compile → parity → profile →
+runtime → lambda → bundle → sign.
 
-The core owns the order, the cache and the errors; plugins fill the source and framework slots. ``package``
+The core owns the order, the cache and the errors; plugins fill the source, framework and target slots. ``package``
 reads as the sequence; each stage below is a function that states, beside its work, the key its cached
 result depends on.
 """
@@ -23,8 +24,10 @@ from deeplens_build.bundle import bundle_name, remove_partials, write_bundle
 from deeplens_build.cache import Cache, SharedCache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256, remembered
-from deeplens_build.errors import BundleError, ConfigError
+from deeplens_build.errors import BundleError, ConfigError, DeepLensBuildError
 from deeplens_build.manifest import (
+    DEVICE_BUILD,
+    DEVICE_MODULE,
     IMAGE,
     LABELS,
     LAMBDA_COMPONENT,
@@ -45,6 +48,7 @@ from deeplens_build.manifest import (
     ProvenanceRecord,
     RuntimeRecord,
     SourceRecord,
+    TargetRecord,
     WheelRecord,
     v1_definition,
 )
@@ -54,8 +58,11 @@ from deeplens_build.signing import Signer, load_signer
 from deeplens_build.stages.fetch import SourceContext, fetch
 from deeplens_build.stages.image import build_image
 from deeplens_build.stages.lambda_package import lambda_entries, package_lambda, write_zip
+from deeplens_build.stages.compile import check_accepts, compile_artifact
 from deeplens_build.stages.optimize import optimize
-from deeplens_build.stages.parity import check_parity
+from deeplens_build.stages.parity import compare, load_reference, require, run_reference, samples_for
+from deeplens_build.stages.precision import to_fp16
+from deeplens_build.stages.profile import profile
 from deeplens_build.stages.runtime import (
     DEFINITION,
     load_runtimes,
@@ -65,19 +72,24 @@ from deeplens_build.stages.runtime import (
 from deeplens_build.types import (
     BuildResult,
     BundleSizes,
-    ConvertedModel,
+    Artifact,
     Detection,
     GreengrassDocuments,
     LambdaPackage,
-    OptimizedModel,
+    Latency,
+    Optimized,
     ParityReport,
     PluginSettings,
     PublishedLambda,
+    ReferenceRun,
+    Runner,
     Runtime,
     RuntimeImage,
+    TargetInfo,
     TrainingOutput,
     Wheelhouse,
 )
+from deeplens_build.targets import load_onnx
 
 T = TypeVar("T")
 STAT_INDEX = "stat-index.json"
@@ -124,21 +136,27 @@ def _package(config: ProjectConfig, options: BuildOptions, output: Path, *, mana
     b = _Build.start(config, options, manager, reporter)
     training = _fetch(b)
     detection = _detect(b, training)
-    converted = _convert(b, training, detection)
-    optimized = _optimize(b, converted)
-    parity = _parity(b, training, detection, converted, optimized)
-    runtime, wheelhouse = _runtime(b, detection, converted, optimized)
+    opset = _opset_ceiling(b)
+    converted = _convert(b, training, detection, opset)
+    optimized = _optimize(b, converted, opset)
+    reference = _reference(b, training, detection, converted, optimized)
+    optimized = _precision(b, optimized, reference)
+    compiled = _compile(b, optimized)
+    parity = _parity(b, optimized, compiled, reference)
+    profile = _profile(b, training, detection, converted, optimized, compiled, reference)
+    runtime, wheelhouse = _runtime(b, detection, converted, compiled, optimized.opset)
     lambda_pkg = _lambda(b)
-    payload = _payload(b, converted, optimized, runtime, wheelhouse, lambda_pkg)
+    payload = _payload(b, converted, compiled, runtime, wheelhouse, lambda_pkg)
     image = _runtime_image(b, payload, runtime)
     published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
                                reporter=reporter) if options.publish else None
     documents = _greengrass_documents(b, payload, runtime=runtime, vendored=bool(wheelhouse.wheels),
                                       image=image, lambda_pkg=lambda_pkg, published=published)
-    record = _manifest(b, training=training, detection=detection, optimized=optimized, parity=parity,
-                       runtime=runtime, wheelhouse=wheelhouse, image=image, lambda_pkg=lambda_pkg,
-                       published=published, documents=sorted(documents), labels=LABELS in payload)
-    return _bundle(b, {**payload, **documents}, record, training=training, optimized=optimized, parity=parity,
+    record = _manifest(b, training=training, detection=detection, optimized=optimized, compiled=compiled,
+                       parity=parity, profile=profile, runtime=runtime, wheelhouse=wheelhouse, image=image,
+                       lambda_pkg=lambda_pkg, published=published, documents=sorted(documents),
+                       labels=LABELS in payload)
+    return _bundle(b, {**payload, **documents}, record, training=training, compiled=compiled, parity=parity,
                    output=output)
 
 
@@ -154,6 +172,7 @@ class _Build:
     settings: Mapping[str, PluginSettings]
     cache: Cache
     tools: Mapping[str, str]
+    target: TargetInfo
     cached: list[str] = field(default_factory=list)
 
     @classmethod
@@ -166,11 +185,18 @@ class _Build:
                               "or set `greengrass.format = \"v2\"`")
         tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
                                                                  "python": platform.python_version()}
+        target = manager.target(config.target.backend)
+        backend = target.backend
+        if config.target.platform not in backend.platforms or config.target.accelerator not in backend.accelerators:
+            raise ConfigError(f"target backend {backend.name} serves {', '.join(backend.platforms)} devices with "
+                              f"{' or '.join(backend.accelerators)}, not a {config.target.platform} device with "
+                              f"`target.accelerator = \"{config.target.accelerator}\"`")
         shared_uri = options.shared_cache or config.build.cache
         shared = SharedCache(shared_uri, warn=reporter.warn) if shared_uri else None
         return cls(config=config, options=options, manager=manager, reporter=reporter,
                    signer=load_signer(options.signing_key), settings=manager.settings(config.plugins),
-                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared), tools=tools)
+                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared), tools=tools,
+                   target=target)
 
     def stage(self, name: str, key: Mapping[str, Any], result_type: type[T], build: Callable[[Path], T]) -> T:
         """``build``'s result, from the cache when ``key`` (everything it depends on) was built before."""
@@ -179,6 +205,12 @@ class _Build:
             self.cached.append(name)
             self.reporter.step(f"{name}: unchanged, reused from the cache")
         return result
+
+    @property
+    def target_identity(self) -> dict[str, Any]:
+        t = self.target
+        return {"name": t.backend.name, "plugin": t.plugin, "distribution": t.distribution, "version": t.version,
+                "tools": dict(t.tool_versions)}
 
     def plugin_identity(self, detection: Detection) -> dict[str, Any]:
         plugin = detection.plugin
@@ -211,63 +243,184 @@ def _detect(b: _Build, training: TrainingOutput) -> Detection:
     return detection
 
 
-def _convert(b: _Build, training: TrainingOutput, detection: Detection) -> ConvertedModel:
+def _opset_ceiling(b: _Build) -> int | None:
+    """The highest ONNX opset the device loads: the lowest of the backend's, ``target.opset`` and the ONNX
+    runtime's on the device's Python (matched as the runtime stage will match it, when it can be yet)."""
+    target, backend = b.config.target, b.target.backend
+    try:
+        runtime = select_runtime("onnx", target.platform, target.accelerator,
+                                 wanted=b.config.runtime.name if b.config.runtime.name != "auto" else
+                                 backend.runtime or "auto", suggested=None, available=_runtimes(b))
+        runtime_opset = runtime.for_python(target.python or runtime.python).onnx_opset
+    except DeepLensBuildError:  # no single ONNX runtime fits yet: the runtime stage says why, with the format known
+        runtime_opset = None
+    limits = [limit for limit in (backend.max_opset, target.opset, runtime_opset) if limit is not None]
+    return min(limits) if limits else None
+
+
+def _runtimes(b: _Build) -> tuple[Runtime, ...]:
+    return load_runtimes(b.config.runtime.definitions, extra=b.target.backend.runtimes)
+
+
+def _convert(b: _Build, training: TrainingOutput, detection: Detection, opset: int | None) -> Artifact:
     settings = b.settings[detection.plugin.framework.name]
     key = {"source": training.sha256, "files": detection.model.files, "plugin": b.plugin_identity(detection),
-           "shapes": b.shapes, "settings": settings.model_dump(mode="json")}
+           "shapes": b.shapes, "settings": settings.model_dump(mode="json"), "opset": opset}
 
-    def convert(workdir: Path) -> ConvertedModel:
-        b.reporter.step(f"convert: {detection.plugin.framework.name} → artifact")
-        return b.manager.convert(detection, training, workdir, b.shapes, settings)
+    def convert(workdir: Path) -> Artifact:
+        at = f" at opset {opset} at most" if opset else ""
+        b.reporter.step(f"convert: {detection.plugin.framework.name} → artifact{at}")
+        return b.manager.convert(detection, training, workdir, b.shapes, settings, opset)
 
-    converted = b.stage("convert", key, ConvertedModel, convert)
+    converted = b.stage("convert", key, Artifact, convert)
     layouts = {name: spec.layout for name, spec in b.config.model.inputs.items() if spec.layout}
     return dataclasses.replace(converted, inputs=tuple(
         dataclasses.replace(spec, layout=layouts.get(spec.name, spec.layout)) for spec in converted.inputs))
 
 
-def _optimize(b: _Build, converted: ConvertedModel) -> OptimizedModel:
-    precision = b.config.model.precision
+def _optimize(b: _Build, converted: Artifact, opset: int | None) -> Optimized:
     key = {"artifact": [file_sha256(p) for p in converted.files], "format": converted.format,
            "inputs": [dataclasses.asdict(s) for s in converted.inputs],
            "outputs": [dataclasses.asdict(s) for s in converted.outputs],
-           "shapes": b.shapes, "precision": precision, "tools": b.tools}
+           "shapes": b.shapes, "opset": opset, "tools": b.tools}
 
-    def run(workdir: Path) -> OptimizedModel:
-        b.reporter.step(f"optimize: {converted.format}, precision {precision}")
-        return optimize(converted, shapes=b.shapes, precision=precision, workdir=workdir, reporter=b.reporter)
+    def run(workdir: Path) -> Optimized:
+        b.reporter.step(f"optimize: {converted.format}")
+        return optimize(converted, shapes=b.shapes, opset=opset, workdir=workdir, reporter=b.reporter)
 
-    return b.stage("optimize", key, OptimizedModel, run)
+    return b.stage("optimize", key, Optimized, run)
 
 
-def _parity(b: _Build, training: TrainingOutput, detection: Detection, converted: ConvertedModel,
-            optimized: OptimizedModel) -> ParityReport | None:
-    if optimized.format != "onnx":
-        b.reporter.note(f"parity: not applicable, the {optimized.format} artifact is the original model itself")
+def _reference(b: _Build, training: TrainingOutput, detection: Detection, converted: Artifact,
+               optimized: Optimized) -> ReferenceRun | None:
+    """The original model's outputs on the parity samples, computed once for every comparison after."""
+    if optimized.artifact.format != "onnx":
+        b.reporter.note(f"parity: not applicable, the {optimized.artifact.format} artifact is the original model "
+                        "itself")
         return None
     config, settings = b.config, b.settings[detection.plugin.framework.name]
+    specs = optimized.artifact.inputs
     key = {"source": training.sha256, "files": detection.model.files, "plugin": b.plugin_identity(detection),
-           "artifact": file_sha256(optimized.path), "settings": config.parity.model_dump(mode="json"),
-           "samples": [file_sha256(p) for p in config.parity.samples if p.is_file()],
-           "precision": optimized.precision, "task": config.model.task, "tools": b.tools}
+           "inputs": [dataclasses.asdict(s) for s in specs],
+           "outputs": [dataclasses.asdict(s) for s in optimized.artifact.outputs],
+           "seed": config.parity.seed, "random_samples": config.parity.random_samples,
+           "samples": [file_sha256(p) for p in config.parity.samples if p.is_file()], "tools": b.tools}
+
+    def run(workdir: Path) -> ReferenceRun:
+        b.reporter.step(f"reference: the original model ({detection.plugin.framework.name}) on the parity samples")
+        return run_reference(lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
+                             samples_for(specs, config.parity), optimized.artifact.outputs, workdir=workdir,
+                             reporter=b.reporter)
+
+    return b.stage("reference", key, ReferenceRun, run)
+
+
+def _precision(b: _Build, optimized: Optimized, reference: ReferenceRun | None) -> Optimized:
+    """At ``precision = "fp16"``: the FP16 artifact, keeping in FP32 the nodes parity needs there."""
+    config = b.config
+    if config.model.precision != "fp16" or reference is None:
+        return optimized
+    tolerance = config.parity.tolerance_for("fp16")
+    key = {"artifact": file_sha256(optimized.artifact.path), "reference": file_sha256(reference.path),
+           "tolerance": tolerance, "task": config.model.task, "tools": b.tools}
+
+    def run(workdir: Path) -> Optimized:
+        b.reporter.step("precision: fp16")
+        return to_fp16(optimized, reference, tolerance=tolerance, task=config.model.task, seed=config.parity.seed,
+                       workdir=workdir, reporter=b.reporter)
+
+    return b.stage("precision", key, Optimized, run)
+
+
+def _compile(b: _Build, optimized: Optimized) -> Artifact:
+    """What the device executes: the backend's compiled artifact, or the ONNX one when it compiles nothing here."""
+    backend, artifact = b.target.backend, optimized.artifact
+    if artifact.format != "onnx":
+        if backend.compile is not None or backend.device_build is not None:
+            raise ConfigError(f"`target.backend = \"{backend.name}\"` compiles ONNX artifacts, and this one is "
+                              f"{artifact.format}; export ONNX from the plugin, or use the default backend")
+        return artifact
+    check_accepts(artifact, backend)
+    if backend.compile is None:
+        return artifact
+    key = {"artifact": file_sha256(artifact.path), "precision": optimized.precision, "target": b.target_identity,
+           "tools": b.tools}
+
+    def run(workdir: Path) -> Artifact:
+        b.reporter.step(f"compile: {backend.name}")
+        return compile_artifact(optimized, backend, workdir,
+                                lambda doing, function, *args: b.manager.call_target(b.target, doing, function,
+                                                                                     *args))
+
+    return b.stage("compile", key, Artifact, run)
+
+
+def _runner(b: _Build, optimized: Optimized, compiled: Artifact) -> tuple[str, Runner]:
+    """How this machine runs what the device will: the backend's runtime when it runs here, else onnxruntime."""
+    backend = b.target.backend
+    if backend.load is None:
+        return "onnxruntime (ONNX artifact)", load_onnx(optimized.artifact)
+    runner = b.manager.call_target(b.target, "load the compiled artifact", backend.load, compiled)
+    return backend.name, lambda inputs: b.manager.call_target(b.target, "run the compiled artifact", runner, inputs)
+
+
+def _parity(b: _Build, optimized: Optimized, compiled: Artifact, reference: ReferenceRun | None) -> ParityReport | None:
+    if reference is None:
+        return None
+    config, backend = b.config, b.target.backend
+    tolerance = config.parity.tolerance_for(optimized.precision)
+    key = {"artifact": [file_sha256(p) for p in compiled.files], "onnx": file_sha256(optimized.artifact.path),
+           "reference": file_sha256(reference.path), "tolerance": tolerance, "task": config.model.task,
+           "target": b.target_identity, "tools": b.tools}
 
     def run(_: Path) -> ParityReport:
-        b.reporter.step(f"parity: original ({detection.plugin.framework.name}) vs optimized (onnxruntime)")
-        return check_parity(lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
-                            optimized, config=config.parity, task=config.model.task, reporter=b.reporter)
+        name, runner = _runner(b, optimized, compiled)
+        b.reporter.step(f"parity: original vs {compiled.format} on {name}")
+        if backend.load is None:
+            b.reporter.note(f"parity: {backend.name} does not run on this machine; compared the ONNX artifact it "
+                            "compiles from, in onnxruntime")
+        report = compare(reference, runner, optimized.artifact.outputs, tolerance=tolerance, task=config.model.task,
+                         seed=config.parity.seed, runtime=name)
+        return require(report, remedy="Try `model.precision = \"fp32\"`, or another `target.backend`; raise "
+                                      "`parity.tolerance` only if the difference is acceptable.")
 
     return b.stage("parity", key, ParityReport, run)
 
 
-def _runtime(b: _Build, detection: Detection, converted: ConvertedModel,
-             optimized: OptimizedModel) -> tuple[Runtime, Wheelhouse]:
+def _profile(b: _Build, training: TrainingOutput, detection: Detection, converted: Artifact, optimized: Optimized,
+             compiled: Artifact, reference: ReferenceRun | None) -> tuple[Latency, ...]:
+    runs = b.config.profile.runs
+    if not runs or reference is None:
+        return ()
+    settings = b.settings[detection.plugin.framework.name]
+    key = {"artifact": [file_sha256(p) for p in compiled.files], "onnx": file_sha256(optimized.artifact.path),
+           "source": training.sha256, "plugin": b.plugin_identity(detection), "target": b.target_identity,
+           "runs": runs, "tools": b.tools}
+
+    def run(_: Path) -> tuple[Latency, ...]:
+        b.reporter.step(f"profile: {runs} runs per runtime, batch 1")
+        samples, _ = load_reference(reference)
+        runners: dict[str, Runner] = {
+            f"original ({detection.plugin.framework.name})":
+                lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
+            "onnxruntime": load_onnx(optimized.artifact)}
+        if b.target.backend.load is not None and b.target.backend.name != "onnxruntime":
+            runners[b.target.backend.name] = _runner(b, optimized, compiled)[1]
+        return profile(runners, samples[0], runs=runs, reporter=b.reporter)
+
+    return b.stage("profile", key, tuple[Latency, ...], run)  # type: ignore[arg-type]
+
+
+def _runtime(b: _Build, detection: Detection, converted: Artifact, compiled: Artifact,
+             opset: int | None) -> tuple[Runtime, Wheelhouse]:
     target = b.config.target
-    runtime = select_runtime(optimized.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
-                             suggested=b.manager.runtime(detection, converted, target.platform),
-                             available=load_runtimes(b.config.runtime.definitions))
+    runtime = select_runtime(compiled.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
+                             suggested=b.target.backend.runtime or b.manager.runtime(detection, converted,
+                                                                                    target.platform),
+                             available=_runtimes(b))
     runtime = runtime.for_python(target.python or runtime.python)
-    if optimized.format == "onnx" and runtime.onnx_opset and optimized.opset and optimized.opset > runtime.onnx_opset:
-        raise BundleError(f"the artifact is ONNX opset {optimized.opset}, but runtime {runtime.name} on Python "
+    if compiled.format == "onnx" and runtime.onnx_opset and opset and opset > runtime.onnx_opset:
+        raise BundleError(f"the artifact is ONNX opset {opset}, but runtime {runtime.name} on Python "
                           f"{runtime.python} ({', '.join(runtime.requirements[target.platform])}) loads opset "
                           f"{runtime.onnx_opset} at most; choose a newer `target.python`")
     b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator}), Python {runtime.python}")
@@ -285,10 +438,16 @@ def _lambda(b: _Build) -> LambdaPackage:
                    lambda workdir: package_lambda(config.lambda_, default_name=config.model.name, workdir=workdir))
 
 
-def _payload(b: _Build, converted: ConvertedModel, optimized: OptimizedModel, runtime: Runtime,
+def _payload(b: _Build, converted: Artifact, compiled: Artifact, runtime: Runtime,
              wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage) -> dict[str, Path]:
     """The archive's layout (manifest.py names its folders): bundle path → file on disk."""
-    payload = {f"{MODEL_DIR}/{p.name}": p for p in optimized.files}
+    payload = {f"{MODEL_DIR}/{p.name}": p for p in compiled.files}
+    native = compiled.format == converted.format != "onnx"  # a framework's own format, run by its own runtime
+    if not native:
+        backend = b.target.backend
+        payload[DEVICE_MODULE] = backend.device_module
+        if backend.device_build is not None:
+            payload[DEVICE_BUILD] = backend.device_build
     if labels := b.config.model.labels or converted.labels:
         payload[LABELS] = labels
     payload[f"{LAMBDA_DIR}/{lambda_pkg.path.name}"] = lambda_pkg.path
@@ -298,12 +457,12 @@ def _payload(b: _Build, converted: ConvertedModel, optimized: OptimizedModel, ru
 
 
 def _bundle(b: _Build, payload: Mapping[str, Path], record: BuildRecord, *, training: TrainingOutput,
-            optimized: OptimizedModel, parity: ParityReport | None, output: Path) -> BuildResult:
+            compiled: Artifact, parity: ParityReport | None, output: Path) -> BuildResult:
     b.reporter.step(f"bundle: signing with {b.signer.description}")
     written = b.config.build.work_dir / "written" / f"{record.name}-{record.version}.json"
     path, sha256, manifest = write_bundle(payload, record, b.signer, output, written=written,
                                           reuse=b.options.use_cache)
-    sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in optimized.files),
+    sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in compiled.files),
                         bundle=path.stat().st_size)
     return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,
                        framework=record.framework, parity=parity, sizes=sizes, cached_stages=tuple(b.cached),
@@ -317,7 +476,7 @@ def _greengrass_documents(b: _Build, payload: Mapping[str, Path], *, runtime: Ru
     config = b.config
     fmt = config.greengrass.format
     # what the device needs, by file name (Greengrass puts artifacts side by side); not the runtime definition
-    device_files = {path.name: path for arc, path in payload.items() if not arc.endswith(DEFINITION)}
+    device_files = {arc.rsplit("/", 1)[-1]: path for arc, path in payload.items() if not arc.endswith(DEFINITION)}
     environment = dict(config.lambda_.environment)
 
     def write(scratch: Path) -> GreengrassDocuments:
@@ -377,12 +536,12 @@ def _lambda_digests(config: ProjectConfig) -> dict[str, str]:
     return {rel: file_sha256(path) for rel, path in entries.items()}
 
 
-def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, optimized: OptimizedModel,
-              parity: ParityReport | None, runtime: Runtime, wheelhouse: Wheelhouse, image: RuntimeImage | None,
-              lambda_pkg: LambdaPackage, published: PublishedLambda | None, documents: list[str],
-              labels: bool) -> BuildRecord:
+def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, optimized: Optimized,
+              compiled: Artifact, parity: ParityReport | None, profile: tuple[Latency, ...], runtime: Runtime,
+              wheelhouse: Wheelhouse, image: RuntimeImage | None, lambda_pkg: LambdaPackage,
+              published: PublishedLambda | None, documents: list[str], labels: bool) -> BuildRecord:
     """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
-    config = b.config
+    config, backend = b.config, b.target.backend
     platform_name = config.target.platform
     return BuildRecord(
         name=config.model.name,
@@ -391,14 +550,21 @@ def _manifest(b: _Build, *, training: TrainingOutput, detection: Detection, opti
         source=SourceRecord(kind=training.kind, origin=training.origin, sha256=training.sha256, size=training.size,
                             model_files=detection.model.files, notes=detection.model.notes,
                             sagemaker=training.sagemaker),
-        model=ModelRecord(format=optimized.format, file=f"{MODEL_DIR}/{optimized.path.name}",
-                          files=tuple(f"{MODEL_DIR}/{p.name}" for p in optimized.files),
+        model=ModelRecord(format=compiled.format, file=f"{MODEL_DIR}/{compiled.path.name}",
+                          files=tuple(f"{MODEL_DIR}/{p.name}" for p in compiled.files),
                           labels=LABELS if labels else None,
-                          precision=optimized.precision, task=config.model.task, inputs=optimized.inputs,
-                          outputs=optimized.outputs),
+                          precision=optimized.precision, task=config.model.task, inputs=compiled.inputs,
+                          outputs=compiled.outputs),
         optimization=OptimizationRecord(passes=optimized.passes, opset=optimized.opset,
-                                        size_before=optimized.size_before, size_after=optimized.size_after),
+                                        size_before=optimized.size_before,
+                                        size_after=sum(p.stat().st_size for p in compiled.files),
+                                        fp32_nodes=optimized.fp32_nodes),
         parity=parity,
+        target=TargetRecord(backend=backend.name, plugin=b.target.plugin, distribution=b.target.distribution,
+                            version=b.target.version, tools=dict(b.target.tool_versions), max_opset=backend.max_opset,
+                            compiled_on="device" if backend.device_build else "build" if backend.compile
+                            else "nothing"),
+        profile=profile,
         runtime=RuntimeRecord(
             name=runtime.name, summary=runtime.summary, accelerator=runtime.accelerator, python=runtime.python,
             platform=platform_name, requirements=runtime.requirements[platform_name],

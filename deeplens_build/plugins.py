@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from deeplens_build import NAME, hookspecs
 from deeplens_build.errors import (
+    CompileError,
     ConfigError,
     DeepLensBuildError,
     PluginError,
@@ -26,7 +27,7 @@ from deeplens_build.errors import (
 )
 from deeplens_build.names import first_problem
 from deeplens_build.types import (
-    ConvertedModel,
+    Artifact,
     Detection,
     Framework,
     ModelFiles,
@@ -34,6 +35,8 @@ from deeplens_build.types import (
     PluginSettings,
     SourceInfo,
     SourceKind,
+    TargetBackend,
+    TargetInfo,
     TensorSpec,
     TrainingOutput,
 )
@@ -45,12 +48,15 @@ ONLY_ENV = "DEEPLENS_BUILD_PLUGINS"
 
 BUILTIN_DISTRIBUTIONS = frozenset(
     {"deeplens-build", "deeplens-build-onnx", "deeplens-build-mxnet", "deeplens-build-tensorflow",
-     "deeplens-build-caffe"}
+     "deeplens-build-caffe", "deeplens-build-openvino", "deeplens-build-tensorrt"}
 )
 CORE_SOURCES = "deeplens-sources"
 """The entry point of the built-in source kinds (local paths, s3://, sagemaker-job:) in the core's distribution.
 Loaded like any plugin; registered directly when an allowlist or ``entry_points=False`` leaves it out, since
 no build can fetch without it (blocking it by name still removes it)."""
+CORE_TARGETS = "deeplens-targets"
+"""The entry point of the built-in ``onnxruntime`` target backend, the default: registered like ``CORE_SOURCES``."""
+DEFAULT_TARGET = "onnxruntime"
 _FRAMEWORK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -68,10 +74,11 @@ class PluginManager:
     """The loaded framework plugins and typed, validated calls into them."""
 
     def __init__(self, pm: pluggy.PluginManager, infos: Mapping[str, PluginInfo], sources: tuple[SourceInfo, ...],
-                 failures: tuple[LoadFailure, ...]):
+                 targets: tuple[TargetInfo, ...], failures: tuple[LoadFailure, ...]):
         self._pm = pm
         self._infos = dict(infos)
         self.sources = sources
+        self.targets = targets
         self.failures = failures
 
     @property
@@ -101,6 +108,32 @@ class PluginManager:
             raise SourceError(f"no source plugin fetches {scheme!r} sources ({source!r}); installed: {kinds}. "
                               "Install the source plugin for it, or download the model and give its path")
         return fallback[0]
+
+    def target(self, name: str) -> TargetInfo:
+        """The target backend called ``name`` (``target.backend``).
+
+        :raises ConfigError: naming the installed backends when none is called so.
+        """
+        for info in self.targets:
+            if info.backend.name == name:
+                return info
+        installed = ", ".join(f"{t.backend.name} ({t.distribution or t.plugin})" for t in self.targets) or "none"
+        raise ConfigError(f"Field `target.backend` is {name!r}, which no installed plugin provides; installed: "
+                          f"{installed}. Install its plugin (e.g. pip install deeplens-build-{name}) or choose "
+                          "one of them")
+
+    def call_target(self, info: TargetInfo, doing: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Call one of a backend's functions, with errors named as for plugin hooks."""
+        who = f"target backend {info.backend.name!r}"
+        try:
+            return function(*args)
+        except DeepLensBuildError as exc:
+            raise type(exc)(f"{who} could not {doing}: {exc}") from exc
+        except ImportError as exc:
+            install = info.backend.install or f"pip install {info.distribution or info.plugin}"
+            raise CompileError(f"{who} could not {doing}: {exc}; install what it needs with: {install}") from exc
+        except Exception as exc:  # the backend's or its compiler's bug: name both instead of a traceback
+            raise CompileError(f"{who} failed to {doing}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
     def plugin_for(self, framework: str) -> PluginInfo:
         for info in self._infos.values():
@@ -153,13 +186,14 @@ class PluginManager:
                           "check that the source is the training output (e.g. model.tar.gz).")
 
     def convert(self, detection: Detection, source: TrainingOutput, workdir: Path,
-                shapes: Mapping[str, tuple[int, ...]], settings: PluginSettings) -> ConvertedModel:
+                shapes: Mapping[str, tuple[int, ...]], settings: PluginSettings, opset: int | None) -> Artifact:
         info = detection.plugin
         converted = self._call(info, "deeplens_build_convert", f"convert {_files(detection)}", source=source,
-                               model=detection.model, workdir=workdir, shapes=shapes, settings=settings)
+                               model=detection.model, workdir=workdir, shapes=shapes, settings=settings,
+                               opset=opset)
         return _check_converted(info, converted, workdir)
 
-    def reference_run(self, detection: Detection, source: TrainingOutput, converted: ConvertedModel,
+    def reference_run(self, detection: Detection, source: TrainingOutput, converted: Artifact,
                       inputs: Mapping[str, Any], settings: PluginSettings) -> Mapping[str, Any]:
         info = detection.plugin
         outputs = self._call(info, "deeplens_build_reference_run", f"run the original {_files(detection)}",
@@ -171,7 +205,7 @@ class PluginManager:
                               f"output(s) {', '.join(missing)} of {_files(detection)}")
         return outputs
 
-    def runtime(self, detection: Detection, converted: ConvertedModel, platform: str) -> str | None:
+    def runtime(self, detection: Detection, converted: Artifact, platform: str) -> str | None:
         answer = self._call(detection.plugin, "deeplens_build_runtime", "choose a runtime",
                             converted=converted, platform=platform)
         if answer is not None and not isinstance(answer, str):
@@ -248,19 +282,25 @@ def build_plugin_manager(
 
         pm.register(sources, name=CORE_SOURCES)
         dists[CORE_SOURCES] = _distribution("deeplens-build")
+    if not pm.has_plugin(CORE_TARGETS) and not pm.is_blocked(CORE_TARGETS):
+        from deeplens_build import targets
+
+        pm.register(targets, name=CORE_TARGETS)
+        dists[CORE_TARGETS] = _distribution("deeplens-build")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
     infos = _declare_frameworks(pm, dists, failures)
     kinds = _declare_sources(pm, dists, failures)
+    targets = _declare_targets(pm, dists, failures)
+    declared = {*infos, *(k.plugin for k in kinds), *(t.plugin for t in targets), *(f.name for f in failures)}
     for name, plugin in pm.list_name_plugin():
-        if plugin is not None and name not in infos and not any(k.plugin == name for k in kinds) \
-                and not any(f.name == name for f in failures):
-            failures.append(LoadFailure(name, None, "implements neither deeplens_build_framework nor "
-                                                    "deeplens_build_sources"))
+        if plugin is not None and name not in declared:
+            failures.append(LoadFailure(name, None, "implements none of deeplens_build_framework, "
+                                                    "deeplens_build_sources and deeplens_build_targets"))
             pm.unregister(plugin)
-    return PluginManager(pm, infos, kinds, tuple(failures))
+    return PluginManager(pm, infos, kinds, targets, tuple(failures))
 
 
 def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
@@ -315,6 +355,30 @@ def _declare_sources(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Dist
     return tuple(infos)
 
 
+def _declare_targets(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
+                     failures: list[LoadFailure]) -> tuple[TargetInfo, ...]:
+    infos: list[TargetInfo] = []
+    for name, dist, backends in _declarations(pm, "deeplens_build_targets", dists, failures):
+        if not isinstance(backends, list | tuple) or not all(
+                isinstance(t, TargetBackend) and _FRAMEWORK_NAME.match(t.name) and Path(t.device_module).is_file()
+                for t in backends):
+            raise PluginError(f"plugin {name!r}: deeplens_build_targets must return a list of TargetBackend, each "
+                              f"named like {_FRAMEWORK_NAME.pattern} with an existing device_module; got {backends!r}")
+        infos += [TargetInfo(backend=t, plugin=name, distribution=dist.name if dist else None,
+                             version=dist.version if dist else None,
+                             builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
+                             tool_versions={req: _installed_version(req) for req in t.requires}) for t in backends]
+    by_name: dict[str, list[TargetInfo]] = {}
+    for info in infos:
+        by_name.setdefault(info.backend.name, []).append(info)
+    for backend, providers in by_name.items():
+        if len(providers) > 1:
+            who = " and ".join(f"{p.plugin!r} ({p.distribution or 'registered directly'})" for p in providers)
+            raise PluginError(f"target backend {backend!r} is provided by more than one plugin: {who}; uninstall "
+                              f"one, or block it with {DISABLE_ENV}")
+    return tuple(sorted(infos, key=lambda t: t.backend.name))
+
+
 def _declarations(pm: pluggy.PluginManager, hook: str, dists: Mapping[str, metadata.Distribution | None],
                   failures: list[LoadFailure]) -> Iterator[tuple[str, metadata.Distribution | None, Any]]:
     """Each plugin's answer to a declaration hook, as (plugin name, distribution, answer). A plugin whose
@@ -349,12 +413,12 @@ def _installed_version(distribution: str) -> str:
         return "not installed"
 
 
-def _check_converted(info: PluginInfo, converted: object, workdir: Path) -> ConvertedModel:
+def _check_converted(info: PluginInfo, converted: object, workdir: Path) -> Artifact:
     def fail(problem: str) -> PluginError:
         return PluginError(f"plugin {info.name!r}: deeplens_build_convert {problem}")
 
-    if not isinstance(converted, ConvertedModel):
-        raise fail(f"must return a ConvertedModel, got {type(converted).__name__}")
+    if not isinstance(converted, Artifact):
+        raise fail(f"must return an Artifact, got {type(converted).__name__}")
     root = workdir.resolve()
     for path in (*converted.files, *([converted.labels] if converted.labels else [])):
         if not Path(path).is_file():
@@ -383,6 +447,10 @@ def _check_spec(spec: object, fail: Callable[[str], PluginError]) -> None:
 
 def _files(detection: Detection) -> str:
     return ", ".join(detection.model.files)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def _preview(files: tuple[str, ...], limit: int = 8) -> str:

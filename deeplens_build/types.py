@@ -161,6 +161,84 @@ class SourceKind:
     fetch: Callable[[str, Any], TrainingOutput] = field(compare=False, repr=False)
 
 
+Runner = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+"""Runs a model once: one array per input name in, one array per output name out."""
+
+
+@dataclass(frozen=True)
+class TargetBackend:
+    """A target backend: how an ONNX artifact becomes what a device executes (one answer of
+    ``deeplens_build_targets``). ``[target] backend = "<name>"`` picks it.
+
+    :param name: short unique name, e.g. ``"openvino"``.
+    :param summary: one line shown by ``deeplens-build plugins``.
+    :param accelerators: the ``target.accelerator`` values it serves (``"cpu"``, ``"gpu"``).
+    :param platforms: the device platforms it serves (``"linux-x86_64"``, ``"linux-aarch64"``).
+    :param device_module: a Python file shipped in the bundle's model folder as ``deeplens_model.py``: the
+        device side of the backend. It defines ``load(model_dir)`` returning an object with ``device`` (a string
+        naming where the model runs), ``inputs`` (``[(name, shape)]``) and ``run(feeds) -> [outputs]``; the
+        inference Lambda imports it instead of a runtime, so it works with any backend.
+    :param max_opset: the highest ONNX opset its runtime accepts; framework plugins export at most that, and a
+        higher artifact is lowered or refused. None: no limit beyond the runtime definition's.
+    :param domains: the operator domains its runtime accepts; ``""`` is standard ONNX.
+    :param operators: the standard operator types its runtime accepts, when it documents a list (TensorRT's
+        ONNX parser does); an artifact with others is refused on the build machine. None: every one.
+    :param runtime: the runtime definition (a folder name) that installs it on a device; None matches by the
+        compiled format and ``target.accelerator``, as for the plain ONNX artifact.
+    :param runtimes: runtime definitions (``runtime.toml`` files) the backend brings with it.
+    :param compile: ``compile(artifact, workdir, precision) -> Artifact``: compile the optimized ONNX artifact on
+        the build machine into files under ``workdir``. None: the ONNX artifact is what ships.
+    :param load: ``load(artifact) -> Runner``: run the compiled artifact on this build machine, so parity and
+        profiling measure what the device executes. None: the backend's runtime cannot run here (its parity
+        runs the ONNX artifact in onnxruntime, and the manifest says so).
+    :param device_build: a Python file shipped in the model folder as ``deeplens_compile.py`` and run by the
+        Greengrass recipe's Install phase as ``python deeplens_compile.py MODEL_DIR WORK_DIR``, for artifacts
+        that must be compiled on the device itself (a TensorRT engine is specific to its GPU). It must keep
+        what it builds in ``WORK_DIR``, which survives redeployments, and skip work whose inputs are unchanged.
+    :param requires: distributions the backend imports on the build machine: their versions are recorded in
+        the manifest and the cache key.
+    :param install: the command that installs what it imports; an ``ImportError`` in a callable quotes it.
+    """
+
+    name: str
+    summary: str
+    accelerators: tuple[str, ...]
+    platforms: tuple[str, ...]
+    device_module: Path
+    max_opset: int | None = None
+    domains: tuple[str, ...] = ("",)
+    operators: frozenset[str] | None = None
+    runtime: str | None = None
+    runtimes: tuple[Path, ...] = ()
+    compile: Callable[[Artifact, Path, str], Artifact] | None = field(default=None, compare=False, repr=False)
+    load: Callable[[Artifact], Runner] | None = field(default=None, compare=False, repr=False)
+    device_build: Path | None = None
+    requires: tuple[str, ...] = ()
+    install: str = ""
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """A target backend and the plugin that declared it, as ``deeplens-build plugins`` lists it."""
+
+    backend: TargetBackend
+    plugin: str
+    distribution: str | None
+    version: str | None
+    builtin: bool
+    tool_versions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one runtime on the build machine, batch 1, after warm-up runs."""
+
+    runtime: str
+    median_ms: float
+    p95_ms: float
+    runs: int
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """A plugin's claim on a training output (answer of ``deeplens_build_detect``).
@@ -174,11 +252,13 @@ class ModelFiles:
 
 
 @dataclass(frozen=True)
-class ConvertedModel:
-    """A plugin's converted artifact (answer of ``deeplens_build_convert``).
+class Artifact:
+    """A model artifact: what a plugin's ``deeplens_build_convert`` answers, what the optimize stage rewrites and
+    what a target backend compiles. The one type that flows from convert to the bundle.
 
-    :param format: ``"onnx"`` for ONNX (optimized and parity-checked by the core), or the name of a native
-        format (e.g. ``"mxnet-symbol"``) that a runtime declares it can run.
+    :param format: ``"onnx"`` for ONNX (optimized and parity-checked by the core), the name of a native
+        format (e.g. ``"mxnet-symbol"``) that a runtime declares it can run, or a backend's compiled format
+        (``"openvino-ir"``).
     :param path: the main artifact file, inside the work folder the plugin was given.
     :param inputs: the model's inputs, in the order the model takes them.
     :param outputs: the model's outputs.
@@ -230,23 +310,18 @@ class Detection:
 
 
 @dataclass(frozen=True)
-class OptimizedModel:
-    """The optimize stage's result: the artifact that goes into the bundle."""
+class Optimized:
+    """The optimize stage's result: the artifact, and what was done to it.
 
-    format: str
-    path: Path
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    :param fp32_nodes: at ``precision = "fp16"``, the nodes kept in float32 so parity passes (mixed precision).
+    """
+
+    artifact: Artifact
     precision: str
     passes: tuple[str, ...]
     size_before: int
-    size_after: int
     opset: int | None
-    extra_files: tuple[Path, ...] = ()
-
-    @property
-    def files(self) -> tuple[Path, ...]:
-        return (self.path, *self.extra_files)
+    fp32_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -261,7 +336,10 @@ class OutputParity:
 
 @dataclass(frozen=True)
 class ParityReport:
-    """Original vs optimized on the same inputs; ``passed`` is ``max_abs_diff <= tolerance``."""
+    """Original vs artifact on the same inputs; ``passed`` is ``max_abs_diff <= tolerance``.
+
+    :param runtime: what ran the artifact on the build machine, e.g. ``"openvino CPU"``.
+    """
 
     max_abs_diff: float
     max_rel_diff: float
@@ -270,6 +348,15 @@ class ParityReport:
     samples: int
     seed: int
     outputs: tuple[OutputParity, ...]
+    runtime: str = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The original model's outputs on the parity samples (``.npz``: ``in/I/NAME`` and ``out/I/NAME``)."""
+
+    path: Path
+    samples: int
 
 
 @dataclass(frozen=True)

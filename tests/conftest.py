@@ -10,7 +10,7 @@ import pytest
 
 from deeplens_build import testing
 
-BUILTIN_PLUGINS = "deeplens-sources,onnx,mxnet,tensorflow,caffe"
+BUILTIN_PLUGINS = "deeplens-sources,deeplens-targets,onnx,mxnet,tensorflow,caffe,openvino,tensorrt"
 
 
 @pytest.fixture(autouse=True)

@@ -79,15 +79,15 @@ def test_a_failed_build_removes_the_earlier_bundle_of_the_same_name(project: Pat
 def test_cache_info_and_prune_keep_the_most_recently_used(project: Path) -> None:
     package_json(project)
     project.write_text(project.read_text().replace("[lambda]", "[parity]\nseed = 7\n\n[lambda]"))
-    package_json(project)  # a second parity entry; the first is now the least recently used
+    package_json(project)  # a second reference entry; the first is now the least recently used
     info = json.loads(cli("cache", "info", "--config", project, "--json").stdout)
-    assert info["stages"]["parity"]["entries"] == 2 and info["bytes"] > 0
-    parity_bytes = info["bytes"] - sum(f["bytes"] for s, f in info["stages"].items() if s != "parity")
-    keep = info["bytes"] - parity_bytes // 2  # room for all but one parity entry
+    assert info["stages"]["reference"]["entries"] == 2 and info["bytes"] > 0
+    reference_bytes = info["bytes"] - sum(f["bytes"] for s, f in info["stages"].items() if s != "reference")
+    keep = info["bytes"] - reference_bytes // 2  # room for all but one reference entry
     out = cli("cache", "prune", "--config", project, "--max-size", str(keep)).stdout
     assert out.startswith("removed 1 entries")
     after = json.loads(cli("cache", "info", "--config", project, "--json").stdout)
-    assert after["stages"]["parity"]["entries"] == 1 and after["bytes"] <= keep
+    assert after["stages"]["reference"]["entries"] == 1 and after["bytes"] <= keep
     report = package_json(project)
     assert "parity" in report["cached_stages"], "the entry kept is the one the current settings use"
     assert "error: --max-size 'lots'" in error_line(cli("cache", "prune", "--config", project, "--max-size", "lots",

@@ -9,7 +9,7 @@ import pytest
 from helpers import cli, error_line, package_json
 
 from deeplens_build import (
-    ConvertedModel,
+    Artifact,
     ModelFiles,
     onnxtools,
     testing,
@@ -90,7 +90,7 @@ def _convert_copy(source, model, workdir):
     target = workdir / "model.onnx"
     target.write_bytes(source.path(model.files[0]).read_bytes())
     inputs, outputs = onnxtools.interface(onnxtools.load(target))
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs)
+    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs)
 
 
 BROKEN_OPTIMIZER = testing.fake_plugin(
@@ -108,7 +108,7 @@ def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path
     with pytest.raises(ParityError) as error:
         testing.build(config, plugins=[BROKEN_OPTIMIZER], entry_points=False)
     message = str(error.value)
-    assert "parity failed for output 'prob': max abs diff 0.05 > tolerance 0.0001" in message
+    assert "parity failed for output 'prob' on onnxruntime: max abs diff 0.05 > tolerance 0.0001" in message
     assert "4 samples, seed 0" in message
     assert not (config.parent / "dist").exists()
     cache = config.parent / ".deeplens" / "cache"

@@ -11,7 +11,7 @@ import pytest
 from helpers import cli
 
 from deeplens_build import (
-    ConvertedModel,
+    Artifact,
     ModelFiles,
     PluginSettings,
     choose_one,
@@ -150,7 +150,7 @@ def _copy_onnx(source, model, workdir):
     target = workdir / "model.onnx"
     target.write_bytes(source.path(model.files[0]).read_bytes())
     inputs, outputs = onnxtools.interface(onnxtools.load(target))
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs)
+    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs)
 
 
 def test_a_missing_framework_import_names_the_plugins_install_command(tmp_path: Path, onnx_model_dir: Path) -> None:

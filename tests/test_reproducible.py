@@ -39,7 +39,7 @@ def test_unchanged_rebuild_hits_the_cache_and_says_so(project: Path) -> None:
     first = package_json(project)
     second = package_json(project)
     assert first["sha256"] == second["sha256"]
-    assert second["cached_stages"] == ["convert", "optimize", "parity", "lambda", "greengrass"]
+    assert second["cached_stages"] == ["convert", "optimize", "reference", "parity", "lambda", "greengrass"]
 
 
 def test_no_cache_rebuilds_every_stage_to_the_same_bytes(project: Path) -> None:

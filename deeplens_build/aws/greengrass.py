@@ -19,7 +19,7 @@ from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.errors import ConfigError
-from deeplens_build.manifest import MODEL_DIR_VARIABLE, infer_topic
+from deeplens_build.manifest import DEVICE_BUILD, MODEL_DIR_VARIABLE, WORK_DIR_VARIABLE, infer_topic
 from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
@@ -82,8 +82,12 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
                else f"{python} -m pip install {requirements}")
     if image is not None:
         install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
+    device_build = DEVICE_BUILD.rsplit("/", 1)[-1]
+    compiles = device_build in artifacts
+    if compiles:  # the target backend compiles on the device, into the work folder that outlives deployments
+        install += f" && {python} {{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}}"
     run = f"{python} -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
-    setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", **environment}
+    setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}
     stream = config.device.kinesis_video_stream
     if stream:
@@ -111,7 +115,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
             "Platform": {"os": "linux", "architecture": ARCHITECTURES[config.target.platform]},
             "Lifecycle": {
                 "Setenv": setenv,
-                "Install": {"Script": install, "Timeout": 900},
+                "Install": {"Script": install, "Timeout": 3600 if compiles else 900},
                 "Run": {"Script": run},
             },
             "Artifacts": [{

@@ -33,10 +33,12 @@ from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.cache import tool_cache_environment
 from deeplens_build.errors import BundleError, DeviceError, UsageError
 from deeplens_build.manifest import (
+    DEVICE_BUILD,
     MODEL_DIR,
     MODEL_DIR_VARIABLE,
     THING_VARIABLE,
     WHEELS_DIR,
+    WORK_DIR_VARIABLE,
     Manifest,
     infer_topic,
 )
@@ -125,6 +127,7 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
     command = [python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)]
     environment = _lambda_environment(root, device_dir, manifest, options, stats)
+    _compile_on_device(python, root, environment, reporter)
     totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
     with _project_stream(options, root / "home" / STREAM_FILE, f"{manifest.name} {manifest.version}", reporter):
         for attempt in range(1, RESTARTS + 2):
@@ -231,6 +234,20 @@ def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[P
     return root, manifest
 
 
+def _compile_on_device(python: str, root: Path, environment: dict[str, str], reporter: Reporter) -> None:
+    """Run the target backend's on-device compile step, as the recipe's Install phase does on a core."""
+    script = root / DEVICE_BUILD
+    if not script.is_file():
+        return
+    work = environment[WORK_DIR_VARIABLE]
+    reporter.step(f"device: compiling the model for this device ({DEVICE_BUILD}, kept in {work})")
+    done = subprocess.run([python, str(script), str(root / MODEL_DIR), work], env=environment, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise DeviceError(f"the bundle's on-device compile step failed (exit {done.returncode}): {output[-1]}")
+
+
 def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions,
                         stats: Path) -> dict[str, str]:
     """What a Greengrass core gives a Lambda, plus what the bundle declares, plus where ``deeplens_publish``
@@ -242,6 +259,8 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
     env.update(tool_cache_environment(device_dir))
     env.update({"HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1",
                 MODEL_DIR_VARIABLE: str(root / MODEL_DIR), THING_VARIABLE: options.thing,
+                # like a component's {work:path}: outlives reinstalls, so what was compiled on the device stays
+                WORK_DIR_VARIABLE: str(_mkdir(device_dir / "work" / manifest.name)),
                 "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval),
                 "DEEPLENS_MQTT": f"{options.mqtt_host}:{options.mqtt_port}",
                 "DEEPLENS_MQTT_BUFFER": str(options.buffer),
@@ -257,6 +276,11 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
     if options.max_frames:
         env["DEEPLENS_MAX_FRAMES"] = str(options.max_frames)
     return env
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _runtime_python(root: Path, manifest: Manifest, reporter: Reporter) -> str:

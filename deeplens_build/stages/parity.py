@@ -1,74 +1,108 @@
-"""Parity stage (shared by every framework): the original model and the optimized artifact, same inputs.
+"""Parity stage (shared by every framework and backend): the original model and the artifact, same inputs.
 
 Inputs are seeded random tensors plus the user's own samples (``.npy`` for a one-input model, ``.npz`` keyed
-by input name). The build fails when any output differs by more than the tolerance.
+by input name). The original runs once per sample (:func:`run_reference`); every candidate — the FP16 search's
+trials, the compiled artifact on its backend's runtime — is compared against those outputs. The build fails
+when any output differs by more than the tolerance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deeplens_build import onnxtools
 from deeplens_build.config import ParityConfig
 from deeplens_build.errors import ConfigError, ParityError
 from deeplens_build.report import Reporter
-from deeplens_build.types import OptimizedModel, OutputParity, ParityReport, TensorSpec
+from deeplens_build.types import OutputParity, ParityReport, ReferenceRun, Runner, TensorSpec
 
 if TYPE_CHECKING:
     import numpy as np
 
-Runner = Callable[[Mapping[str, "np.ndarray"]], Mapping[str, "np.ndarray"]]
+
+def samples_for(specs: tuple[TensorSpec, ...], config: ParityConfig) -> list[dict[str, np.ndarray]]:
+    """The inputs parity compares on: seeded random tensors, then the user's own samples."""
+    return [*random_inputs(specs, config.seed, config.random_samples),
+            *(load_sample(path, specs) for path in config.samples)]
 
 
-def check_parity(reference: Runner, optimized: OptimizedModel, *, config: ParityConfig, task: str,
-                 reporter: Reporter) -> ParityReport:
-    """Compare ``reference`` (the plugin's run of the original) with onnxruntime on ``optimized``.
+def run_reference(reference: Runner, samples: list[dict[str, np.ndarray]], outputs: tuple[TensorSpec, ...], *,
+                  workdir: Path, reporter: Reporter) -> ReferenceRun:
+    """Run the original model (``reference``, the plugin's run) on every sample, once, and keep what it gave:
+    the FP16 search and the parity of every backend compare against the same outputs."""
+    import numpy as np
 
-    :raises ParityError: naming the output and the figures when the difference passes the tolerance.
+    arrays = {}
+    with reporter.progress(total=len(samples), desc="reference", unit="sample") as bar:
+        for index, inputs in enumerate(samples):
+            expected = reference(inputs)
+            arrays.update({f"in/{index}/{name}": value for name, value in inputs.items()})
+            arrays.update({f"out/{index}/{spec.name}": np.asarray(expected[spec.name]) for spec in outputs})
+            bar.update(1)
+    path = workdir / "reference.npz"
+    np.savez(path, **arrays)
+    return ReferenceRun(path=path, samples=len(samples))
+
+
+def load_reference(run: ReferenceRun) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The samples and the original model's outputs for each, as :func:`run_reference` kept them."""
+    import numpy as np
+
+    inputs: list[dict[str, np.ndarray]] = [{} for _ in range(run.samples)]
+    outputs: list[dict[str, np.ndarray]] = [{} for _ in range(run.samples)]
+    with np.load(run.path, allow_pickle=False) as stored:
+        for key in stored.files:
+            side, index, name = key.split("/", 2)
+            (inputs if side == "in" else outputs)[int(index)][name] = stored[key]
+    return inputs, outputs
+
+
+def compare(reference: ReferenceRun, candidate: Runner, outputs: tuple[TensorSpec, ...], *, tolerance: float,
+            task: str, seed: int, runtime: str) -> ParityReport:
+    """Run ``candidate`` on the reference's samples and measure it against the original's outputs.
+
+    :param runtime: what ``candidate`` is, for the report (``"openvino CPU"``).
+    :raises ParityError: when an output's shape differs (no figure would mean anything).
     """
     import numpy as np
 
-    tolerance = config.tolerance_for(optimized.precision)
-    samples = [*random_inputs(optimized.inputs, config.seed, config.random_samples),
-               *(load_sample(path, optimized.inputs) for path in config.samples)]
-    session = onnxtools.session_for(optimized.path)
-    names = [o.name for o in optimized.outputs]
+    samples, expected = load_reference(reference)
+    names = [o.name for o in outputs]
     abs_diff = dict.fromkeys(names, 0.0)
     rel_diff = dict.fromkeys(names, 0.0)
     agree = dict.fromkeys(names, 0)
-    classifier = {o.name: task == "classification" and _is_class_scores(o) for o in optimized.outputs}
-    with reporter.progress(total=len(samples), desc="parity", unit="sample") as bar:
-        for inputs in samples:
-            expected = reference(inputs)
-            actual = dict(zip(names, session.run(names, inputs), strict=True))
-            for name in names:
-                want = np.asarray(expected[name], dtype=np.float64)
-                got = np.asarray(actual[name], dtype=np.float64)
-                if want.shape != got.shape:
-                    raise ParityError(f"output {name!r}: the original model gives shape {list(want.shape)} but the "
-                                      f"optimized artifact gives {list(got.shape)}")
-                diff = np.abs(want - got)
-                abs_diff[name] = max(abs_diff[name], float(diff.max(initial=0.0)))
-                rel_diff[name] = max(rel_diff[name], float((diff / np.maximum(np.abs(want), 1e-6)).max(initial=0.0)))
-                if classifier[name]:
-                    agree[name] += int(np.array_equal(want.argmax(axis=-1), got.argmax(axis=-1)))
-            bar.update(1)
-    outputs = tuple(OutputParity(name=n, max_abs_diff=abs_diff[n], max_rel_diff=rel_diff[n],
-                                 top1_agreement=agree[n] / len(samples) if classifier[n] else None) for n in names)
-    report = ParityReport(max_abs_diff=max(abs_diff.values()), max_rel_diff=max(rel_diff.values()),
-                          tolerance=tolerance, passed=max(abs_diff.values()) <= tolerance, samples=len(samples),
-                          seed=config.seed, outputs=outputs)
-    worst = max(outputs, key=lambda o: o.max_abs_diff)
-    if not report.passed:
-        top1 = f", top-1 agreement {worst.top1_agreement:.0%}" if worst.top1_agreement is not None else ""
-        raise ParityError(
-            f"parity failed for output {worst.name!r}: max abs diff {worst.max_abs_diff:.3g} > tolerance "
-            f"{tolerance:.3g} (max rel diff {worst.max_rel_diff:.3g}{top1}, {len(samples)} samples, seed "
-            f"{config.seed}); the optimized artifact does not compute what the original does. Try "
-            "`model.precision = \"fp32\"`, or raise `parity.tolerance` if the difference is acceptable.")
-    return report
+    classifier = {o.name: task == "classification" and _is_class_scores(o) for o in outputs}
+    for inputs, wanted in zip(samples, expected, strict=True):
+        actual = candidate(inputs)
+        for name in names:
+            want = np.asarray(wanted[name], dtype=np.float64)
+            got = np.asarray(actual[name], dtype=np.float64)
+            if want.shape != got.shape:
+                raise ParityError(f"output {name!r}: the original model gives shape {list(want.shape)} but the "
+                                  f"artifact ({runtime}) gives {list(got.shape)}")
+            diff = np.abs(want - got)
+            abs_diff[name] = max(abs_diff[name], float(diff.max(initial=0.0)))
+            rel_diff[name] = max(rel_diff[name], float((diff / np.maximum(np.abs(want), 1e-6)).max(initial=0.0)))
+            if classifier[name]:
+                agree[name] += int(np.array_equal(want.argmax(axis=-1), got.argmax(axis=-1)))
+    count = len(samples)
+    results = tuple(OutputParity(name=n, max_abs_diff=abs_diff[n], max_rel_diff=rel_diff[n],
+                                 top1_agreement=agree[n] / count if classifier[n] else None) for n in names)
+    return ParityReport(max_abs_diff=max(abs_diff.values()), max_rel_diff=max(rel_diff.values()),
+                        tolerance=tolerance, passed=max(abs_diff.values()) <= tolerance, samples=count, seed=seed,
+                        outputs=results, runtime=runtime)
+
+
+def require(report: ParityReport, *, remedy: str) -> ParityReport:
+    """``report`` when it passed; otherwise a ParityError naming the worst output, its figures and ``remedy``."""
+    if report.passed:
+        return report
+    worst = max(report.outputs, key=lambda o: o.max_abs_diff)
+    top1 = f", top-1 agreement {worst.top1_agreement:.0%}" if worst.top1_agreement is not None else ""
+    raise ParityError(
+        f"parity failed for output {worst.name!r} on {report.runtime}: max abs diff {worst.max_abs_diff:.3g} > "
+        f"tolerance {report.tolerance:.3g} (max rel diff {worst.max_rel_diff:.3g}{top1}, {report.samples} samples, "
+        f"seed {report.seed}); the artifact does not compute what the original does. {remedy}")
 
 
 def random_inputs(specs: tuple[TensorSpec, ...], seed: int, count: int) -> list[dict[str, np.ndarray]]:

@@ -61,17 +61,17 @@ def runtimes_dir() -> Path:
     return packaged if packaged.is_dir() else package.parent / "runtimes"
 
 
-def load_runtimes(project: Path | None = None) -> tuple[Runtime, ...]:
-    """Every runtime definition: built-in ones, then the project's, which replace built-ins of the same name."""
+def load_runtimes(project: Path | None = None, *, extra: tuple[Path, ...] = ()) -> tuple[Runtime, ...]:
+    """Every runtime definition: built-in ones, those a target backend brings (``extra``), then the project's,
+    which replace any of the same name."""
+    if project is not None and not project.is_dir():
+        raise ConfigError(f"Field `runtime.definitions` points to {project}, which is not a folder")
+    paths = [*sorted(runtimes_dir().glob(f"*/{DEFINITION}")), *extra,
+             *(sorted(project.glob(f"*/{DEFINITION}")) if project is not None else [])]
     found: dict[str, Runtime] = {}
-    for root in (runtimes_dir(), project):
-        if root is None:
-            continue
-        if not root.is_dir():
-            raise ConfigError(f"Field `runtime.definitions` points to {root}, which is not a folder")
-        for path in sorted(root.glob(f"*/{DEFINITION}")):
-            runtime = _load(path)
-            found[runtime.name] = runtime
+    for path in paths:
+        runtime = _load(path)
+        found[runtime.name] = runtime
     return tuple(found.values())
 
 

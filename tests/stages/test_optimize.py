@@ -1,4 +1,4 @@
-"""The shared optimize stage: standard ONNX only, static shapes, weights out of the inputs, FP16."""
+"""The shared optimize stage: standard ONNX only, static shapes, weights out of the inputs, the target's opset."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deeplens_build import onnxtools, testing
-from deeplens_build.errors import ConfigError
+from deeplens_build.errors import ConfigError, ConversionError
 from deeplens_build.report import Reporter
 from deeplens_build.stages.optimize import optimize
-from deeplens_build.types import ConvertedModel
+from deeplens_build.types import Artifact
 
 
-def _converted(path: Path) -> ConvertedModel:
+def _converted(path: Path) -> Artifact:
     inputs, outputs = onnxtools.interface(onnxtools.load(path))
-    return ConvertedModel(format="onnx", path=path, inputs=inputs, outputs=outputs)
+    return Artifact(format="onnx", path=path, inputs=inputs, outputs=outputs)
 
 
 def _two_output_net(path: Path, *, weights_as_inputs: bool = False, dynamic: str = "N") -> Path:
@@ -44,33 +44,55 @@ def _two_output_net(path: Path, *, weights_as_inputs: bool = False, dynamic: str
 
 def test_drops_weights_listed_as_inputs_and_fixes_the_batch(tmp_path: Path) -> None:
     source = _two_output_net(tmp_path / "net.onnx", weights_as_inputs=True)
-    result = optimize(_converted(source), shapes={}, precision="fp32", workdir=tmp_path, reporter=Reporter(quiet=True))
-    model = onnx.load(str(result.path))
+    result = optimize(_converted(source), shapes={}, opset=None, workdir=tmp_path, reporter=Reporter(quiet=True))
+    model = onnx.load(str(result.artifact.path))
     assert [i.name for i in model.graph.input] == ["x"]
     assert "drop-initializer-inputs" in result.passes
-    assert result.inputs[0].shape == (1, 4)
-    assert {o.name: o.shape for o in result.outputs} == {"scores": (1, 6), "embedding": (1, 6)}
+    assert result.artifact.inputs[0].shape == (1, 4)
+    assert {o.name: o.shape for o in result.artifact.outputs} == {"scores": (1, 6), "embedding": (1, 6)}
 
 
 def test_output_is_standard_onnx_and_computes_the_same(tmp_path: Path) -> None:
     source = testing.onnx_classifier(tmp_path / "in.onnx")
-    result = optimize(_converted(source), shapes={"data": (1, 3, 32, 32)}, precision="fp32", workdir=tmp_path,
+    result = optimize(_converted(source), shapes={"data": (1, 3, 32, 32)}, opset=None, workdir=tmp_path,
                       reporter=Reporter(quiet=True))
-    model = onnx.load(str(result.path))
+    model = onnx.load(str(result.artifact.path))
     assert onnxtools.foreign_operators(model) == []
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}, "BN folded into the conv"
     x = {"data": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}
-    np.testing.assert_allclose(onnxtools.run(result.path, x)["prob"], onnxtools.run(source, x, optimize=False)["prob"],
-                               atol=1e-5)
+    np.testing.assert_allclose(onnxtools.run(result.artifact.path, x)["prob"],
+                               onnxtools.run(source, x, optimize=False)["prob"], atol=1e-5)
 
 
-def test_fp16_keeps_float32_inputs_and_outputs(tmp_path: Path) -> None:
+def test_imports_only_the_domains_its_nodes_use_at_the_oldest_ir_version(tmp_path: Path) -> None:
+    """onnxruntime's optimizer imports every domain it knows into what it writes (com.microsoft.nchwc,
+    org.pytorch.aten, ...) and onnx stamps its newest IR version: an older runtime refuses both."""
     source = testing.onnx_classifier(tmp_path / "in.onnx")
-    result = optimize(_converted(source), shapes={}, precision="fp16", workdir=tmp_path, reporter=Reporter(quiet=True))
-    assert [s.dtype for s in (*result.inputs, *result.outputs)] == ["float32", "float32"]
-    assert result.size_after < result.size_before
-    inits = onnx.load(str(result.path)).graph.initializer
-    assert {i.data_type for i in inits if len(i.dims) > 1} == {TensorProto.FLOAT16}
+    result = optimize(_converted(source), shapes={}, opset=None, workdir=tmp_path, reporter=Reporter(quiet=True))
+    model = onnx.load(str(result.artifact.path))
+    assert [o.domain for o in model.opset_import] == [""]
+    assert model.ir_version == helper.find_min_ir_version_for(list(model.opset_import))
+    assert "trim-domains" in result.passes
+
+
+def test_a_model_above_the_targets_opset_is_lowered(tmp_path: Path) -> None:
+    source = _two_output_net(tmp_path / "n.onnx")  # opset 17
+    result = optimize(_converted(source), shapes={}, opset=14, workdir=tmp_path, reporter=Reporter(quiet=True))
+    assert result.opset == 14 and "opset-17-to-14" in result.passes
+    x = {"x": np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)}
+    np.testing.assert_allclose(onnxtools.run(result.artifact.path, x)["scores"],
+                               onnxtools.run(source, x, optimize=False)["scores"], atol=1e-6)
+
+
+def test_a_model_the_version_converter_cannot_lower_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    source = tmp_path / "cast.onnx"
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16)], "cast",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), str(source))
+    with pytest.raises(ConversionError, match=r"opset 23, the target loads opset 17 at most.*export the model at "
+                                              r"opset 17 or lower"):
+        optimize(_converted(source), shapes={}, opset=17, workdir=tmp_path, reporter=Reporter(quiet=True))
 
 
 def test_dynamic_non_batch_dimension_asks_for_the_config_key(tmp_path: Path) -> None:
@@ -79,13 +101,13 @@ def test_dynamic_non_batch_dimension_asks_for_the_config_key(tmp_path: Path) -> 
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
     onnx.save(model, str(source))
     with pytest.raises(ConfigError, match=r"set `model.inputs.x.shape` in deeplens.toml"):
-        optimize(_converted(source), shapes={}, precision="fp32", workdir=tmp_path, reporter=Reporter(quiet=True))
+        optimize(_converted(source), shapes={}, opset=None, workdir=tmp_path, reporter=Reporter(quiet=True))
 
 
 def test_shape_with_the_wrong_rank_is_named(tmp_path: Path) -> None:
     source = _two_output_net(tmp_path / "n.onnx")
     with pytest.raises(ConfigError, match=r"`model.inputs.x.shape` has 3 dimensions but the model's input 'x' has 2"):
-        optimize(_converted(source), shapes={"x": (1, 4, 1)}, precision="fp32", workdir=tmp_path,
+        optimize(_converted(source), shapes={"x": (1, 4, 1)}, opset=None, workdir=tmp_path,
                  reporter=Reporter(quiet=True))
 
 

@@ -1,8 +1,10 @@
 """The example's inference Lambda, shaped like the AWS DeepLens samples.
 
 Greengrass imports the module once and keeps it alive (pinned, no timeout): the work is a loop started at
-import that takes the newest frame, resizes it to the model's input, runs the optimized model with the bundled
-runtime, and publishes the top prediction as JSON to ``$aws/things/<thing>/infer``. The handler returns at once.
+import that takes the newest frame, resizes it to the model's input, runs the model, and publishes the top
+prediction as JSON to ``$aws/things/<thing>/infer``. The handler returns at once. The model is loaded by
+``deeplens_model``, which the bundle's target backend ships in the model folder: onnxruntime, OpenVINO (on the
+Intel GPU when there is one) or a TensorRT engine built on the device — this code is the same for each.
 
 Frames come from the DeepLens camera (``awscam``) when there is one; otherwise from ``DEEPLENS_FRAMES`` (a folder
 of ``.npy`` HxWx3 uint8 frames, or of images, or a video file, read with OpenCV), or generated frames. Results go
@@ -13,6 +15,7 @@ frames (for an emulator or a CI run).
 
 import glob
 import os
+import sys
 import threading
 import time
 
@@ -20,6 +23,8 @@ import deeplens_publish
 from preprocess import to_tensor
 
 MODEL_DIR = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
+sys.path.insert(0, MODEL_DIR)
+import deeplens_model  # noqa: E402  (the target backend's loader, in the bundle's model folder)
 
 
 def _frames(source):
@@ -68,16 +73,15 @@ def _annotated(frame, text):
 
 
 def infinite_infer_run(max_frames=None):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(os.path.join(MODEL_DIR, "model.onnx"), providers=ort.get_available_providers())
-    model_input = session.get_inputs()[0]
+    model = deeplens_model.load(MODEL_DIR)  # onnxruntime, OpenVINO or TensorRT: whatever the bundle targets
+    print("model running on " + model.device, file=sys.stderr)
+    input_name, input_shape = model.inputs[0]
     labels_path = os.path.join(MODEL_DIR, "labels.txt")
     labels = open(labels_path).read().splitlines() if os.path.exists(labels_path) else []
     interval = float(os.environ.get("DEEPLENS_FRAME_INTERVAL", "0"))  # an emulated camera's frame period
     for count, frame in enumerate(_frames(os.environ.get("DEEPLENS_FRAMES")), start=1):
         start = time.perf_counter()
-        scores = session.run(None, {model_input.name: to_tensor(frame, model_input.shape)})[0][0]
+        scores = model.run({input_name: to_tensor(frame, input_shape)})[0][0]
         top = int(scores.argmax())
         label = labels[top] if top < len(labels) else str(top)
         deeplens_publish.publish({

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import (
+    Artifact,
     ConversionError,
-    ConvertedModel,
     Framework,
     ModelFiles,
     PluginError,
@@ -87,7 +87,7 @@ def deeplens_build_detect(source: TrainingOutput, settings: CaffeSettings) -> Mo
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path,
-                           shapes: Mapping[str, tuple[int, ...]]) -> ConvertedModel:
+                           shapes: Mapping[str, tuple[int, ...]]) -> Artifact:
     pb2 = caffe_pb2()
     net, weights = _read(pb2, source, model)
     _apply_shapes(net, shapes, model.files[0])
@@ -117,12 +117,12 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
     loaded = onnxtools.load(target)
     inputs, outputs = onnxtools.interface(loaded, {v.name: "NCHW" if len(v.type.tensor_type.shape.dim) == 4 else None
                                                    for v in loaded.graph.input})
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs,
-                          labels=source.copy_labels(workdir))
+    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs,
+                    labels=source.copy_labels(workdir))
 
 
 @hookimpl
-def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: ConvertedModel,
+def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: Artifact,
                                  inputs: Mapping[str, Any]) -> Mapping[str, Any]:
     cv2 = _cv2()
     net = cv2.dnn.readNetFromCaffe(str(source.path(model.files[0])), str(source.path(model.files[1])))

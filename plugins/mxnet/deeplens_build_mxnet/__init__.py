@@ -8,19 +8,20 @@ ONNX exporter; the parity reference is the original symbol and params executed b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from deeplens_build import (
+    Artifact,
     ConversionError,
-    ConvertedModel,
     Framework,
     ModelFiles,
     PluginSettings,
@@ -35,6 +36,8 @@ NATIVE_FORMAT = "mxnet-symbol"
 INSTALL = "pip install deeplens-build-mxnet  (mxnet==1.9.1, numpy<2, onnx<=1.18.0)"
 _PARAMS = re.compile(r"^(?P<prefix>.+)-(?P<epoch>\d{4})\.params$")
 _SYMBOL_SUFFIX = "-symbol.json"
+MIN_EXPORT_OPSET = 12
+"""The oldest opset MXNet 1.9.1's exporter has converters for."""
 _SHAPES_FILES = ("model-shapes.json",)
 # numpy 1.24 removed these aliases; mxnet 1.9.1 still uses them at import time
 _NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str, "complex": complex}
@@ -77,7 +80,8 @@ def deeplens_build_detect(source: TrainingOutput, settings: MXNetSettings) -> Mo
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path,
-                           shapes: Mapping[str, tuple[int, ...]], settings: MXNetSettings) -> ConvertedModel:
+                           shapes: Mapping[str, tuple[int, ...]], settings: MXNetSettings,
+                           opset: int | None) -> Artifact:
     mx = _mxnet()
     symbol, args, auxs = _load(mx, source, model)
     input_shapes = _input_shapes(source, model, symbol, args, auxs, shapes)
@@ -90,15 +94,15 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
         _, out_shapes, _ = symbol.infer_shape(**input_shapes)
         outputs = tuple(TensorSpec(name=n, shape=tuple(s), dtype="float32")
                         for n, s in zip(symbol.list_outputs(), out_shapes, strict=True))
-        return ConvertedModel(format=NATIVE_FORMAT, path=target, extra_files=(params,), inputs=_specs(input_shapes),
-                              outputs=outputs, labels=labels)
+        return Artifact(format=NATIVE_FORMAT, path=target, extra_files=(params,), inputs=_specs(input_shapes),
+                        outputs=outputs, labels=labels)
 
     import numpy as np
     import onnx
 
     target = workdir / "model.onnx"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _exporter_opset(opset):
             warnings.simplefilter("ignore")  # the exporter warns about every opset it does not target
             mx.onnx.export_model(_inference_symbol(mx, symbol), {**args, **auxs},
                                  in_shapes=list(input_shapes.values()), in_types=[np.float32] * len(input_shapes),
@@ -116,11 +120,11 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
     model_onnx = onnx.load(str(target))
     inputs, outputs = onnxtools.interface(model_onnx, {n: "NCHW" if len(s) == 4 else None
                                                        for n, s in input_shapes.items()})
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs, labels=labels)
+    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs, labels=labels)
 
 
 @hookimpl
-def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: ConvertedModel,
+def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: Artifact,
                                  inputs: Mapping[str, Any]) -> Mapping[str, Any]:
     shapes = tuple((name, tuple(value.shape)) for name, value in inputs.items())
     executor = _executor(str(source.path(model.files[0])), str(source.path(model.files[1])), shapes)
@@ -132,8 +136,30 @@ def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, conv
 
 
 @hookimpl
-def deeplens_build_runtime(converted: ConvertedModel) -> str | None:
+def deeplens_build_runtime(converted: Artifact) -> str | None:
     return "mxnet" if converted.format == NATIVE_FORMAT else None
+
+
+@contextlib.contextmanager
+def _exporter_opset(opset: int | None) -> Iterator[None]:
+    """Make MXNet's exporter write ``opset``: it has no argument for it and writes the newest opset the installed
+    onnx knows (23 with onnx 1.18, which onnxruntime 1.16 and TensorRT 8.6 refuse), asking
+    ``onnx.defs.onnx_opset_version`` when called; each operator's newest converter at or below it is used."""
+    import onnx.defs
+
+    if opset is None or opset >= onnx.defs.onnx_opset_version():
+        yield
+        return
+    if opset < MIN_EXPORT_OPSET:
+        raise ConversionError(f"the target loads ONNX opset {opset} at most, and MXNet's exporter writes opset "
+                              f"{MIN_EXPORT_OPSET} at least; package the native MXNet artifact with "
+                              "[plugins.mxnet] format = \"native\", or choose a target with a newer runtime")
+    newest = onnx.defs.onnx_opset_version
+    onnx.defs.onnx_opset_version = lambda: opset
+    try:
+        yield
+    finally:
+        onnx.defs.onnx_opset_version = newest
 
 
 def _mxnet():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build import (
-    ConvertedModel,
+    Artifact,
     Framework,
     ModelFiles,
     PluginSettings,
@@ -46,14 +46,14 @@ def deeplens_build_detect(source: TrainingOutput, settings: OnnxSettings) -> Mod
 
 
 @hookimpl
-def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path) -> ConvertedModel:
+def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path) -> Artifact:
     original = source.path(model.files[0])
     loaded = onnxtools.load(original)
     inputs, outputs = onnxtools.interface(loaded)
     target = workdir / "model.onnx"
     shutil.copyfile(original, target)
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs,
-                          labels=source.copy_labels(workdir))
+    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs,
+                    labels=source.copy_labels(workdir))
 
 
 @hookimpl

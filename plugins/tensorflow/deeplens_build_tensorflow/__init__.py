@@ -21,8 +21,8 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from deeplens_build import (
+    Artifact,
     ConversionError,
-    ConvertedModel,
     Framework,
     ModelFiles,
     PluginSettings,
@@ -52,7 +52,7 @@ class TensorFlowSettings(PluginSettings):
     outputs: tuple[str, ...] = ()
     """A frozen graph's output tensor names."""
     opset: Annotated[int, Field(ge=7)] = DEFAULT_OPSET
-    """The ONNX opset tf2onnx exports."""
+    """The ONNX opset tf2onnx exports; lowered to the target's ceiling when that is lower."""
 
 
 @hookimpl
@@ -81,20 +81,21 @@ def deeplens_build_detect(source: TrainingOutput, settings: TensorFlowSettings) 
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path,
-                           shapes: Mapping[str, tuple[int, ...]], settings: TensorFlowSettings) -> ConvertedModel:
+                           shapes: Mapping[str, tuple[int, ...]], settings: TensorFlowSettings,
+                           opset: int | None) -> Artifact:
     loaded = _load(source.root, model.files, _frozen_key(settings))
     specs = _static_specs(loaded, shapes)
     target = workdir / "model.onnx"
     with _unsupported_ops_raise():
-        loaded.export(specs, settings.opset, target)
+        loaded.export(specs, min(settings.opset, opset or settings.opset), target)
     layouts = {s.name: "NHWC" if len(s.shape) == 4 else None for s in specs}
     inputs, outputs = onnxtools.interface(onnxtools.load(target), layouts)
-    return ConvertedModel(format="onnx", path=target, inputs=inputs, outputs=outputs,
-                          labels=source.copy_labels(workdir))
+    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs,
+                    labels=source.copy_labels(workdir))
 
 
 @hookimpl
-def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: ConvertedModel,
+def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: Artifact,
                                  inputs: Mapping[str, Any], settings: TensorFlowSettings) -> Mapping[str, Any]:
     outputs = _load(source.root, model.files, _frozen_key(settings)).run(inputs)
     if isinstance(outputs, Mapping):

@@ -10,9 +10,10 @@ module wins on a DeepLens. A DeepLens-era Lambda keeps its code:
 Frames come from ``DEEPLENS_FRAMES`` (a folder of ``.npy`` or image files, shown in a loop, or a video file),
 else the first camera (``/dev/video0``), else generated frames; ``DEEPLENS_FRAME_INTERVAL`` paces them like a
 camera, and after ``DEEPLENS_MAX_FRAMES`` frames (``deeplens-build run --max-frames``) the camera has no newer frame
-and ``getLastFrame`` waits, as on a device, until the Lambda is stopped. The model is the bundle's ONNX artifact in
-``DEEPLENS_MODEL_DIR``, run by onnxruntime with the best provider present (the DeepLens model optimizer's work
-was done at build time). Pixels go in as float32 values, as DeepLens fed its optimized models.
+and ``getLastFrame`` waits, as on a device, until the Lambda is stopped. The model is the bundle's artifact in
+``DEEPLENS_MODEL_DIR``, loaded by the target backend's ``deeplens_model`` module beside it (onnxruntime with the
+best provider present, OpenVINO on the Intel GPU, a TensorRT engine): the DeepLens model optimizer's work was
+done at build time. Pixels go in as float32 values, as DeepLens fed its optimized models.
 """
 
 import glob
@@ -88,12 +89,14 @@ class Model:
     the bundle's artifact is what runs."""
 
     def __init__(self, model_path, loading_config=None):
-        import onnxruntime as ort
+        import sys
 
-        artifact = os.path.join(MODEL_DIR, "model.onnx")
-        self._session = ort.InferenceSession(artifact, providers=ort.get_available_providers())
-        self._input = self._session.get_inputs()[0]
-        shape = self._input.shape
+        if MODEL_DIR not in sys.path:
+            sys.path.insert(0, MODEL_DIR)
+        import deeplens_model
+
+        self._model = deeplens_model.load(MODEL_DIR)
+        self._input, shape = self._model.inputs[0]
         self._channels_first = shape[1] in (1, 3)
         self.height, self.width = (shape[2], shape[3]) if self._channels_first else (shape[1], shape[2])
 
@@ -107,8 +110,8 @@ class Model:
             frame = cv2.resize(frame, (self.width, self.height))
         tensor = frame.astype(np.float32)
         tensor = (tensor.transpose(2, 0, 1) if self._channels_first else tensor)[np.newaxis]
-        outputs = self._session.run(None, {self._input.name: tensor})
-        return {meta.name: value.ravel() for meta, value in zip(self._session.get_outputs(), outputs)}
+        outputs = self._model.run({self._input: tensor})
+        return {name: value.ravel() for name, value in zip(self._model.outputs, outputs)}
 
     def parseResult(self, model_type, raw_results):  # noqa: N802
         """DeepLens's result shape: ``{model_type: [{"label": i, "prob": p}, ...]}``, most probable first; for

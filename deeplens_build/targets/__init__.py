@@ -1,0 +1,28 @@
+"""The built-in target backend, ``onnxruntime`` (the default): the optimized ONNX artifact ships as it is and
+onnxruntime runs it on the device — the CPU execution provider, or CUDA's with ``target.accelerator = "gpu"``
+(the runtime is matched by accelerator, so this backend names none)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deeplens_build import hookimpl, onnxtools
+from deeplens_build.types import Artifact, Runner, TargetBackend
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_onnx(artifact: Artifact) -> Runner:
+    """Run an ONNX artifact in onnxruntime on this machine's CPU, fully optimized as on a device."""
+    session = onnxtools.session_for(artifact.path)
+    names = [o.name for o in session.get_outputs()]
+    return lambda inputs: dict(zip(names, session.run(names, dict(inputs)), strict=True))
+
+
+@hookimpl
+def deeplens_build_targets() -> list[TargetBackend]:
+    return [TargetBackend(
+        name="onnxruntime", summary="ONNX Runtime: the optimized ONNX artifact (CPU, or CUDA on a GPU device)",
+        accelerators=("cpu", "gpu"), platforms=("linux-x86_64", "linux-aarch64"),
+        device_module=HERE / "onnxruntime_device.py", load=load_onnx, requires=("onnxruntime",),
+        install="pip install onnxruntime")]

@@ -1,0 +1,92 @@
+"""Build the TensorRT engine on the device: ``python deeplens_compile.py MODEL_DIR WORK_DIR``.
+
+Shipped in the bundle's model folder by the ``tensorrt`` target backend and run by the Greengrass recipe's
+Install phase (and by ``deeplens-build run``). FP16 is on where the GPU has fast FP16; the ONNX already holds the
+nodes parity needs in FP32, which TensorRT keeps as the graph's casts say. ``WORK_DIR`` outlives redeployments:
+the engine is rebuilt only when the ONNX, TensorRT or the GPU changed (a stamp beside it records them), and the
+timing cache kept there makes a rebuild of a changed model quick. Written for every device Python from 3.8.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+ENGINE = "model.engine"
+STAMP = "model.engine.json"
+TIMING_CACHE = "timing.cache"
+
+
+def _gpu_name():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    error, props = cudart.cudaGetDeviceProperties(0)
+    if error != cudart.cudaError_t.cudaSuccess:
+        raise SystemExit("deeplens_compile: no CUDA GPU is usable here ({})".format(error))
+    return props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+
+
+def _write(path, data):
+    """Write ``data`` to ``path`` in one step, so a killed install never leaves half an engine."""
+    scratch = path + ".partial"
+    with open(scratch, "wb") as out:
+        out.write(data)
+    os.replace(scratch, path)
+
+
+def build(model_dir, work_dir):
+    import tensorrt as trt
+
+    onnx_path = os.path.join(model_dir, "model.onnx")
+    with open(onnx_path, "rb") as source:
+        onnx_bytes = source.read()
+    stamp = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "tensorrt": trt.__version__,
+             "gpu": _gpu_name()}
+    engine_path, stamp_path = os.path.join(work_dir, ENGINE), os.path.join(work_dir, STAMP)
+    if os.path.exists(engine_path) and os.path.exists(stamp_path):
+        with open(stamp_path) as recorded:
+            if json.load(recorded) == stamp:
+                print("deeplens_compile: engine unchanged ({gpu}, TensorRT {tensorrt})".format(**stamp))
+                return
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch, and the flag is deprecated; 8.x needs it
+    major = int(trt.__version__.split(".")[0])
+    explicit = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
+    network = builder.create_network(explicit)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise SystemExit("deeplens_compile: TensorRT {} cannot parse the model: {}".format(trt.__version__, errors))
+    config = builder.create_builder_config()
+    if builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    cache_path = os.path.join(work_dir, TIMING_CACHE)
+    cached = b""
+    if os.path.exists(cache_path):
+        with open(cache_path, "rb") as previous:
+            cached = previous.read()
+    cache = config.create_timing_cache(cached)
+    config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another GPU or version is ignored
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise SystemExit("deeplens_compile: TensorRT {} could not build an engine for {}".format(trt.__version__,
+                                                                                             stamp["gpu"]))
+    _write(engine_path, bytes(engine))
+    _write(cache_path, bytes(cache.serialize()))
+    _write(stamp_path, json.dumps(stamp, sort_keys=True).encode())
+    print("deeplens_compile: built the engine for {gpu} with TensorRT {tensorrt}".format(**stamp))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python deeplens_compile.py MODEL_DIR WORK_DIR")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise SystemExit("deeplens_compile: TensorRT is not installed for this Python ({}): install the bundle's "
+                         "runtime, or JetPack on a Jetson".format(sys.executable))
+    os.makedirs(sys.argv[2], exist_ok=True)
+    build(sys.argv[1], sys.argv[2])
