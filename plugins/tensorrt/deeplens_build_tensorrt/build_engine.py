@@ -36,14 +36,19 @@ def _write(path, data):
     os.replace(scratch, path)
 
 
-def build(model_dir, work_dir):
+def build(model_dir, work_dir, fp16=True):
+    """Build ``WORK_DIR/model.engine`` from ``MODEL_DIR/model.onnx``, unless the stamp says it is current.
+
+    :param fp16: let TensorRT pick FP16 kernels (where the GPU has fast FP16); ``bench/bench_tensorrt.py``
+        builds an FP32 engine too, to measure what FP16 buys.
+    """
     import tensorrt as trt
 
     onnx_path = os.path.join(model_dir, "model.onnx")
     with open(onnx_path, "rb") as source:
         onnx_bytes = source.read()
     stamp = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "tensorrt": trt.__version__,
-             "gpu": _gpu_name()}
+             "gpu": _gpu_name(), "fp16": fp16}
     engine_path, stamp_path = os.path.join(work_dir, ENGINE), os.path.join(work_dir, STAMP)
     if os.path.exists(engine_path) and os.path.exists(stamp_path):
         with open(stamp_path) as recorded:
@@ -61,7 +66,7 @@ def build(model_dir, work_dir):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise SystemExit("deeplens_compile: TensorRT {} cannot parse the model: {}".format(trt.__version__, errors))
     config = builder.create_builder_config()
-    if builder.platform_has_fast_fp16:
+    if fp16 and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     cache_path = os.path.join(work_dir, TIMING_CACHE)
     cached = b""
