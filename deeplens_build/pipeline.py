@@ -247,10 +247,10 @@ def _opset_ceiling(b: _Build) -> int | None:
     """The highest ONNX opset the device loads: the lowest of the backend's, ``target.opset`` and the ONNX
     runtime's on the device's Python (matched as the runtime stage will match it, when it can be yet)."""
     target, backend = b.config.target, b.target.backend
+    wanted = b.config.runtime.name if b.config.runtime.name != "auto" else backend.runtime or "auto"
     try:
-        runtime = select_runtime("onnx", target.platform, target.accelerator,
-                                 wanted=b.config.runtime.name if b.config.runtime.name != "auto" else
-                                 backend.runtime or "auto", suggested=None, available=_runtimes(b))
+        runtime = select_runtime("onnx", target.platform, target.accelerator, wanted=wanted, suggested=None,
+                                 available=_runtimes(b))
         runtime_opset = runtime.for_python(target.python or runtime.python).onnx_opset
     except DeepLensBuildError:  # no single ONNX runtime fits yet: the runtime stage says why, with the format known
         runtime_opset = None

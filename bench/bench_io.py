@@ -1,0 +1,179 @@
+"""Packaging at the I/O limit: every figure a ratio against what `tar --zstd` and `openssl dgst` do with the same
+bytes on this machine, in the same run.
+
+    .venv/bin/python bench/bench_io.py        (`make bench` runs it; figures also in bench/results.json)
+
+Models: 50 MB and 500 MB ONNX files of float32 MatMul weights (incompressible, as trained weights are), FP32, one
+random parity sample, the real command line in a fresh process each time; medians of 3 runs.
+
+- bundle stage: a rebuild whose every stage is cached but whose bundle was deleted, minus the no-change
+  rebuild (what is left is writing, hashing and signing the bundle), vs `tar --zstd -cf` of the same payload;
+- cold `package --no-cache` of the 500 MB model vs `tar --zstd -cf` of the source;
+- no-change rebuild of each model (goal ≤ 0.3 s, and flat: 500 MB within 1.5× of 50 MB);
+- `verify` vs `openssl dgst -sha256` of the bundle;
+- peak RSS of the cold build / the model's size;
+- shared cache (moto as an S3 server): machine B, a fresh work folder, vs machine A's cold build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from common import median_seconds
+
+from deeplens_build import testing
+from deeplens_build.bundle import unpack_bundle
+
+CLI = [sys.executable, "-m", "deeplens_build.cli"]
+REPEAT = 3
+GOALS = {"bundle_vs_tar": 1.3, "cold_vs_tar": 8.0, "rebuild_s": 0.3, "rebuild_flat": 1.5, "verify_vs_openssl": 1.5,
+         "rss_vs_model": 2.5, "shared_vs_cold": 0.3}
+
+
+def model(path: Path, megabytes: int) -> Path:
+    """MatMul layers of 4096x(N) float32 weights adding up to ``megabytes``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    side = 4096
+    columns = [side] * (megabytes * 2**20 // (side * side * 4))
+    rest = megabytes * 2**20 - sum(columns) * side * 4
+    if rest:
+        columns.append(rest // (side * 4))
+    rng = np.random.default_rng(0)
+    weights, nodes, width = [], [], side
+    for index, cols in enumerate(columns):
+        weights.append(numpy_helper.from_array(rng.standard_normal((width, cols)).astype(np.float32), f"w{index}"))
+        nodes.append(helper.make_node("MatMul", ["x" if index == 0 else f"h{index - 1}", f"w{index}"], [f"h{index}"]))
+        width = cols
+    graph = helper.make_graph(nodes, "weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+                              [helper.make_tensor_value_info(f"h{len(columns) - 1}", TensorProto.FLOAT, [1, width])],
+                              initializer=weights)
+    path.parent.mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def run(command: list[str], env: dict[str, str]) -> int:
+    """Run ``command``; its peak RSS in bytes."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss * 1024
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    return median_seconds(fn, repeat=REPEAT)
+
+
+def tar_zstd(out: Path, *paths: Path) -> float:
+    return seconds(lambda: subprocess.run(["tar", "--zstd", "-cf", str(out), *(str(p) for p in paths)], check=True))
+
+
+def moto_server() -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", "0"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "Running on http://" in line:
+            return process, line.split("Running on ", 1)[1].split()[0].rstrip("/")
+    raise SystemExit("moto's server did not start")
+
+
+def measure(root: Path, megabytes: int, env: dict[str, str], figures: dict) -> None:
+    source = model(root / "out" / "model.onnx", megabytes)
+    size = source.stat().st_size
+    config = testing.write_project(root / "p", source=source.parent, model={"task": "other"},
+                                   parity={"random_samples": 1})
+    key = testing.signing_key(config.parent)
+    package = [*CLI, "package", "--config", str(config), "--signing-key", str(key)]
+    bundle = config.parent / "dist" / "deeplens-test-model-1.0.0.tar.zst"
+
+    peaks = []
+    cold = seconds(lambda: peaks.append(run([*package, "--no-cache"], env)))
+    rebuild = seconds(lambda: run(package, env))
+    rewrite = seconds(lambda: (bundle.unlink(), run(package, env)))
+    payload = root / "payload"
+    unpack_bundle(bundle, payload)
+    tar_payload = tar_zstd(root / "payload.tar.zst", *payload.iterdir())
+    tar_source = tar_zstd(root / "source.tar.zst", source)
+    verify = seconds(lambda: run([*CLI, "verify", str(bundle)], env))
+    openssl = seconds(lambda: subprocess.run(["openssl", "dgst", "-sha256", str(bundle)], check=True,
+                                             capture_output=True))
+    figures[f"{megabytes}MB"] = {
+        "model_bytes": size, "bundle_bytes": bundle.stat().st_size,
+        "cold_s": cold, "tar_zstd_source_s": tar_source, "cold_vs_tar": cold / tar_source,
+        "rebuild_s": rebuild,
+        "bundle_stage_s": rewrite - rebuild, "tar_zstd_payload_s": tar_payload,
+        "bundle_vs_tar": (rewrite - rebuild) / tar_payload,
+        "verify_s": verify, "openssl_s": openssl, "verify_vs_openssl": verify / openssl,
+        "peak_rss_bytes": max(peaks), "rss_vs_model": max(peaks) / size,
+    }
+
+
+def shared_cache(root: Path, env: dict[str, str], figures: dict) -> None:
+    """Machine A builds cold and fills the S3 cache; machine B (a fresh work folder) builds the same inputs."""
+    server, endpoint = moto_server()
+    try:
+        s3 = {**env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+              "AWS_DEFAULT_REGION": "us-east-1"}
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket="deeplens-bench-cache")
+        source = model(root / "out" / "model.onnx", 50)
+        times = {}
+        for machine in ("a", "b"):
+            config = testing.write_project(root / machine, source=source.parent, model={"task": "other"},
+                                           parity={"random_samples": 1},
+                                           build={"cache": "s3://deeplens-bench-cache/ci"})
+            key = testing.signing_key(config.parent)
+            times[machine] = seconds(lambda: (shutil.rmtree(config.parent / ".deeplens", ignore_errors=True),
+                                              run([*CLI, "package", "--config", str(config), "--signing-key",
+                                                   str(key)], s3)))
+        figures["shared_cache"] = {"machine_a_s": times["a"], "machine_b_s": times["b"],
+                                   "shared_vs_cold": times["b"] / times["a"]}
+    finally:
+        server.terminate()
+
+
+def main() -> None:
+    env = {**os.environ, "DEEPLENS_BUILD_PLUGINS": "deeplens-sources,deeplens-targets,onnx"}
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for megabytes in (50, 500):
+            measure(Path(tmp) / f"m{megabytes}", megabytes, env, figures)
+            shutil.rmtree(Path(tmp) / f"m{megabytes}")
+        shared_cache(Path(tmp) / "shared", env, figures)
+    small, large = figures["50MB"], figures["500MB"]
+    rows = [
+        ("bundle stage vs tar --zstd (500 MB)", large["bundle_vs_tar"], GOALS["bundle_vs_tar"], "×"),
+        ("cold package vs tar --zstd (500 MB)", large["cold_vs_tar"], GOALS["cold_vs_tar"], "×"),
+        ("no-change rebuild, 50 MB", small["rebuild_s"], GOALS["rebuild_s"], " s"),
+        ("no-change rebuild, 500 MB", large["rebuild_s"], GOALS["rebuild_s"], " s"),
+        ("rebuild 500 MB / 50 MB", large["rebuild_s"] / small["rebuild_s"], GOALS["rebuild_flat"], "×"),
+        ("verify vs openssl dgst (500 MB)", large["verify_vs_openssl"], GOALS["verify_vs_openssl"], "×"),
+        ("peak RSS / model (500 MB cold)", large["rss_vs_model"], GOALS["rss_vs_model"], "×"),
+        ("shared cache: machine B / A", figures["shared_cache"]["shared_vs_cold"], GOALS["shared_vs_cold"], "×"),
+    ]
+    print(f"{'figure':40} {'measured':>10} {'goal':>8}")
+    for name, value, goal, unit in rows:
+        print(f"{name:40} {value:9.2f}{unit:2} {'≤ ' + format(goal, 'g'):>7}  {'met' if value <= goal else 'NOT met'}")
+    print(f"baselines: tar --zstd of the 500 MB source {large['tar_zstd_source_s']:.2f} s, of its payload "
+          f"{large['tar_zstd_payload_s']:.2f} s; openssl dgst of its bundle {large['openssl_s']:.2f} s; cold "
+          f"package {large['cold_s']:.1f} s")
+    Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results.json")).write_text(
+        json.dumps({"figures": figures, "goals": GOALS}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
