@@ -18,19 +18,58 @@ if TYPE_CHECKING:
 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 """Operator domains every ONNX consumer accepts (onnxruntime-gpu, TensorRT); ORT-only fused ops live elsewhere."""
+EXTERNAL_MIN_BYTES = 1024
+"""Weights of at least this size live in the artifact's external data file (``model.onnx.data``), not in the
+graph: every stage then edits a graph of a few KiB, and runtimes map the weights instead of copying them."""
 
 
-def load(path: Path) -> onnx.ModelProto:
-    """Load and check an ONNX model; a damaged or invalid file raises ``ConversionError`` naming it."""
+def load(path: Path, *, weights: bool = True) -> onnx.ModelProto:
+    """Load and check an ONNX model; a damaged or invalid file raises ``ConversionError`` naming it.
+
+    :param weights: False leaves external data where it is (the graph alone, for a model saved by :func:`save`).
+    """
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # from the file: no second copy of the model in Python
+        model = onnx.load(str(path), load_external_data=weights)
     except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
         raise ConversionError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}") from exc
     return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
+    """Write ``model`` as ``path`` plus, for weights of ``EXTERNAL_MIN_BYTES`` or more, ``path.data`` beside it.
+
+    :return: the files written, the graph first.
+    """
+    import onnx
+
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=EXTERNAL_MIN_BYTES, convert_attribute=False)
+    if data.exists() and data.stat().st_size == 0:
+        data.unlink()
+    return (path, data) if data.exists() else (path,)
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """The external data files the model's weights refer to, relative to its folder, in order of first use."""
+    from onnx import TensorProto
+
+    found: dict[str, None] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            found.update({entry.value: None for entry in tensor.external_data if entry.key == "location"})
+    return list(found)
+
+
+def files(path: Path) -> tuple[Path, ...]:
+    """An ONNX file and its external data file, when it has one beside it."""
+    data = path.with_name(f"{path.name}.data")
+    return (path, data) if data.exists() else (path,)
 
 
 def interface(model: onnx.ModelProto, layouts: Mapping[str, str | None] | None = None
@@ -107,7 +146,8 @@ def oldest_ir_version(model: onnx.ModelProto) -> bool:
 
 
 def lower_opset(model: onnx.ModelProto, wanted: int) -> onnx.ModelProto:
-    """The model converted down to opset ``wanted`` with onnx's version converter.
+    """The model converted down to opset ``wanted`` with onnx's version converter. Give it the weights: the
+    converter drops references to external data.
 
     :raises ConversionError: when the converter has no way down for one of its operators.
     """

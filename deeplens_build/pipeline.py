@@ -321,7 +321,7 @@ def _precision(b: _Build, optimized: Optimized, reference: ReferenceRun | None) 
     if config.model.precision != "fp16" or reference is None:
         return optimized
     tolerance = config.parity.tolerance_for("fp16")
-    key = {"artifact": file_sha256(optimized.artifact.path), "reference": file_sha256(reference.path),
+    key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
            "tolerance": tolerance, "task": config.model.task, "tools": b.tools}
 
     def run(workdir: Path) -> Optimized:
@@ -343,8 +343,8 @@ def _compile(b: _Build, optimized: Optimized) -> Artifact:
     check_accepts(artifact, backend)
     if backend.compile is None:
         return artifact
-    key = {"artifact": file_sha256(artifact.path), "precision": optimized.precision, "target": b.target_identity,
-           "tools": b.tools}
+    key = {"artifact": [file_sha256(p) for p in artifact.files], "precision": optimized.precision,
+           "target": b.target_identity, "tools": b.tools}
 
     def run(workdir: Path) -> Artifact:
         b.reporter.step(f"compile: {backend.name}")
@@ -369,9 +369,9 @@ def _parity(b: _Build, optimized: Optimized, compiled: Artifact, reference: Refe
         return None
     config, backend = b.config, b.target.backend
     tolerance = config.parity.tolerance_for(optimized.precision)
-    key = {"artifact": [file_sha256(p) for p in compiled.files], "onnx": file_sha256(optimized.artifact.path),
-           "reference": file_sha256(reference.path), "tolerance": tolerance, "task": config.model.task,
-           "target": b.target_identity, "tools": b.tools}
+    key = {"artifact": [file_sha256(p) for p in compiled.files],
+           "onnx": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
+           "tolerance": tolerance, "task": config.model.task, "target": b.target_identity, "tools": b.tools}
 
     def run(_: Path) -> ParityReport:
         name, runner = _runner(b, optimized, compiled)
@@ -393,9 +393,9 @@ def _profile(b: _Build, training: TrainingOutput, detection: Detection, converte
     if not runs or reference is None:
         return ()
     settings = b.settings[detection.plugin.framework.name]
-    key = {"artifact": [file_sha256(p) for p in compiled.files], "onnx": file_sha256(optimized.artifact.path),
-           "source": training.sha256, "plugin": b.plugin_identity(detection), "target": b.target_identity,
-           "runs": runs, "tools": b.tools}
+    key = {"artifact": [file_sha256(p) for p in compiled.files],
+           "onnx": [file_sha256(p) for p in optimized.artifact.files], "source": training.sha256,
+           "plugin": b.plugin_identity(detection), "target": b.target_identity, "runs": runs, "tools": b.tools}
 
     def run(_: Path) -> tuple[Latency, ...]:
         b.reporter.step(f"profile: {runs} runs per runtime, batch 1")

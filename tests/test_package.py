@@ -30,9 +30,9 @@ def test_package_builds_a_verified_bundle_and_reports_json(project: Path) -> Non
     with open_bundle(bundle) as tar:
         names = tar.getnames()
     assert names[:2] == ["manifest.json", "manifest.sig"]
-    assert set(names[2:]) == {"model/model.onnx", "model/labels.txt", "model/deeplens_model.py",
-                              "lambda/deeplens-test-model.zip", "runtime/onnxruntime/runtime.toml",
-                              "greengrass/recipe.json"}
+    assert set(names[2:]) == {"model/model.onnx", "model/model.onnx.data", "model/labels.txt",
+                              "model/deeplens_model.py", "lambda/deeplens-test-model.zip",
+                              "runtime/onnxruntime/runtime.toml", "greengrass/recipe.json"}
     assert not any(name.endswith(".pem") for name in names), "the private key never enters a bundle"
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from deeplens_build import onnxtools
-from deeplens_build.errors import BundleError, ConfigError
+from deeplens_build.errors import BundleError, ConfigError, ConversionError
 from deeplens_build.report import Reporter
 from deeplens_build.types import Artifact, Optimized
 
@@ -35,22 +35,48 @@ def optimize(converted: Artifact, *, shapes: Mapping[str, tuple[int, ...]], opse
     import onnx
     import onnxruntime as ort
 
-    model = onnxtools.load(converted.path)
+    # The weights stay in external data files, which onnxruntime maps: every step here edits a graph of a few KiB,
+    # so a large model is never held in memory, let alone twice (a converter's inline weights move out once).
+    model = onnxtools.load(converted.path, weights=False)
+    found = onnxtools.opset(model) or 0
+    lower = opset is not None and found > opset
+    if lower:  # onnx's version converter drops references to external data: it gets the weights
+        model = onnxtools.load(converted.path)
     passes = []
     if onnxtools.drop_initializer_inputs(model):
         passes.append("drop-initializer-inputs")
     passes += _make_static(model, shapes, reporter)
-    if opset is not None and (found := onnxtools.opset(model) or 0) > opset:
+    if lower:
         model = onnxtools.lower_opset(model, opset)
         passes.append(f"opset-{found}-to-{opset}")
 
+    unoptimized = workdir / "unoptimized" / ARTIFACT_NAME
+    unoptimized.parent.mkdir()
+    locations = onnxtools.external_locations(model)
+    if locations:  # the graph refers to data files beside the converted artifact (read-only: a cache entry)
+        for location in locations:
+            if Path(location).name != location or location in (".", ".."):
+                raise ConversionError(f"{converted.path.name} keeps weights in {location!r}: external data must be "
+                                      "a file beside the model")
+            # a copy (in the kernel): a hard link would change the cache entry's ctime, which the stat index takes
+            # for a change (every rebuild would hash it again), and onnxruntime refuses a symlink out of the folder
+            shutil.copyfile(converted.path.parent / location, unoptimized.parent / location)
+        onnx.save(model, str(unoptimized))
+    else:
+        onnxtools.save(model, unoptimized)
+    del model
+    target = workdir / ARTIFACT_NAME
     basic = workdir / "basic.onnx"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(basic)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{target.name}.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                     str(onnxtools.EXTERNAL_MIN_BYTES))
     options.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(basic))
+    ort.InferenceSession(str(unoptimized), options, providers=["CPUExecutionProvider"])
+    shutil.rmtree(unoptimized.parent)
+    model = onnx.load(str(basic), load_external_data=False)
     basic.unlink()
     passes.append("onnxruntime-basic")
     foreign = onnxtools.foreign_operators(model)
@@ -62,16 +88,15 @@ def optimize(converted: Artifact, *, shapes: Mapping[str, tuple[int, ...]], opse
         passes.append("trim-domains")
     if onnxtools.oldest_ir_version(model):
         passes.append(f"ir-version-{model.ir_version}")
-    model = onnx.shape_inference.infer_shapes(model)
-    onnx.checker.check_model(model)
-    target = workdir / ARTIFACT_NAME
-    onnx.save(model, str(target))
-
+    onnx.save(model, str(target))  # the graph; its weights are in the data file onnxruntime wrote beside it
+    onnx.shape_inference.infer_shapes_path(str(target), str(target))
+    model = onnxtools.load(target, weights=False)
+    files = onnxtools.files(target)
     layouts = {spec.name: spec.layout for spec in converted.inputs}
     inputs, outputs = onnxtools.interface(model, layouts)
-    return Optimized(artifact=Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs),
-                     precision="fp32", passes=tuple(passes), size_before=size_before,
-                     opset=onnxtools.opset(model))
+    return Optimized(artifact=Artifact(format="onnx", path=target, extra_files=files[1:], inputs=inputs,
+                                       outputs=outputs),
+                     precision="fp32", passes=tuple(passes), size_before=size_before, opset=onnxtools.opset(model))
 
 
 def _make_static(model, shapes: Mapping[str, tuple[int, ...]], reporter: Reporter) -> list[str]:

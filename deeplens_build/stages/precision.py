@@ -38,13 +38,14 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
     named = _name_nodes(model)  # onnxconverter-common blocks nodes by name
     target = workdir / optimized.artifact.path.name
     outputs = optimized.artifact.outputs
-
     clamped = []
 
     def trial(block: tuple[str, ...]) -> ParityReport:
         half, values = _half(model, block)
         clamped.append(values)
-        onnx.save(half, str(target))
+        onnxtools.save(half, target)
+        onnx.shape_inference.infer_shapes_path(str(target), str(target))
+        onnx.checker.check_model(str(target))
         return compare(reference, load_onnx(dataclasses.replace(optimized.artifact, path=target)), outputs,
                        tolerance=tolerance, task=task, seed=seed, runtime="onnxruntime, FP16")
 
@@ -64,7 +65,9 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
                       f"{plain.max_abs_diff:.3g}): {', '.join(block[:8])}{' …' if len(block) > 8 else ''}")
     passes = [*optimized.passes, *(["name-nodes"] if named else []),
               "fp16-mixed" if block else "fp16", "fp32-io"]
-    return Optimized(artifact=dataclasses.replace(optimized.artifact, path=target), precision="fp16",
+    files = onnxtools.files(target)
+    return Optimized(artifact=dataclasses.replace(optimized.artifact, path=target, extra_files=files[1:]),
+                     precision="fp16",
                      passes=tuple(passes), size_before=optimized.size_before, opset=optimized.opset,
                      fp32_nodes=block)
 
@@ -138,8 +141,6 @@ def _half(model, block: tuple[str, ...]):
         half = float16.convert_float_to_float16(onnx.ModelProto.FromString(model.SerializeToString()),
                                                 keep_io_types=False, node_block_list=list(block))
     _float32_io(half)
-    half = onnx.shape_inference.infer_shapes(half)
-    onnx.checker.check_model(half)
     onnxtools.trim_domains(half)
     onnxtools.oldest_ir_version(half)
     return half, len(clamped)

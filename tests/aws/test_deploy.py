@@ -47,13 +47,13 @@ def test_v2_uploads_then_registers_and_deploys_to_a_thing(bundle: Path, tmp_path
     stub.assert_no_pending_responses()
     assert result.deployment_id == "deployment-1" and result.topic == "$aws/things/deeplens_abc/infer"
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
-    assert {k.rsplit("/", 1)[-1] for k in keys} == {"model.onnx", "labels.txt", "deeplens_model.py",
-                                                    "deeplens-test-model.zip"}
-    assert len(result.uploaded) == 4 and result.skipped == ()
+    assert {k.rsplit("/", 1)[-1] for k in keys} == {"model.onnx", "model.onnx.data", "labels.txt",
+                                                    "deeplens_model.py", "deeplens-test-model.zip"}
+    assert len(result.uploaded) == 5 and result.skipped == ()
 
     again, stub = _v2_clients()
     second = _deploy(bundle, Target("thing", "deeplens_abc"), again, tmp_path)
-    assert second.uploaded == () and len(second.skipped) == 4, "same sha256 already in S3: skipped"
+    assert second.uploaded == () and len(second.skipped) == 5, "same sha256 already in S3: skipped"
 
 
 RECIPE_ARN = "arn:aws:greengrass:us-east-1:123456789012:components:com.deeplens.deeplens-test-model:versions:1.0.0"
@@ -209,7 +209,7 @@ def test_s3_throttling_is_retried(bundle: Path, tmp_path: Path, aws: str) -> Non
         result = _deploy(bundle, Target("thing", "deeplens_abc"), clients, tmp_path)
     finally:
         flaky.close()
-    assert result.deployment_id == "deployment-1" and len(result.uploaded) == 4
+    assert result.deployment_id == "deployment-1" and len(result.uploaded) == 5
     assert flaky.seen > 3
 
 

@@ -61,7 +61,8 @@ def test_recipe_is_a_valid_recipe_and_its_digests_match_the_files(tmp_path: Path
     assert manifest["Platform"] == {"os": "linux", "architecture": "amd64"}
     by_name = {Path(n).name: data for n, data in files.items() if not n.startswith(("manifest", "greengrass/"))}
     artifacts = {a["Uri"].rsplit("/", 1)[-1]: a for a in manifest["Artifacts"]}
-    assert set(artifacts) == {"model.onnx", "labels.txt", "deeplens_model.py", "deeplens-test-model.zip"}
+    assert set(artifacts) == {"model.onnx", "model.onnx.data", "labels.txt", "deeplens_model.py",
+                              "deeplens-test-model.zip"}
     for name, artifact in artifacts.items():
         assert artifact["Algorithm"] == "SHA-256"
         assert artifact["Digest"] == base64.b64encode(hashlib.sha256(by_name[name]).digest()).decode()

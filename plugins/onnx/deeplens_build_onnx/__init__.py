@@ -1,13 +1,13 @@
 """The ONNX framework plugin: the worked example of a deeplens-build plugin (README, "Writing a plugin").
 
-An ONNX training output needs no conversion: the plugin checks the model, copies it as the artifact, and runs
-the original file with onnxruntime's optimizer turned off as the parity reference, so the core's optimized
-artifact is compared against the graph exactly as written.
+An ONNX training output needs no conversion: the plugin checks the model and writes it as the artifact, its
+weights as external data (``onnxtools.save``), so the core's stages edit the graph without holding the weights.
+The parity reference runs that graph exactly as written — onnxruntime with its optimizer turned off — so the
+core's optimized artifact is compared against the original.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,17 +47,14 @@ def deeplens_build_detect(source: TrainingOutput, settings: OnnxSettings) -> Mod
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path) -> Artifact:
-    original = source.path(model.files[0])
-    loaded = onnxtools.load(original)
+    loaded = onnxtools.load(source.path(model.files[0]))
     inputs, outputs = onnxtools.interface(loaded)
-    target = workdir / "model.onnx"
-    shutil.copyfile(original, target)
-    return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs,
+    files = onnxtools.save(loaded, workdir / "model.onnx")
+    return Artifact(format="onnx", path=files[0], extra_files=files[1:], inputs=inputs, outputs=outputs,
                     labels=source.copy_labels(workdir))
 
 
 @hookimpl
-def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, inputs: Mapping[str, Any]
-                                 ) -> Mapping[str, Any]:
-    return onnxtools.run(source.path(model.files[0]), inputs, optimize=False)
+def deeplens_build_reference_run(converted: Artifact, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    return onnxtools.run(converted.path, inputs, optimize=False)  # the original graph, its weights mapped
 

@@ -45,10 +45,13 @@ def build(model_dir, work_dir, fp16=True):
     import tensorrt as trt
 
     onnx_path = os.path.join(model_dir, "model.onnx")
-    with open(onnx_path, "rb") as source:
-        onnx_bytes = source.read()
-    stamp = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "tensorrt": trt.__version__,
-             "gpu": _gpu_name(), "fp16": fp16}
+    digest = hashlib.sha256()
+    for path in (onnx_path, onnx_path + ".data"):  # the graph, and its weights (external data) when apart
+        if os.path.exists(path):
+            with open(path, "rb") as source:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    digest.update(block)
+    stamp = {"onnx_sha256": digest.hexdigest(), "tensorrt": trt.__version__, "gpu": _gpu_name(), "fp16": fp16}
     engine_path, stamp_path = os.path.join(work_dir, ENGINE), os.path.join(work_dir, STAMP)
     if os.path.exists(engine_path) and os.path.exists(stamp_path):
         with open(stamp_path) as recorded:
@@ -62,7 +65,7 @@ def build(model_dir, work_dir, fp16=True):
     explicit = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
     network = builder.create_network(explicit)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
+    if not parser.parse_from_file(onnx_path):  # from the file, so the parser finds the external data beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise SystemExit("deeplens_compile: TensorRT {} cannot parse the model: {}".format(trt.__version__, errors))
     config = builder.create_builder_config()
