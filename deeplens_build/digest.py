@@ -6,6 +6,8 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +36,38 @@ def file_sha256(path: Path) -> str:
         known = _KNOWN[identity] = _read_sha256(path)
     _USED.add(identity)
     return known
+
+
+def written(path: Path, sha256: str) -> None:
+    """Record the digest of a file this process just wrote and hashed as it went, so nothing reads it again."""
+    identity = stat_identity(os.stat(path))
+    _KNOWN[identity] = sha256
+    _USED.add(identity)
+
+
+class BackgroundSha256:
+    """sha256 on a second thread: hashlib releases the GIL on large blocks, so hashing overlaps the reading,
+    decompressing or compressing that produces them (verify and the bundle stage run at the speed of the
+    slower of the two, not of their sum). Blocks must be ``bytes`` nobody modifies afterwards."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # at most 8 blocks in flight
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._digest.update(block)
+
+    def update(self, block: bytes) -> None:
+        self._blocks.put(block)
+
+    def hexdigest(self) -> str:
+        """The digest of every block given; call once, at the end."""
+        self._blocks.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
 
 
 def stat_identity(stat: os.stat_result) -> _Identity:

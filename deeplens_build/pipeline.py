@@ -340,11 +340,12 @@ def _compile(b: _Build, optimized: Optimized) -> Artifact:
             raise ConfigError(f"`target.backend = \"{backend.name}\"` compiles ONNX artifacts, and this one is "
                               f"{artifact.format}; export ONNX from the plugin, or use the default backend")
         return artifact
-    check_accepts(artifact, backend)
-    if backend.compile is None:
-        return artifact
     key = {"artifact": [file_sha256(p) for p in artifact.files], "precision": optimized.precision,
            "target": b.target_identity, "tools": b.tools}
+    # what the device's runtime would refuse, refused here; remembered, so a rebuild does not even import onnx
+    b.stage("target-check", key, bool, lambda _: check_accepts(artifact, backend) is None)
+    if backend.compile is None:
+        return artifact
 
     def run(workdir: Path) -> Artifact:
         b.reporter.step(f"compile: {backend.name}")

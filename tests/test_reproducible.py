@@ -39,7 +39,8 @@ def test_unchanged_rebuild_hits_the_cache_and_says_so(project: Path) -> None:
     first = package_json(project)
     second = package_json(project)
     assert first["sha256"] == second["sha256"]
-    assert second["cached_stages"] == ["convert", "optimize", "reference", "parity", "lambda", "greengrass"]
+    assert second["cached_stages"] == ["convert", "optimize", "reference", "target-check", "parity", "lambda",
+                                       "greengrass"]
 
 
 def test_no_cache_rebuilds_every_stage_to_the_same_bytes(project: Path) -> None:
@@ -53,7 +54,7 @@ def test_changed_setting_rebuilds_only_what_depends_on_it(project: Path) -> None
     package_json(project)
     project.write_text(project.read_text().replace('[lambda]', '[parity]\nseed = 7\n\n[lambda]'))
     report = package_json(project)
-    assert report["cached_stages"] == ["convert", "optimize", "lambda", "greengrass"]
+    assert report["cached_stages"] == ["convert", "optimize", "target-check", "lambda", "greengrass"]
 
 
 def test_changed_lambda_source_gets_a_new_content_version(project: Path) -> None:
