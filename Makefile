@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_tensorflow.py
 	$(BIN)/python bench/bench_caffe.py
 	$(BIN)/python bench/bench_device.py
-	$(BIN)/python bench/bench_rebuild.py
+	$(BIN)/python bench/bench_io.py
 	$(BIN)/python bench/bench_targets.py
 
 clean:

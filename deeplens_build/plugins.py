@@ -321,14 +321,7 @@ def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.D
             builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
             tool_versions={req: _installed_version(req) for req in framework.requires},
         )
-    by_framework: dict[str, list[PluginInfo]] = {}
-    for info in infos.values():
-        by_framework.setdefault(info.framework.name, []).append(info)
-    for framework_name, providers in by_framework.items():
-        if len(providers) > 1:
-            who = " and ".join(f"{p.name!r} ({p.distribution or 'registered directly'})" for p in providers)
-            raise PluginError(f"framework {framework_name!r} is provided by more than one plugin: {who}; "
-                              f"uninstall one, or block it with {DISABLE_ENV}")
+    _one_provider_each("framework", ((i.framework.name, i.name, i.distribution) for i in infos.values()))
     return infos
 
 
@@ -368,15 +361,21 @@ def _declare_targets(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Dist
                              version=dist.version if dist else None,
                              builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
                              tool_versions={req: _installed_version(req) for req in t.requires}) for t in backends]
-    by_name: dict[str, list[TargetInfo]] = {}
-    for info in infos:
-        by_name.setdefault(info.backend.name, []).append(info)
-    for backend, providers in by_name.items():
-        if len(providers) > 1:
-            who = " and ".join(f"{p.plugin!r} ({p.distribution or 'registered directly'})" for p in providers)
-            raise PluginError(f"target backend {backend!r} is provided by more than one plugin: {who}; uninstall "
-                              f"one, or block it with {DISABLE_ENV}")
+    _one_provider_each("target backend", ((t.backend.name, t.plugin, t.distribution) for t in infos))
     return tuple(sorted(infos, key=lambda t: t.backend.name))
+
+
+def _one_provider_each(what: str, provided: Iterable[tuple[str, str, str | None]]) -> None:
+    """Refuse a name two plugins provide; ``provided`` holds (name, plugin, distribution) per declaration."""
+    by_name: dict[str, list[tuple[str, str | None]]] = {}
+    for name, plugin, distribution in provided:
+        by_name.setdefault(name, []).append((plugin, distribution))
+    for name, providers in by_name.items():
+        if len(providers) > 1:
+            who = " and ".join(f"{plugin!r} ({distribution or 'registered directly'})"
+                               for plugin, distribution in providers)
+            raise PluginError(f"{what} {name!r} is provided by more than one plugin: {who}; uninstall one, or block "
+                              f"it with {DISABLE_ENV}")
 
 
 def _declarations(pm: pluggy.PluginManager, hook: str, dists: Mapping[str, metadata.Distribution | None],

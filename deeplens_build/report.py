@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class Reporter:
@@ -29,6 +30,8 @@ class Reporter:
 
     def progress(self, *, total: int | None, desc: str, unit: str = "B") -> tqdm:
         """A progress bar on the long steps; silent when quiet or when stderr is not a terminal."""
+        from tqdm import tqdm  # here: verify and a no-change rebuild never draw one, and start faster without it
+
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
                     file=self.stream, leave=False, disable=True if self.quiet else None)
 
