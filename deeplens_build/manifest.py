@@ -48,7 +48,10 @@ V1_DEFINITIONS = ("function-definition", "resource-definition", "subscription-de
 DEVICE_MODULE = f"{MODEL_DIR}/deeplens_model.py"
 """The target backend's device side: ``load(model_dir)`` gives the Lambda a model to run, whatever the backend."""
 DEVICE_BUILD = f"{MODEL_DIR}/deeplens_compile.py"
-"""A backend's step that compiles on the device (``python deeplens_compile.py MODEL_DIR WORK_DIR``), if any."""
+"""A backend's step that compiles on the device (``python deeplens_compile.py MODEL_DIR WORK_DIR TOLERANCE``)."""
+DEVICE_REFERENCE = f"{MODEL_DIR}/deeplens_reference.npz"
+"""Beside a step that compiles on the device: the parity samples and the original model's outputs on them
+(``in/I/NAME``, ``out/I/NAME``), so the step checks what it built against the original, on the device."""
 
 MODEL_DIR_VARIABLE = "DEEPLENS_MODEL_DIR"
 """The device contract: the Lambda finds the bundle's model folder in this environment variable."""

@@ -28,6 +28,7 @@ from deeplens_build.errors import BundleError, ConfigError, DeepLensBuildError
 from deeplens_build.manifest import (
     DEVICE_BUILD,
     DEVICE_MODULE,
+    DEVICE_REFERENCE,
     IMAGE,
     LABELS,
     LAMBDA_COMPONENT,
@@ -146,7 +147,7 @@ def _package(config: ProjectConfig, options: BuildOptions, output: Path, *, mana
     profile = _profile(b, training, detection, converted, optimized, compiled, reference)
     runtime, wheelhouse = _runtime(b, detection, converted, compiled, optimized.opset)
     lambda_pkg = _lambda(b)
-    payload = _payload(b, converted, compiled, runtime, wheelhouse, lambda_pkg)
+    payload = _payload(b, converted, compiled, reference, runtime, wheelhouse, lambda_pkg)
     image = _runtime_image(b, payload, runtime)
     published = publish_lambda(lambda_pkg, config.lambda_, environment=greengrass.lambda_environment(config),
                                reporter=reporter) if options.publish else None
@@ -439,7 +440,7 @@ def _lambda(b: _Build) -> LambdaPackage:
                    lambda workdir: package_lambda(config.lambda_, default_name=config.model.name, workdir=workdir))
 
 
-def _payload(b: _Build, converted: Artifact, compiled: Artifact, runtime: Runtime,
+def _payload(b: _Build, converted: Artifact, compiled: Artifact, reference: ReferenceRun | None, runtime: Runtime,
              wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage) -> dict[str, Path]:
     """The archive's layout (manifest.py names its folders): bundle path → file on disk."""
     payload = {f"{MODEL_DIR}/{p.name}": p for p in compiled.files}
@@ -449,6 +450,8 @@ def _payload(b: _Build, converted: Artifact, compiled: Artifact, runtime: Runtim
         payload[DEVICE_MODULE] = backend.device_module
         if backend.device_build is not None:
             payload[DEVICE_BUILD] = backend.device_build
+            if reference is not None:  # what the device compiles is checked there, against the original
+                payload[DEVICE_REFERENCE] = reference.path
     if labels := b.config.model.labels or converted.labels:
         payload[LABELS] = labels
     payload[f"{LAMBDA_DIR}/{lambda_pkg.path.name}"] = lambda_pkg.path

@@ -192,9 +192,12 @@ class TargetBackend:
         profiling measure what the device executes. None: the backend's runtime cannot run here (its parity
         runs the ONNX artifact in onnxruntime, and the manifest says so).
     :param device_build: a Python file shipped in the model folder as ``deeplens_compile.py`` and run by the
-        Greengrass recipe's Install phase as ``python deeplens_compile.py MODEL_DIR WORK_DIR``, for artifacts
-        that must be compiled on the device itself (a TensorRT engine is specific to its GPU). It must keep
-        what it builds in ``WORK_DIR``, which survives redeployments, and skip work whose inputs are unchanged.
+        Greengrass recipe's Install phase as ``python deeplens_compile.py MODEL_DIR WORK_DIR TOLERANCE``, for
+        artifacts that must be compiled on the device itself (a TensorRT engine is specific to its GPU). It must
+        keep what it builds in ``WORK_DIR``, which survives redeployments, skip work whose inputs are unchanged,
+        and check what it built against ``MODEL_DIR/deeplens_reference.npz`` (the parity samples and the original
+        model's outputs on them, ``in/I/NAME`` and ``out/I/NAME``) within ``TOLERANCE``, exiting non-zero when
+        it fails: the parity the build machine could not measure is measured on the device.
     :param requires: distributions the backend imports on the build machine: their versions are recorded in
         the manifest and the cache key.
     :param install: the command that installs what it imports; an ``ImportError`` in a callable quotes it.

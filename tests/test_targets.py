@@ -151,12 +151,40 @@ def test_tensorrt_target_ships_onnx_at_opset_17_and_builds_the_engine_at_install
     folder = _unpack(result.bundle, tmp_path / "bundle")
     lifecycle = json.loads((folder / "greengrass" / "recipe.json").read_text())["Manifests"][0]["Lifecycle"]
     assert lifecycle["Install"]["Script"].endswith(
-        "&& python3.10 {artifacts:path}/deeplens_compile.py {artifacts:path} {work:path}")
+        "&& python3.10 {artifacts:path}/deeplens_compile.py {artifacts:path} {work:path} 0.01")
     assert lifecycle["Setenv"]["DEEPLENS_WORK_DIR"] == "{work:path}"
     model = onnx.load(str(folder / "model" / "model.onnx"))
     from deeplens_build_tensorrt import OPERATORS
 
     assert {n.op_type for n in model.graph.node} <= OPERATORS
+    assert (folder / "model" / "deeplens_reference.npz").is_file(), "the device checks its engine's parity"
+
+
+def test_the_on_device_step_checks_parity_against_the_original(tmp_path: Path) -> None:
+    """After building the engine, deeplens_compile.py runs the parity samples through the bundle's own loader
+    and fails the install beyond the tolerance. No GPU here: onnxruntime's loader stands in for TensorRT's (the
+    one boundary mocked), so the check itself — samples, outputs, tolerance, message — is what runs."""
+    import importlib.util
+
+    from deeplens_build.targets import HERE as ONNXRUNTIME_TARGET
+
+    result = testing.build(_example(tmp_path, backend="tensorrt", accelerator="gpu"))
+    model_dir = _unpack(result.bundle, tmp_path / "bundle") / "model"
+    shutil.copyfile(ONNXRUNTIME_TARGET / "onnxruntime_device.py", model_dir / "deeplens_model.py")
+    spec = importlib.util.spec_from_file_location("deeplens_compile", model_dir / "deeplens_compile.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    try:
+        assert step.check_parity(str(model_dir), 0.01) <= 0.01
+        reference = dict(np.load(model_dir / "deeplens_reference.npz"))
+        reference = {k: (v + 0.5 if k.startswith("out/") else v) for k, v in reference.items()}
+        np.savez(model_dir / "deeplens_reference.npz", **reference)
+        with pytest.raises(SystemExit, match=r"the model fails parity on onnxruntime CPUExecutionProvider: max abs "
+                                             r"diff 0.5\d* > tolerance 0.01 over 8 samples"):
+            step.check_parity(str(model_dir), 0.01)
+    finally:
+        sys.path.remove(str(model_dir))
+        sys.modules.pop("deeplens_model", None)
 
 
 def test_tensorrt_refuses_an_operator_its_parser_lacks_on_the_build_machine(tmp_path: Path) -> None:

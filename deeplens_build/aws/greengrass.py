@@ -85,7 +85,8 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     device_build = DEVICE_BUILD.rsplit("/", 1)[-1]
     compiles = device_build in artifacts
     if compiles:  # the target backend compiles on the device, into the work folder that outlives deployments
-        install += f" && {python} {{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}}"
+        tolerance = config.parity.tolerance_for(config.model.precision)
+        install += f" && {python} {{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {tolerance!r}"
     run = f"{python} -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
     setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}

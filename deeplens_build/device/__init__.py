@@ -127,7 +127,7 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
     command = [python, "-c", LAMBDA_RUNNER, manifest.lambda_.module, str(code)]
     environment = _lambda_environment(root, device_dir, manifest, options, stats)
-    _compile_on_device(python, root, environment, reporter)
+    _compile_on_device(python, root, environment, manifest, reporter)
     totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
     with _project_stream(options, root / "home" / STREAM_FILE, f"{manifest.name} {manifest.version}", reporter):
         for attempt in range(1, RESTARTS + 2):
@@ -234,15 +234,17 @@ def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[P
     return root, manifest
 
 
-def _compile_on_device(python: str, root: Path, environment: dict[str, str], reporter: Reporter) -> None:
+def _compile_on_device(python: str, root: Path, environment: dict[str, str], manifest: Manifest,
+                       reporter: Reporter) -> None:
     """Run the target backend's on-device compile step, as the recipe's Install phase does on a core."""
     script = root / DEVICE_BUILD
     if not script.is_file():
         return
     work = environment[WORK_DIR_VARIABLE]
     reporter.step(f"device: compiling the model for this device ({DEVICE_BUILD}, kept in {work})")
-    done = subprocess.run([python, str(script), str(root / MODEL_DIR), work], env=environment, capture_output=True,
-                          text=True)
+    tolerance = [repr(manifest.parity.tolerance)] if manifest.parity else []
+    done = subprocess.run([python, str(script), str(root / MODEL_DIR), work, *tolerance], env=environment,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         raise DeviceError(f"the bundle's on-device compile step failed (exit {done.returncode}): {output[-1]}")

@@ -1,10 +1,13 @@
-"""Build the TensorRT engine on the device: ``python deeplens_compile.py MODEL_DIR WORK_DIR``.
+"""Build the TensorRT engine on the device: ``python deeplens_compile.py MODEL_DIR WORK_DIR [TOLERANCE]``.
 
 Shipped in the bundle's model folder by the ``tensorrt`` target backend and run by the Greengrass recipe's
 Install phase (and by ``deeplens-build run``). FP16 is on where the GPU has fast FP16; the ONNX already holds the
 nodes parity needs in FP32, which TensorRT keeps as the graph's casts say. ``WORK_DIR`` outlives redeployments:
 the engine is rebuilt only when the ONNX, TensorRT or the GPU changed (a stamp beside it records them), and the
-timing cache kept there makes a rebuild of a changed model quick. Written for every device Python from 3.8.
+timing cache kept there makes a rebuild of a changed model quick. A new engine is checked against the original
+model's outputs on the parity samples (``deeplens_reference.npz``) before the stamp is written: an engine that
+fails parity on this GPU fails the install, and is built again on the next one. Written for every device Python
+from 3.8.
 """
 
 import hashlib
@@ -36,11 +39,42 @@ def _write(path, data):
     os.replace(scratch, path)
 
 
-def build(model_dir, work_dir, fp16=True):
+def check_parity(model_dir, tolerance):
+    """The worst absolute difference between the model as ``deeplens_model`` loads it here and the original's
+    outputs in ``deeplens_reference.npz``; exits when it passes ``tolerance``. None when there is no reference."""
+    import numpy as np
+
+    reference = os.path.join(model_dir, "deeplens_reference.npz")
+    if not os.path.exists(reference):
+        return None
+    sys.path.insert(0, model_dir)
+    import deeplens_model
+
+    model = deeplens_model.load(model_dir)
+    worst = 0.0
+    with np.load(reference, allow_pickle=False) as stored:
+        samples = sorted({key.split("/")[1] for key in stored.files})
+        for sample in samples:
+            prefix = "in/" + sample + "/"
+            feeds = {key[len(prefix):]: stored[key] for key in stored.files if key.startswith(prefix)}
+            for name, got in zip(model.outputs, model.run(feeds)):
+                want = stored["out/" + sample + "/" + name]
+                worst = max(worst, float(np.abs(np.asarray(got, np.float64) - want.astype(np.float64)).max()))
+    if not worst <= tolerance:  # NaN fails too
+        raise SystemExit("deeplens_compile: the model fails parity on {}: max abs diff {:.3g} > tolerance {:.3g} "
+                         "over {} samples; build with model.precision = \"fp32\", or another target.backend"
+                         .format(model.device, worst, tolerance, len(samples)))
+    print("deeplens_compile: parity on {}: max abs diff {:.3g} <= {:.3g} over {} samples".format(
+        model.device, worst, tolerance, len(samples)))
+    return worst
+
+
+def build(model_dir, work_dir, fp16=True, tolerance=None):
     """Build ``WORK_DIR/model.engine`` from ``MODEL_DIR/model.onnx``, unless the stamp says it is current.
 
     :param fp16: let TensorRT pick FP16 kernels (where the GPU has fast FP16); ``bench/bench_tensorrt.py``
         builds an FP32 engine too, to measure what FP16 buys.
+    :param tolerance: check the new engine's parity within it (see :func:`check_parity`); None skips the check.
     """
     import tensorrt as trt
 
@@ -82,19 +116,24 @@ def build(model_dir, work_dir, fp16=True):
     if engine is None:
         raise SystemExit("deeplens_compile: TensorRT {} could not build an engine for {}".format(trt.__version__,
                                                                                              stamp["gpu"]))
+    if os.path.exists(stamp_path):
+        os.remove(stamp_path)  # the engine it stamped is about to be replaced
     _write(engine_path, bytes(engine))
     _write(cache_path, bytes(cache.serialize()))
+    if tolerance is not None:
+        os.environ["DEEPLENS_WORK_DIR"] = work_dir  # where deeplens_model finds the engine
+        check_parity(model_dir, tolerance)
     _write(stamp_path, json.dumps(stamp, sort_keys=True).encode())
     print("deeplens_compile: built the engine for {gpu} with TensorRT {tensorrt}".format(**stamp))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python deeplens_compile.py MODEL_DIR WORK_DIR")
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit("usage: python deeplens_compile.py MODEL_DIR WORK_DIR [TOLERANCE]")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         raise SystemExit("deeplens_compile: TensorRT is not installed for this Python ({}): install the bundle's "
                          "runtime, or JetPack on a Jetson".format(sys.executable))
     os.makedirs(sys.argv[2], exist_ok=True)
-    build(sys.argv[1], sys.argv[2])
+    build(sys.argv[1], sys.argv[2], tolerance=float(sys.argv[3]) if len(sys.argv) == 4 else None)
