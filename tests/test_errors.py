@@ -33,6 +33,29 @@ def test_rejects_corrupt_onnx(tmp_path: Path) -> None:
     assert "model.onnx is not a valid ONNX model" in message
 
 
+def test_onnx_weights_pointing_outside_the_training_output_are_refused(tmp_path: Path) -> None:
+    """External data names a file: a hostile model names one beside the training output (a secret, a device)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "secret").write_text("canary: not a weight\n" * 4)
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret"), ("offset", "0"), ("length", "64")):
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    (tmp_path / "out").mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "out" / "m.onnx"))
+    message = package_json(testing.write_project(tmp_path / "p", source=tmp_path / "out"), expect=5)
+    assert message.startswith("error: plugin 'onnx' could not convert m.onnx: m.onnx is not a valid ONNX model")
+    assert "points outside the directory" in message
+    assert not list((tmp_path / "p").rglob("*.tar.zst"))
+
+
 def test_no_plugin_claims_the_files(tmp_path: Path) -> None:
     source = tmp_path / "out"
     source.mkdir()
