@@ -67,8 +67,7 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
               "fp16-mixed" if block else "fp16", "fp32-io"]
     files = onnxtools.files(target)
     return Optimized(artifact=dataclasses.replace(optimized.artifact, path=target, extra_files=files[1:]),
-                     precision="fp16",
-                     passes=tuple(passes), size_before=optimized.size_before, opset=optimized.opset,
+                     precision="fp16", passes=tuple(passes), size_before=optimized.size_before, opset=optimized.opset,
                      fp32_nodes=block)
 
 
