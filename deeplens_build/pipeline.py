@@ -180,18 +180,21 @@ class _Build:
     def start(cls, config: ProjectConfig, options: BuildOptions, manager: PluginManager,
               reporter: Reporter) -> _Build:
         """Everything that can fail without reading the model fails here, in a second."""
-        if config.greengrass.format in ("v1", "both") and not options.publish:
-            # not a rule of deeplens.toml alone: --publish comes from the command line
-            raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
-                              "or set `greengrass.format = \"v2\"`")
-        tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
-                                                                 "python": platform.python_version()}
         target = manager.target(config.target.backend)
         backend = target.backend
         if config.target.platform not in backend.platforms or config.target.accelerator not in backend.accelerators:
             raise ConfigError(f"target backend {backend.name} serves {', '.join(backend.platforms)} devices with "
                               f"{' or '.join(backend.accelerators)}, not a {config.target.platform} device with "
                               f"`target.accelerator = \"{config.target.accelerator}\"`")
+        if backend.device_build is not None and config.greengrass.format != "v2":
+            raise ConfigError(f"target backend {backend.name} compiles on the device, in a Greengrass v2 recipe's "
+                              "Install phase; a v1 core has none: set `greengrass.format = \"v2\"`")
+        if config.greengrass.format in ("v1", "both") and not options.publish:
+            # not a rule of deeplens.toml alone: --publish comes from the command line
+            raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
+                              "or set `greengrass.format = \"v2\"`")
+        tools = {name: _version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
+                                                                 "python": platform.python_version()}
         shared_uri = options.shared_cache or config.build.cache
         shared = SharedCache(shared_uri, warn=reporter.warn) if shared_uri else None
         return cls(config=config, options=options, manager=manager, reporter=reporter,

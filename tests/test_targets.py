@@ -206,6 +206,10 @@ def test_a_backend_is_chosen_by_name_and_must_serve_the_device(tmp_path: Path, o
     assert "onnxruntime" in message and "openvino" in message and "tensorrt" in message
     message = package_project(tmp_path / "b", onnx_model_dir, expect=3, target={"backend": "tensorrt"})
     assert "tensorrt serves" in message and 'not a linux-x86_64 device with `target.accelerator = "cpu"`' in message
+    message = package_project(tmp_path / "c", onnx_model_dir, expect=3, target={"backend": "tensorrt",
+                                                                                "accelerator": "gpu"},
+                              greengrass={"format": "v1"})
+    assert "compiles on the device, in a Greengrass v2 recipe's Install phase; a v1 core has none" in message
 
 
 def test_profile_records_latency_of_the_original_and_each_runtime_and_inspect_shows_it(tmp_path: Path) -> None:
