@@ -48,7 +48,7 @@ def load_ir(artifact: Artifact) -> Runner:
 def deeplens_build_targets() -> list[TargetBackend]:
     return [TargetBackend(
         name="openvino", summary="OpenVINO IR for Intel CPUs and GPUs (the DeepLens camera's path, ahead of time)",
-        accelerators=("cpu", "gpu"), platforms=("linux-x86_64", "linux-aarch64"),
+        accelerators=("cpu", "gpu"), platforms=("linux-x86_64",),
         device_module=HERE / "device.py", runtime="openvino",
         runtimes=(HERE / "runtime" / "openvino" / "runtime.toml",), compile=compile_ir, load=load_ir,
         requires=("openvino",), install="pip install deeplens-build-openvino")]
