@@ -106,7 +106,8 @@ def deeplens_build_targets() -> list[TargetBackend]:
     on the build machine's CPU — or against onnxruntime on the ONNX when ``load`` is None. The bundle carries
     the compiled files, ``device_module`` as ``deeplens_model.py`` (what the inference Lambda loads the model
     with) and ``device_build`` as ``deeplens_compile.py``, which the recipe's Install phase runs after the
-    runtime is installed.
+    runtime is installed, with ``deeplens_reference.npz`` beside it (the parity samples and the original's
+    outputs) and the tolerance on its command line, so what it compiles is checked on the device.
 
     Import your runtime inside ``compile`` and ``load``, never at module import time. Raise
     :class:`deeplens_build.CompileError` for a model your backend cannot compile, naming what to change.
@@ -119,7 +120,7 @@ def deeplens_build_targets() -> list[TargetBackend]:
 
         def compile_ir(artifact, workdir, precision):
             import openvino as ov
-            ov.save_model(ov.convert_model(artifact.path), workdir / "model.xml", compress_to_fp16=True)
+            ov.save_model(ov.convert_model(artifact.path), workdir / "model.xml", compress_to_fp16=False)
             return dataclasses.replace(artifact, format="openvino-ir", path=workdir / "model.xml",
                                        extra_files=(workdir / "model.bin",))
 
