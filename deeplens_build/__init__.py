@@ -19,8 +19,9 @@ Writing a framework plugin takes one module and one entry point::
     [project.entry-points.deeplens_build]
     myfw = "deeplens_build_myfw"
 
-The hooks, their arguments and what to return are documented in :mod:`deeplens_build.hookspecs`;
-:mod:`deeplens_build.testing` runs a plugin through the real pipeline in a test.
+The hooks, their arguments and what to return are documented in :mod:`deeplens_build.hookspecs` (source
+plugins: ``deeplens_build_sources``; target backends: ``deeplens_build_targets``, with ``plugins/openvino`` as the
+worked example); :mod:`deeplens_build.testing` runs a plugin through the real pipeline in a test.
 """
 
 from __future__ import annotations
