@@ -176,8 +176,9 @@ class TargetBackend:
     :param platforms: the device platforms it serves (``"linux-x86_64"``, ``"linux-aarch64"``).
     :param device_module: a Python file shipped in the bundle's model folder as ``deeplens_model.py``: the
         device side of the backend. It defines ``load(model_dir)`` returning an object with ``device`` (a string
-        naming where the model runs), ``inputs`` (``[(name, shape)]``) and ``run(feeds) -> [outputs]``; the
-        inference Lambda imports it instead of a runtime, so it works with any backend.
+        naming where the model runs), ``inputs`` (``[(name, shape)]``), ``outputs`` (``[name]``) and
+        ``run(feeds) -> [array per output]``; the inference Lambda (and DeepLens's ``awscam.Model``) imports it
+        instead of a runtime, so it works with any backend. It runs on the device's Python, 3.8 and up.
     :param max_opset: the highest ONNX opset its runtime accepts; framework plugins export at most that, and a
         higher artifact is lowered or refused. None: no limit beyond the runtime definition's.
     :param domains: the operator domains its runtime accepts; ``""`` is standard ONNX.
