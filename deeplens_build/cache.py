@@ -13,12 +13,13 @@ rebuilt, never reused; scratch folders of a killed build are removed by the next
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
-import tarfile
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,8 +27,8 @@ from typing import Any, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from deeplens_build import locks
-from deeplens_build.archive import Extractor, UnsafeMember, member_parts, open_tar
-from deeplens_build.digest import file_sha256, json_sha256
+from deeplens_build.digest import file_sha256, json_sha256, written
+from deeplens_build.names import check_bundle_path
 
 T = TypeVar("T")
 
@@ -36,8 +37,10 @@ _ENTRY_PREFIX = "@entry/"
 _SCRATCH = ".build-"
 _TRASH = ".trash-"
 _PUBLISH_LOCK = ".publish.lock"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Bump when a stage's result type changes shape, so old entries are ignored instead of misread."""
+MAX_SHARED_RESULT = 16 << 20
+"""Bytes a shared entry's ``result.json`` may hold: read whole, so bounded."""
 
 
 TOOL_CACHE_VARIABLES = ("XDG_CACHE_HOME", "KERAS_HOME")
@@ -57,6 +60,9 @@ class Cache:
         self.root = root
         self.reuse = reuse
         self.shared = shared
+        self._by_digest: dict[str, Path] = {}
+        """Files of the entries this build used, by sha256: a shared entry holding one of them copies it here
+        instead of downloading it again (a conversion's weights, kept as they were by the optimizer)."""
 
     def key(self, stage: str, material: Mapping[str, Any]) -> str:
         return json_sha256({"stage": stage, "format": CACHE_FORMAT, "material": material})
@@ -71,6 +77,7 @@ class Cache:
         entry = folder / self.key(stage, material)
         adapter = TypeAdapter(result_type)
         if self.reuse and (cached := _load(adapter, entry)) is not None:
+            self._index(entry)
             return cached, True
         folder.mkdir(parents=True, exist_ok=True)
         locks.remove_abandoned_folders(folder, _SCRATCH)
@@ -79,8 +86,12 @@ class Cache:
         key = entry.name
         with locks.owned_folder(folder, _SCRATCH) as scratch:
             # a shared entry counts only once every file matches the digests its result.json records
-            shared = (self.reuse and self.shared is not None and self.shared.fetch(stage, key, scratch)
-                      and _load(adapter, scratch) is not None)
+            fetched = (self.reuse and self.shared is not None
+                       and self.shared.fetch(stage, key, scratch, self._by_digest.get))
+            shared = fetched and _load(adapter, scratch) is not None
+            if fetched and not shared:
+                self.shared.warn(f"shared cache {self.shared.uri}: the {stage} entry {key[:16]}… is not a result "
+                                 "this build can use (wrong shape, or a path outside the entry); building it here")
             if not shared:
                 result = build(_emptied(scratch))
                 data = _relative(adapter.dump_python(result, mode="json"), f"{scratch}{os.sep}")
@@ -89,6 +100,7 @@ class Cache:
                                                           sort_keys=True), encoding="utf-8")
             with locks.held(folder / _PUBLISH_LOCK):
                 if (winner := _load(adapter, entry)) is not None:
+                    self._index(entry)
                     return winner, False  # a concurrent build published the same entry first
                 if entry.exists():  # damaged: move it aside in one step, so no reader sees half of it
                     trash = Path(tempfile.mkdtemp(prefix=_TRASH, dir=folder))
@@ -97,9 +109,14 @@ class Cache:
                 os.replace(scratch, entry)
         loaded = _load(adapter, entry)
         assert loaded is not None, f"cache entry {entry} vanished after publishing"
+        self._index(entry)
         if not shared and self.shared is not None:
             self.shared.store(stage, key, entry)
         return loaded, bool(shared)
+
+    def _index(self, entry: Path) -> None:
+        files = json.loads((entry / _RESULT).read_text(encoding="utf-8"))["files"]
+        self._by_digest.update({sha256: entry / rel for rel, sha256 in files.items()})
 
 
 def _emptied(scratch: Path) -> Path:
@@ -111,19 +128,26 @@ def _emptied(scratch: Path) -> Path:
 
 
 class SharedCache:
-    """Stage entries shared between machines in S3 (``[build] cache = "s3://BUCKET/PREFIX"`` or ``--cache``).
+    """Stage entries shared between machines in S3 (``[build] cache = "s3://BUCKET/PREFIX"`` or ``--cache``),
+    content-addressed like a remote build cache.
 
-    An entry is uploaded as one tar object, after it was published here complete; a download is extracted with
-    the same checks as any archive and used only when every file matches the digests its ``result.json``
-    records, so a corrupt or truncated object is discarded and the stage rebuilt. Trust: whoever can write the
-    prefix can write entries whose files and digests agree — give the prefix the same trust as the build.
-    A shared cache never fails a build: an unreachable bucket is a warning and a local build.
+    An entry is its ``result.json`` (``PREFIX/v<format>/<stage>/<key>.json``) plus one blob per file, named by the
+    file's sha256 (``PREFIX/v<format>/blobs/<sha256>``). A file several entries hold — the weights a conversion
+    wrote and the optimizer kept as they were — is uploaded once, downloaded once, and a blob the bucket already
+    has is not uploaded again. A result is uploaded after its blobs, once the entry is complete here. A download
+    is used only when every file matches the digest its result records: a corrupt, truncated or missing blob (or
+    a result that is not one) is discarded with a warning, the stage is built here, and its blobs are uploaded
+    again. Trust: whoever can write the prefix can write results and blobs whose digests agree — give the prefix
+    the same trust as the build. A shared cache never fails a build: an unreachable bucket is a warning and a
+    local build.
     """
 
     def __init__(self, uri: str, warn: Callable[[str], None], client: Any = None):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         self.uri, self.bucket, self.prefix, self.warn = uri, bucket, prefix.strip("/"), warn
         self.unreachable = False  # said once, then the rest of the build does without it
+        self._present: set[str] = set()  # blobs known to be in the bucket
+        self._damaged: set[str] = set()  # blobs found corrupt there: uploaded again, whatever the bucket says
         if client is None:
             import boto3
             from botocore.config import Config
@@ -131,72 +155,151 @@ class SharedCache:
             client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
         self.client = client
 
-    def _object(self, stage: str, key: str) -> str:
-        return "/".join(part for part in (self.prefix, f"v{CACHE_FORMAT}", stage, f"{key}.tar") if part)
+    def _name(self, *parts: str) -> str:
+        return "/".join(part for part in (self.prefix, f"v{CACHE_FORMAT}", *parts) if part)
 
-    def fetch(self, stage: str, key: str, scratch: Path) -> bool:
-        """Download the entry into ``scratch``; whether there was one that extracted cleanly."""
+    def fetch(self, stage: str, key: str, scratch: Path, local: Callable[[str], Path | None]) -> bool:
+        """Put the entry's files and ``result.json`` into ``scratch``; whether it was there, whole.
+
+        :param local: a file this machine already holds with a given sha256, copied instead of downloaded.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self.unreachable:
             return False
-        name = self._object(stage, key)
-        download = scratch / ".shared.tar"
         try:
-            self.client.download_file(self.bucket, name, str(download))
+            body = self.client.get_object(Bucket=self.bucket, Key=self._name(stage, f"{key}.json"))["Body"].read(
+                MAX_SHARED_RESULT + 1)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
-                self.warn(f"shared cache {self.uri}: cannot read {name} ({exc}); building {stage} here")
+                self.warn(f"shared cache {self.uri}: cannot read the {stage} entry ({exc}); building it here")
             return False
         except BotoCoreError as exc:
             self.unreachable = True
             self.warn(f"shared cache {self.uri}: cannot reach it ({exc}); building without it")
             return False
         try:
-            with open_tar(download, mode="r:") as tar, Extractor(scratch / ".shared") as out:
-                for member in tar:
-                    out.add(tar, member, member_parts(member))
-        except (UnsafeMember, tarfile.TarError, OSError, EOFError) as exc:
-            self.warn(f"shared cache {self.uri}: {name} is damaged ({exc}); building {stage} here")
+            files = _shared_files(body)
+            for rel, sha256 in sorted(files.items()):
+                target = scratch / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not _copied(local(sha256), target):
+                    self._download(sha256, target)
+                if file_sha256(target) != sha256:
+                    self._damaged.add(sha256)
+                    raise ValueError(f"blob {sha256[:16]}… ({rel}) does not match its digest")
+                self._present.add(sha256)
+        except BotoCoreError as exc:
+            self.unreachable = True
+            self.warn(f"shared cache {self.uri}: cannot reach it ({exc}); building without it")
             return False
-        finally:
-            download.unlink(missing_ok=True)
-        for path in (scratch / ".shared").iterdir():
-            os.replace(path, scratch / path.name)
-        (scratch / ".shared").rmdir()
+        except (ClientError, ValueError, OSError) as exc:  # a blob missing, truncated or changed; a bad result
+            self.warn(f"shared cache {self.uri}: the {stage} entry {key[:16]}… is damaged ({exc}); building it here")
+            return False
+        (scratch / _RESULT).write_bytes(body)
         return True
 
     def store(self, stage: str, key: str, entry: Path) -> None:
-        """Upload a complete entry (never a half one: ``entry`` was published here first)."""
+        """Upload a complete entry (never a half one: ``entry`` was published here first): the blobs the bucket
+        lacks, then the result."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self.unreachable:
             return
-        name = self._object(stage, key)
-        with tempfile.TemporaryDirectory(prefix=".upload-", dir=entry.parent) as scratch:
-            packed = Path(scratch) / "entry.tar"
-            with tarfile.open(packed, "w", format=tarfile.PAX_FORMAT) as tar:
-                for rel in _files(entry):
-                    tar.add(entry / rel, arcname=rel, recursive=False)
-            try:
-                self.client.upload_file(str(packed), self.bucket, name)  # checked by its files' digests on download
-            except (ClientError, BotoCoreError) as exc:
-                self.warn(f"shared cache {self.uri}: cannot store {name} ({exc}); other machines will build it")
+        result = (entry / _RESULT).read_bytes()
+        try:
+            for rel, sha256 in sorted(json.loads(result)["files"].items()):
+                if sha256 in self._damaged or not (sha256 in self._present or self._has(sha256)):
+                    self.client.upload_file(str(entry / rel), self.bucket, self._name("blobs", sha256))
+                    self._damaged.discard(sha256)
+                self._present.add(sha256)
+            self.client.put_object(Bucket=self.bucket, Key=self._name(stage, f"{key}.json"), Body=result)
+        except (ClientError, BotoCoreError) as exc:
+            self.warn(f"shared cache {self.uri}: cannot store the {stage} entry ({exc}); other machines will build it")
+
+    def _download(self, sha256: str, target: Path) -> None:
+        """One streamed GET, hashed as it is written, so checking the blob does not read it again."""
+        body = self.client.get_object(Bucket=self.bucket, Key=self._name("blobs", sha256))["Body"]
+        digest = hashlib.sha256()
+        with open(target, "wb") as out:
+            for block in body.iter_chunks(1 << 20):
+                digest.update(block)
+                out.write(block)
+        written(target, digest.hexdigest())
+
+    def _has(self, sha256: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._name("blobs", sha256))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+
+def _shared_files(body: bytes) -> dict[str, str]:
+    """A shared ``result.json``'s file list, checked: it comes from a bucket, and names paths to write.
+
+    :raises ValueError: for anything but relative paths without ``..`` mapped to sha256 digests.
+    """
+    if len(body) > MAX_SHARED_RESULT:
+        raise ValueError(f"its result is larger than {MAX_SHARED_RESULT} bytes")
+    recorded = json.loads(body)
+    files = recorded.get("files") if isinstance(recorded, dict) else None
+    if not isinstance(files, dict):
+        raise ValueError("its result lists no files")
+    for rel, sha256 in files.items():
+        check_bundle_path(rel)
+        if rel == _RESULT or not (isinstance(sha256, str) and len(sha256) == 64
+                                  and all(c in "0123456789abcdef" for c in sha256)):
+            raise ValueError(f"its result lists {rel!r} with digest {sha256!r}")
+    return files
+
+
+def _copied(source: Path | None, target: Path) -> bool:
+    if source is None:
+        return False
+    try:
+        shutil.copyfile(source, target)
+    except OSError:  # pruned meanwhile: download it
+        return False
+    return True
 
 
 def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
-    """The entry's result, or None when it is missing, unreadable, or a file no longer matches its digest.
-    A loaded entry's ``result.json`` gets a new modification time: ``prune`` removes the least recently used."""
+    """The entry's result, or None when it is missing, unreadable, a file no longer matches its digest, or a path
+    in it leads outside the entry (a result from a shared bucket could otherwise make a build read, and sign
+    into a bundle, any file of this machine). A loaded entry's ``result.json`` gets a new modification time:
+    ``prune`` removes the least recently used."""
     try:
         recorded = json.loads((entry / _RESULT).read_text(encoding="utf-8"))
         files = recorded["files"]
         if any(file_sha256(entry / rel) != sha256 for rel, sha256 in files.items()):
             return None
         result = adapter.validate_python(_absolute(recorded["result"], entry))
+        if not all(path.is_relative_to(entry) and ".." not in path.parts for path in _paths(result)):
+            return None
         os.utime(entry / _RESULT)
         return result
     except (OSError, ValueError, KeyError, TypeError, ValidationError):
         return None
+
+
+def _paths(value: Any) -> Iterator[Path]:
+    """Every path in a stage's result (dataclasses, tuples and mappings of them)."""
+    if isinstance(value, Path):
+        yield value
+    elif dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            yield from _paths(getattr(value, item.name))
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _paths(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _paths(item)
 
 
 @dataclass(frozen=True)
