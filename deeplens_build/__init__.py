@@ -26,7 +26,7 @@ worked example); :mod:`deeplens_build.testing` runs a plugin through the real pi
 
 from __future__ import annotations
 
-import pluggy
+from typing import Any
 
 from deeplens_build.errors import (
     CompileError,
@@ -53,7 +53,17 @@ NAME = "deeplens_build"
 
 __version__ = "0.1.0"
 
-hookimpl = pluggy.HookimplMarker(NAME)
+
+def __getattr__(name: str) -> Any:
+    """``hookimpl``, made on first use: ``verify``, ``inspect`` and ``run`` never load a plugin, and importing
+    pluggy would cost each of them its start-up time for nothing."""
+    if name == "hookimpl":
+        import pluggy
+
+        globals()["hookimpl"] = marker = pluggy.HookimplMarker(NAME)
+        return marker
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "NAME",
