@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,8 @@ def moto_server() -> tuple[subprocess.Popen, str]:
                                stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         if "Running on http://" in line:
+            # it logs every request: read on, or a full pipe would stall it mid-request
+            threading.Thread(target=process.stderr.read, daemon=True).start()
             return process, line.split("Running on ", 1)[1].split()[0].rstrip("/")
     raise SystemExit("moto's server did not start")
 
@@ -130,30 +133,32 @@ def measure(root: Path, megabytes: int, env: dict[str, str], figures: dict) -> N
 
 
 def shared_cache(root: Path, megabytes: int, env: dict[str, str], figures: dict) -> None:
-    """Machine A builds cold and fills the S3 cache; machine B (a fresh work folder) builds the same inputs."""
-    server, endpoint = moto_server()
-    try:
-        s3 = {**env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-              "AWS_DEFAULT_REGION": "us-east-1"}
-        import boto3
+    """Machine A builds cold and fills the S3 cache; machine B (a fresh work folder) builds the same inputs. A new
+    moto server each time: A's cache is empty, and moto, which keeps objects in memory, starts empty too."""
+    import boto3
 
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="deeplens-bench-cache")
-        source = model(root / "out" / "model.onnx", megabytes)
-        times: dict[str, list[float]] = {"a": [], "b": []}
-        for attempt in range(REPEAT):  # an empty prefix each time: machine A's build is cold
+    source = model(root / "out" / "model.onnx", megabytes)
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for attempt in range(REPEAT):
+        server, endpoint = moto_server()
+        try:
+            s3 = {**env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+                  "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                         aws_secret_access_key="bench").create_bucket(Bucket="deeplens-bench-cache")
             for machine in ("a", "b"):
                 config = testing.write_project(root / f"{machine}{attempt}", source=source.parent,
                                                model={"task": "other"}, parity={"random_samples": 1},
-                                               build={"cache": f"s3://deeplens-bench-cache/ci{attempt}"})
+                                               build={"cache": "s3://deeplens-bench-cache/ci"})
                 key = testing.signing_key(config.parent)
                 started = time.perf_counter()
                 run([*CLI, "package", "--config", str(config), "--signing-key", str(key)], s3)
                 times[machine].append(time.perf_counter() - started)
-        a, b = statistics.median(times["a"]), statistics.median(times["b"])
-        figures[f"{megabytes}MB"].update({"shared_machine_a_s": a, "shared_machine_b_s": b, "shared_vs_cold": b / a})
-    finally:
-        server.terminate()
+        finally:
+            server.terminate()
+            server.wait()
+    a, b = statistics.median(times["a"]), statistics.median(times["b"])
+    figures[f"{megabytes}MB"].update({"shared_machine_a_s": a, "shared_machine_b_s": b, "shared_vs_cold": b / a})
 
 
 def main() -> None:

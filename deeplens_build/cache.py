@@ -259,12 +259,17 @@ def _shared_files(body: bytes) -> dict[str, str]:
 
 
 def _copied(source: Path | None, target: Path) -> bool:
+    """``source`` (a file of a published entry, never changed again) at ``target`` too: a second name for the same
+    bytes, or a copy across file systems. The two names share one inode, so the stat index knows both."""
     if source is None:
         return False
     try:
-        shutil.copyfile(source, target)
-    except OSError:  # pruned meanwhile: download it
-        return False
+        os.link(source, target)
+    except OSError:
+        try:
+            shutil.copyfile(source, target)
+        except OSError:  # pruned meanwhile: download it
+            return False
     return True
 
 
