@@ -161,7 +161,7 @@ class SharedCache:
     def fetch(self, stage: str, key: str, scratch: Path, local: Callable[[str], Path | None]) -> bool:
         """Put the entry's files and ``result.json`` into ``scratch``; whether it was there, whole.
 
-        :param local: a file this machine already holds with a given sha256, copied instead of downloaded.
+        :param local: a file this machine already holds with a given sha256, linked instead of downloaded.
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
