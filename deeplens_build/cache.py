@@ -61,8 +61,8 @@ class Cache:
         self.reuse = reuse
         self.shared = shared
         self._by_digest: dict[str, Path] = {}
-        """Files of the entries this build used, by sha256: a shared entry holding one of them copies it here
-        instead of downloading it again (a conversion's weights, kept as they were by the optimizer)."""
+        """With a shared cache: files of the entries this build used, by sha256, so a shared entry holding one of
+        them links it here instead of downloading it again (a conversion's weights, kept by the optimizer)."""
 
     def key(self, stage: str, material: Mapping[str, Any]) -> str:
         return json_sha256({"stage": stage, "format": CACHE_FORMAT, "material": material})
@@ -115,6 +115,8 @@ class Cache:
         return loaded, bool(shared)
 
     def _index(self, entry: Path) -> None:
+        if self.shared is None:  # only a shared entry asks: a local build does not read its results twice
+            return
         files = json.loads((entry / _RESULT).read_text(encoding="utf-8"))["files"]
         self._by_digest.update({sha256: entry / rel for rel, sha256 in files.items()})
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deeplens_build.errors import ConversionError
-from deeplens_build.types import Dim, TensorSpec
+from deeplens_build.types import Dim, Runner, TensorSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -176,9 +176,14 @@ def run(path: Path, inputs: Mapping[str, np.ndarray], *, optimize: bool = True) 
     :param optimize: False runs the graph as written (``ORT_DISABLE_ALL``), e.g. for a reference run
         that must not share the optimizer with the artifact it is compared to.
     """
+    return runner(path, optimize=optimize)(inputs)
+
+
+def runner(path: Path, *, optimize: bool = True) -> Runner:
+    """A session for the ONNX file, made once, as a function: one array per input name in, one per output out."""
     session = session_for(path, optimize=optimize)
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(inputs)), strict=True))
+    return lambda inputs: dict(zip(names, session.run(names, dict(inputs)), strict=True))
 
 
 def session_for(path: Path, *, optimize: bool = True):

@@ -174,6 +174,8 @@ class _Build:
     cache: Cache
     tools: Mapping[str, str]
     target: TargetInfo
+    runtimes: tuple[Runtime, ...]
+    """Every runtime definition: built-in, the backend's, the project's."""
     cached: list[str] = field(default_factory=list)
 
     @classmethod
@@ -200,7 +202,7 @@ class _Build:
         return cls(config=config, options=options, manager=manager, reporter=reporter,
                    signer=load_signer(options.signing_key), settings=manager.settings(config.plugins),
                    cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared), tools=tools,
-                   target=target)
+                   target=target, runtimes=load_runtimes(config.runtime.definitions, extra=backend.runtimes))
 
     def stage(self, name: str, key: Mapping[str, Any], result_type: type[T], build: Callable[[Path], T]) -> T:
         """``build``'s result, from the cache when ``key`` (everything it depends on) was built before."""
@@ -254,16 +256,12 @@ def _opset_ceiling(b: _Build) -> int | None:
     wanted = b.config.runtime.name if b.config.runtime.name != "auto" else backend.runtime or "auto"
     try:
         runtime = select_runtime("onnx", target.platform, target.accelerator, wanted=wanted, suggested=None,
-                                 available=_runtimes(b))
+                                 available=b.runtimes)
         runtime_opset = runtime.for_python(target.python or runtime.python).onnx_opset
     except DeepLensBuildError:  # no single ONNX runtime fits yet: the runtime stage says why, with the format known
         runtime_opset = None
     limits = [limit for limit in (backend.max_opset, target.opset, runtime_opset) if limit is not None]
     return min(limits) if limits else None
-
-
-def _runtimes(b: _Build) -> tuple[Runtime, ...]:
-    return load_runtimes(b.config.runtime.definitions, extra=b.target.backend.runtimes)
 
 
 def _convert(b: _Build, training: TrainingOutput, detection: Detection, opset: int | None) -> Artifact:
@@ -422,7 +420,7 @@ def _runtime(b: _Build, detection: Detection, converted: Artifact, compiled: Art
     runtime = select_runtime(compiled.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
                              suggested=b.target.backend.runtime or b.manager.runtime(detection, converted,
                                                                                     target.platform),
-                             available=_runtimes(b))
+                             available=b.runtimes)
     runtime = runtime.for_python(target.python or runtime.python)
     if compiled.format == "onnx" and runtime.onnx_opset and opset and opset > runtime.onnx_opset:
         raise BundleError(f"the artifact is ONNX opset {opset}, but runtime {runtime.name} on Python "

@@ -8,6 +8,7 @@ core's optimized artifact is compared against the original.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from deeplens_build import (
     Framework,
     ModelFiles,
     PluginSettings,
+    Runner,
     TrainingOutput,
     choose_one,
     hookimpl,
@@ -56,5 +58,12 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
 
 @hookimpl
 def deeplens_build_reference_run(converted: Artifact, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    return onnxtools.run(converted.path, inputs, optimize=False)  # the original graph, its weights mapped
+    return _original(converted.path)(inputs)
+
+
+@functools.lru_cache(maxsize=4)
+def _original(path: Path) -> Runner:
+    """The original graph in a session made once per artifact (paths in the core's cache never change): every
+    parity sample and every profiled run reuses it."""
+    return onnxtools.runner(path, optimize=False)
 
