@@ -23,6 +23,20 @@ from click.testing import CliRunner, Result
 from deeplens_build.cli import main
 
 
+EXAMPLE = Path(__file__).parents[1] / "examples" / "classifier"
+"""The embedded example `make package` builds."""
+
+
+def example_project(root: Path, **target: object) -> Path:
+    """A copy of the example under ``root`` (without its build outputs), ``[target]`` settings added; its
+    deeplens.toml."""
+    project = shutil.copytree(EXAMPLE, root / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
+    config = project / "deeplens.toml"
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in target.items())
+    config.write_text(config.read_text().replace("[target]\n", f"[target]\n{lines}"))
+    return config
+
+
 def files_under(root: Path) -> set[str]:
     """Every path under ``root``, relative; empty when ``root`` does not exist."""
     return {p.relative_to(root).as_posix() for p in root.rglob("*")} if root.exists() else set()

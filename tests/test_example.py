@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+
+from helpers import example_project
 
 from deeplens_build import testing
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
-
 
 def test_example_builds_a_verified_mxnet_bundle_from_its_final_checkpoint(tmp_path: Path) -> None:
-    project = shutil.copytree(EXAMPLE, tmp_path / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
-    result = testing.build(project / "deeplens.toml")
+    result = testing.build(example_project(tmp_path))
     manifest = testing.verify(result.bundle).manifest.to_dict()
     assert result.framework == "mxnet" and result.parity.passed
     assert manifest["source"]["model_files"] == ["model-symbol.json", "model-0003.params", "model-shapes.json"]

@@ -17,21 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import cli, open_bundle, package_json, package_project
+from helpers import cli, example_project, open_bundle, package_json, package_project
 from onnx import TensorProto, helper, numpy_helper
 
 from deeplens_build import onnxtools, testing
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "classifier"
 OLD_ONNXRUNTIME = "1.16.3"
-
-
-def _example(tmp_path: Path, **target: object) -> Path:
-    project = shutil.copytree(EXAMPLE, tmp_path / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
-    config = project / "deeplens.toml"
-    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in target.items())
-    config.write_text(config.read_text().replace("[target]\n", f"[target]\n{lines}"))
-    return config
 
 
 def _unpack(bundle: Path, into: Path) -> Path:
@@ -100,7 +91,7 @@ def test_example_capped_at_opset_17_loads_and_matches_in_onnxruntime_1_16(tmp_pa
                                                                           old_onnxruntime: Path) -> None:
     """MXNet's exporter writes the installed onnx's newest opset (23); at `target.opset = 17` it is steered to 17,
     and the artifact imports the standard domain only, at the IR version opset 17 needs."""
-    config = _example(tmp_path, opset=17)
+    config = example_project(tmp_path, opset=17)
     result = testing.build(config)
     assert result.manifest.optimization.opset == 17
     folder = _unpack(result.bundle, tmp_path / "bundle")
@@ -124,7 +115,7 @@ def test_example_capped_at_opset_17_loads_and_matches_in_onnxruntime_1_16(tmp_pa
 
 
 def test_openvino_target_compiles_the_example_to_ir_and_checks_parity_on_openvino(tmp_path: Path) -> None:
-    result = testing.build(_example(tmp_path, backend="openvino"))
+    result = testing.build(example_project(tmp_path, backend="openvino"))
     manifest = testing.verify(result.bundle).manifest
     assert manifest.model.format == "openvino-ir"
     assert manifest.model.files == ("model/model.xml", "model/model.bin")
@@ -141,7 +132,7 @@ def test_openvino_target_compiles_the_example_to_ir_and_checks_parity_on_openvin
 
 
 def test_tensorrt_target_ships_onnx_at_opset_17_and_builds_the_engine_at_install(tmp_path: Path) -> None:
-    result = testing.build(_example(tmp_path, backend="tensorrt", accelerator="gpu"))
+    result = testing.build(example_project(tmp_path, backend="tensorrt", accelerator="gpu"))
     manifest = testing.verify(result.bundle).manifest
     assert manifest.model.format == "onnx" and manifest.optimization.opset == 17
     assert manifest.target.compiled_on == "device" and manifest.target.max_opset == 17
@@ -168,7 +159,7 @@ def test_the_on_device_step_checks_parity_against_the_original(tmp_path: Path) -
 
     from deeplens_build.targets import HERE as ONNXRUNTIME_TARGET
 
-    result = testing.build(_example(tmp_path, backend="tensorrt", accelerator="gpu"))
+    result = testing.build(example_project(tmp_path, backend="tensorrt", accelerator="gpu"))
     model_dir = _unpack(result.bundle, tmp_path / "bundle") / "model"
     shutil.copyfile(ONNXRUNTIME_TARGET / "onnxruntime_device.py", model_dir / "deeplens_model.py")
     spec = importlib.util.spec_from_file_location("deeplens_compile", model_dir / "deeplens_compile.py")
@@ -213,7 +204,7 @@ def test_a_backend_is_chosen_by_name_and_must_serve_the_device(tmp_path: Path, o
 
 
 def test_profile_records_latency_of_the_original_and_each_runtime_and_inspect_shows_it(tmp_path: Path) -> None:
-    config = _example(tmp_path, backend="openvino")
+    config = example_project(tmp_path, backend="openvino")
     config.write_text(config.read_text() + "\n[profile]\nruns = 5\n")
     report = package_json(config)
     profile = testing.verify(Path(report["bundle"])).manifest.profile

@@ -4,24 +4,16 @@ through the ``deeplens_model`` module the backend ships, and says where it runs.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import Broker
+from helpers import Broker, example_project
 
 from deeplens_build import testing
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "classifier"
-
-
 def _example_bundle(root: Path, **target: str) -> Path:
-    project = shutil.copytree(EXAMPLE, root / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
-    config = project / "deeplens.toml"
-    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in target.items())
-    config.write_text(config.read_text().replace("[target]\n", f"[target]\n{lines}"))
-    return testing.build(config).bundle
+    return testing.build(example_project(root, **target)).bundle
 
 
 def _run(bundle: Path, broker: Broker, device_dir: Path) -> subprocess.CompletedProcess:

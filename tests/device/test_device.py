@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Broker, cli, error_line, files_under
+from helpers import Broker, cli, error_line, example_project, files_under
 
 from deeplens_build import onnxtools, testing
 from deeplens_build.device import (
@@ -27,15 +26,13 @@ from deeplens_build.device import (
 from deeplens_build.errors import DeviceError, UsageError, VerificationError
 from deeplens_build.report import Reporter
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "classifier"
 THING = "deeplens_test"
 
 
 @pytest.fixture(scope="module")
 def example_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("example")
-    project = shutil.copytree(EXAMPLE, root / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
-    return testing.build(project / "deeplens.toml").bundle
+    return testing.build(example_project(root)).bundle
 
 
 def _key(bundle: Path) -> Path:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from helpers import open_bundle
+from helpers import example_project, open_bundle
 
 from deeplens_build import onnxtools, testing
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "classifier"
 
 
 def test_template_publishes_one_prediction_per_frame_matching_onnxruntime(tmp_path: Path) -> None:
-    project = shutil.copytree(EXAMPLE, tmp_path / "classifier", ignore=shutil.ignore_patterns(".deeplens", "dist"))
-    bundle = testing.build(project / "deeplens.toml").bundle
+    bundle = testing.build(example_project(tmp_path)).bundle
     device = tmp_path / "device"
     with open_bundle(bundle) as tar:
         tar.extractall(device, filter="data")
