@@ -26,7 +26,7 @@ worked example); :mod:`deeplens_build.testing` runs a plugin through the real pi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deeplens_build.errors import (
     CompileError,
@@ -35,34 +35,45 @@ from deeplens_build.errors import (
     PluginError,
     SourceError,
 )
-from deeplens_build.types import (
-    Artifact,
-    Framework,
-    ModelFiles,
-    PluginSettings,
-    Runner,
-    SourceKind,
-    TargetBackend,
-    TensorSpec,
-    TrainingOutput,
-    choose_one,
-)
+
+if TYPE_CHECKING:
+    from deeplens_build.types import (
+        Artifact,
+        Framework,
+        ModelFiles,
+        PluginSettings,
+        Runner,
+        SourceKind,
+        TargetBackend,
+        TensorSpec,
+        TrainingOutput,
+        choose_one,
+    )
 
 NAME = "deeplens_build"
 """The pluggy project name and the entry-point group plugins register under."""
 
 __version__ = "0.1.0"
 
+_TYPES = {"Artifact", "Framework", "ModelFiles", "PluginSettings", "Runner", "SourceKind", "TargetBackend",
+          "TensorSpec", "TrainingOutput", "choose_one"}
+
 
 def __getattr__(name: str) -> Any:
-    """``hookimpl``, made on first use: ``verify``, ``inspect`` and ``run`` never load a plugin, and importing
-    pluggy would cost each of them its start-up time for nothing."""
+    """Plugin-facing names, imported on first use: the types need pydantic and ``hookimpl`` pluggy, and
+    ``verify``, ``inspect``, ``run`` and an up-to-date ``package`` use neither (each would cost its start-up)."""
     if name == "hookimpl":
         import pluggy
 
-        globals()["hookimpl"] = marker = pluggy.HookimplMarker(NAME)
-        return marker
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value: Any = pluggy.HookimplMarker(NAME)
+    elif name in _TYPES:
+        from deeplens_build import types
+
+        value = getattr(types, name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 __all__ = [

@@ -13,12 +13,15 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from deeplens_build import __version__
 from deeplens_build.errors import DeepLensBuildError, ExitCode
+
+if TYPE_CHECKING:
+    from deeplens_build.types import BuildResult
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,6 +92,29 @@ def main(debug: bool) -> None:
 def package(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
             no_cache: bool, shared_cache: str | None, publish: bool, as_json: bool) -> None:
     """Build the bundle: fetch, convert, optimize, check parity, sign."""
+    from deeplens_build import uptodate
+
+    request = uptodate.Request.of(config=config_path, source=source, output=output, signing_key=signing_key,
+                                  shared_cache=shared_cache)
+    if not no_cache and not publish and (summary := uptodate.check(request)) is not None:
+        for note in summary["notes"]:
+            click.echo(note, err=True)
+        for warning in summary["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
+        _show_build({**summary, "cached_stages": summary["stages"], "up_to_date": True}, as_json)
+        return
+    with uptodate.recording() as observed:
+        result, warnings, work_dir = _build(config_path, source, output, signing_key, no_cache, shared_cache,
+                                            publish)
+        summary = _summary(result, warnings)
+        if result.local_inputs:
+            observed.save(request, work_dir=work_dir, bundle=result.bundle, summary=summary)
+    _show_build({**summary, "up_to_date": False}, as_json)
+
+
+def _build(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
+           no_cache: bool, shared_cache: str | None, publish: bool) -> tuple[BuildResult, list[str], Path]:
+    """Run the pipeline; its result, the warnings it gave and the work folder."""
     from deeplens_build.cache import tool_cache_environment
     from deeplens_build.config import SHARED_CACHE, load_config
     from deeplens_build.errors import UsageError
@@ -109,33 +135,46 @@ def package(config_path: Path | None, source: str | None, output: Path | None, s
                                         use_cache=not no_cache, publish=publish, shared_cache=shared_cache),
                    manager=manager,
                    reporter=reporter)
+    return result, reporter.warnings, config.build.work_dir
+
+
+def _summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
+    """What ``package`` reports of a build (``--json`` prints it), and an up-to-date one repeats."""
+    parity = result.parity
+    return {
+        "bundle": str(result.bundle),
+        "sha256": result.sha256,
+        "name": result.name,
+        "version": result.version,
+        "framework": result.framework,
+        "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
+                   "tolerance": parity.tolerance, "passed": parity.passed, "samples": parity.samples}
+        if parity else None,
+        "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact, "bundle": result.sizes.bundle},
+        "stages": list(result.stages),
+        "cached_stages": list(result.cached_stages),
+        "notes": list(result.notes),
+        "warnings": warnings,
+    }
+
+
+def _show_build(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        parity = result.parity
-        click.echo(json.dumps({
-            "bundle": str(result.bundle),
-            "sha256": result.sha256,
-            "name": result.name,
-            "version": result.version,
-            "framework": result.framework,
-            "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
-                       "tolerance": parity.tolerance, "passed": parity.passed} if parity else None,
-            "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact,
-                      "bundle": result.sizes.bundle},
-            "cached_stages": list(result.cached_stages),
-            "notes": list(result.notes),
-            "warnings": reporter.warnings,
-        }, indent=2))
+        click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"\nbuilt {result.bundle}")
-    click.echo(f"  sha256    {result.sha256}")
-    click.echo(f"  model     {result.name} {result.version} ({result.framework})")
-    if result.parity:
-        p = result.parity
-        click.echo(f"  parity    max abs diff {p.max_abs_diff:.3g} ≤ {p.tolerance:.3g} over {p.samples} samples")
-    s = result.sizes
-    click.echo(f"  sizes     source {_size(s.source)}, artifact {_size(s.artifact)}, bundle {_size(s.bundle)}")
-    if result.cached_stages:
-        click.echo(f"  cache     reused {', '.join(result.cached_stages)}")
+    bundle = summary["bundle"]
+    click.echo(f"\nup to date {bundle} (nothing it was built from has changed)" if summary["up_to_date"] else
+               f"\nbuilt {bundle}")
+    click.echo(f"  sha256    {summary['sha256']}")
+    click.echo(f"  model     {summary['name']} {summary['version']} ({summary['framework']})")
+    if p := summary["parity"]:
+        click.echo(f"  parity    max abs diff {p['max_abs_diff']:.3g} ≤ {p['tolerance']:.3g} over {p['samples']} "
+                   "samples")
+    s = summary["sizes"]
+    click.echo(f"  sizes     source {_size(s['source'])}, artifact {_size(s['artifact'])}, bundle "
+               f"{_size(s['bundle'])}")
+    if summary["cached_stages"]:
+        click.echo(f"  cache     reused {', '.join(summary['cached_stages'])}")
 
 
 @main.command("publish-lambda")

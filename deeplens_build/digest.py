@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,9 @@ _CHUNK = 1 << 20
 _Identity = tuple[int, int, int, int, int]
 _KNOWN: dict[_Identity, str] = {}
 _USED: set[_Identity] = set()
+IDENTIFIED = "deeplens_build.file_sha256"
+"""The audit event (PEP 578) :func:`file_sha256` raises with each path it identifies: a file known from the stat
+index is never opened, yet the build depends on it (``uptodate`` listens)."""
 RACY_SECONDS = 2.0
 """A file changed this recently, on a file system with whole-second times, may change again without its times
 changing: not remembered across builds (git's "racily clean" entries)."""
@@ -31,6 +35,7 @@ def file_sha256(path: Path) -> str:
     which may be hundreds of MB. Keyed by device, inode, size and change times (not by path, so a cache entry
     renamed into place is not read again); a changed file gets a new change time and is read again. With
     :func:`remembered`, what was read in earlier builds is known too (a stat index, like git's and ninja's)."""
+    sys.audit(IDENTIFIED, path)
     identity = stat_identity(os.stat(path))
     if (known := _KNOWN.get(identity)) is None:
         known = _KNOWN[identity] = _read_sha256(path)

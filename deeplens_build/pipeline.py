@@ -55,7 +55,7 @@ from deeplens_build.manifest import (
 )
 from deeplens_build.plugins import PluginManager
 from deeplens_build.report import Reporter
-from deeplens_build.signing import Signer, load_signer
+from deeplens_build.signing import LocalSigner, Signer, load_signer
 from deeplens_build.stages.fetch import SourceContext, fetch
 from deeplens_build.stages.image import build_image
 from deeplens_build.stages.lambda_package import lambda_entries, package_lambda, write_zip
@@ -177,6 +177,8 @@ class _Build:
     runtimes: tuple[Runtime, ...]
     """Every runtime definition: built-in, the backend's, the project's."""
     cached: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    local_source: bool = False
 
     @classmethod
     def start(cls, config: ProjectConfig, options: BuildOptions, manager: PluginManager,
@@ -207,6 +209,7 @@ class _Build:
     def stage(self, name: str, key: Mapping[str, Any], result_type: type[T], build: Callable[[Path], T]) -> T:
         """``build``'s result, from the cache when ``key`` (everything it depends on) was built before."""
         result, hit = self.cache.stage(name, key, result_type, build)
+        self.stages.append(name)
         if hit:
             self.cached.append(name)
             self.reporter.step(f"{name}: unchanged, reused from the cache")
@@ -234,6 +237,7 @@ def _fetch(b: _Build) -> TrainingOutput:
         raise ConfigError("no source: pass --source, or set `model.source` in deeplens.toml to a folder, a "
                           "model.tar.gz, or a URI an installed source plugin fetches (`deeplens-build plugins`)")
     kind = b.manager.source_kind(source)
+    b.local_source = not kind.prefixes
     if not kind.prefixes and not b.options.source:
         source = str(b.config.root / source)  # relative to deeplens.toml, like every path in it
     b.reporter.step(f"fetch: {source} ({kind.name})")
@@ -471,7 +475,8 @@ def _bundle(b: _Build, payload: Mapping[str, Path], record: BuildRecord, *, trai
                         bundle=path.stat().st_size)
     return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,
                        framework=record.framework, parity=parity, sizes=sizes, cached_stages=tuple(b.cached),
-                       notes=tuple(b.reporter.notes), manifest=manifest)
+                       notes=tuple(b.reporter.notes), manifest=manifest, stages=tuple(b.stages),
+                       local_inputs=b.local_source and isinstance(b.signer, LocalSigner) and not b.options.publish)
 
 
 def _greengrass_documents(b: _Build, payload: Mapping[str, Path], *, runtime: Runtime, vendored: bool,

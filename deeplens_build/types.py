@@ -481,3 +481,8 @@ class BuildResult:
     cached_stages: tuple[str, ...]
     notes: tuple[str, ...]
     manifest: Manifest
+    stages: tuple[str, ...]
+    """Every cached stage the build went through, reused or built, in order."""
+    local_inputs: bool
+    """Everything the build read was a local file (no source fetched over the network, no KMS key, nothing
+    published): a later ``package`` can tell it is up to date from those files alone."""
