@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from deeplens_build import locks
-from deeplens_build.digest import file_sha256, json_sha256, written
+from deeplens_build.digest import file_sha256, json_sha256, linked, stat_identity, written
 from deeplens_build.names import check_bundle_path
 
 T = TypeVar("T")
@@ -150,12 +150,18 @@ class SharedCache:
         self.unreachable = False  # said once, then the rest of the build does without it
         self._present: set[str] = set()  # blobs known to be in the bucket
         self._damaged: set[str] = set()  # blobs found corrupt there: uploaded again, whatever the bucket says
-        if client is None:
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        """Made when first needed (boto3 takes 0.4 s to import and set up): a build whose stages are all in the
+        local cache never asks."""
+        if self._client is None:
             import boto3
             from botocore.config import Config
 
-            client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
-        self.client = client
+            self._client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+        return self._client
 
     def _name(self, *parts: str) -> str:
         return "/".join(part for part in (self.prefix, f"v{CACHE_FORMAT}", *parts) if part)
@@ -262,16 +268,19 @@ def _shared_files(body: bytes) -> dict[str, str]:
 
 def _copied(source: Path | None, target: Path) -> bool:
     """``source`` (a file of a published entry, never changed again) at ``target`` too: a second name for the same
-    bytes, or a copy across file systems. The two names share one inode, so the stat index knows both."""
+    bytes (whose digest stays known, so checking it reads nothing), or a copy across file systems."""
     if source is None:
         return False
     try:
+        before = stat_identity(os.stat(source))
         os.link(source, target)
     except OSError:
         try:
             shutil.copyfile(source, target)
         except OSError:  # pruned meanwhile: download it
             return False
+        return True
+    linked(before, target)
     return True
 
 

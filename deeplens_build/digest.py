@@ -50,6 +50,15 @@ def written(path: Path, sha256: str) -> None:
     _USED.add(identity)
 
 
+def linked(before: _Identity, path: Path) -> None:
+    """``path`` was just made another name of the file ``before`` identified: what is known of its bytes is known
+    still. A link changes the inode's change time and nothing else; if more changed (a write meanwhile), the file
+    is read again."""
+    after = stat_identity(os.stat(path))
+    if (known := _KNOWN.get(before)) is not None and after[:4] == before[:4]:
+        _KNOWN[after] = known
+
+
 class BackgroundSha256:
     """sha256 on a second thread: hashlib releases the GIL on large blocks, so hashing overlaps the reading,
     decompressing or compressing that produces them (verify and the bundle stage run at the speed of the

@@ -22,7 +22,7 @@ from pydantic import (
 
 from deeplens_build import names
 from deeplens_build.errors import VerificationError
-from deeplens_build.types import Latency, ParityReport, SageMakerJob, TensorSpec
+from deeplens_build.records import Latency, ParityReport, SageMakerJob, TensorSpec
 
 SCHEMA = "deeplens-build/bundle@1"
 MANIFEST = "manifest.json"

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deeplens_build.errors import ConversionError
-from deeplens_build.types import Dim, Runner, TensorSpec
+from deeplens_build.records import Dim, TensorSpec
+from deeplens_build.types import Runner
 
 if TYPE_CHECKING:
     import numpy as np

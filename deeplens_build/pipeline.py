@@ -70,6 +70,7 @@ from deeplens_build.stages.runtime import (
     select_runtime,
     vendor_wheels,
 )
+from deeplens_build.records import Latency, ParityReport
 from deeplens_build.types import (
     BuildResult,
     BundleSizes,
@@ -77,9 +78,7 @@ from deeplens_build.types import (
     Detection,
     GreengrassDocuments,
     LambdaPackage,
-    Latency,
     Optimized,
-    ParityReport,
     PluginSettings,
     PublishedLambda,
     ReferenceRun,

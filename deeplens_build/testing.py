@@ -28,7 +28,8 @@ from typing import Any
 from deeplens_build import hookimpl
 from deeplens_build.bundle import Verified, verify_bundle
 from deeplens_build.cache import tool_cache_environment
-from deeplens_build.config import CONFIG_NAME, load_config
+from deeplens_build.config import load_config
+from deeplens_build.layout import CONFIG_NAME
 from deeplens_build.pipeline import BuildOptions, package
 from deeplens_build.plugins import build_plugin_manager
 from deeplens_build.report import Reporter

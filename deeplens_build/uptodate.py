@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build.digest import IDENTIFIED
+from deeplens_build.layout import CONFIG_NAME, WORK_DIR
 
-CONFIG_NAME = "deeplens.toml"
-WORK_DIR = ".deeplens"
-"""The project file's name and the default work folder (``build.work_dir``), relative to the project."""
 STAMPS = "up-to-date"
 FORMAT = 1
 

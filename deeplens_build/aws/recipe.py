@@ -43,7 +43,8 @@ def _sha256_b64(value: str) -> str:
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # built on first use: most builds take their recipe from the cache, and verify never reads one
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class RecipePlatform(_Part):

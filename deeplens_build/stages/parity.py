@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from deeplens_build.config import ParityConfig
 from deeplens_build.errors import ConfigError, ParityError
 from deeplens_build.report import Reporter
-from deeplens_build.types import OutputParity, ParityReport, ReferenceRun, Runner, TensorSpec
+from deeplens_build.records import OutputParity, ParityReport, TensorSpec
+from deeplens_build.types import ReferenceRun, Runner
 
 if TYPE_CHECKING:
     import numpy as np

@@ -11,7 +11,8 @@ import time
 from collections.abc import Mapping
 
 from deeplens_build.report import Reporter
-from deeplens_build.types import Latency, Runner
+from deeplens_build.records import Latency
+from deeplens_build.types import Runner
 
 WARMUP = 3
 

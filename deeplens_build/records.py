@@ -1,0 +1,77 @@
+"""What a bundle's manifest records as it is: a model's tensors, the training job, parity and latency figures.
+
+Frozen dataclasses, like every value in :mod:`deeplens_build.types` (which uses them); here so that reading a
+bundle (``verify``, ``inspect``, a device) builds these few, not every type of the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+Dim = int | str
+"""One dimension of a tensor: a size, or the name of a dynamic dimension (``"N"``)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model.
+
+    :param name: the tensor's name in the model.
+    :param shape: its dimensions; a ``str`` marks a dynamic one (the optimizer makes inputs static).
+    :param dtype: a numpy dtype name, e.g. ``"float32"``.
+    :param layout: ``"NCHW"``, ``"NHWC"`` or None when not an image; the Lambda uses it to feed frames.
+    """
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str
+    layout: str | None = None
+
+
+@dataclass(frozen=True)
+class SageMakerJob:
+    """What a SageMaker training job says about the output it left (``sagemaker-job:NAME`` sources)."""
+
+    name: str
+    arn: str
+    training_image: str
+    framework_hint: str | None
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one runtime on the build machine, batch 1, after warm-up runs."""
+
+    runtime: str
+    median_ms: float
+    p95_ms: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    """Parity figures for one output over every compared sample."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Original vs artifact on the same inputs; ``passed`` is ``max_abs_diff <= tolerance``.
+
+    :param runtime: what ran the artifact on the build machine, e.g. ``"openvino CPU"``.
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    passed: bool
+    samples: int
+    seed: int
+    outputs: tuple[OutputParity, ...]
+    runtime: str = "onnxruntime"
