@@ -100,20 +100,20 @@ def package(config_path: Path | None, source: str | None, output: Path | None, s
 
     request = uptodate.Request.of(config=config_path, source=source, output=output, signing_key=signing_key,
                                   shared_cache=shared_cache)
-    if not no_cache and not publish and (summary := uptodate.check(request)) is not None:
-        for note in summary["notes"]:
-            click.echo(note, err=True)
-        for warning in summary["warnings"]:
-            click.echo(f"warning: {warning}", err=True)
-        _show_build({**summary, "cached_stages": summary["stages"], "up_to_date": True}, as_json)
+    if not no_cache and not publish and (replay := uptodate.check(request)) is not None:
+        click.echo(replay.stderr, err=True, nl=False)
+        click.echo(replay.json if as_json else replay.text)
         return
     with uptodate.recording() as observed:
         result, warnings, work_dir = _build(config_path, source, output, signing_key, no_cache, shared_cache,
                                             publish)
         summary = _summary(result, warnings)
         if result.local_inputs:
-            observed.save(request, work_dir=work_dir, bundle=result.bundle, summary=summary)
-    _show_build({**summary, "up_to_date": False}, as_json)
+            stderr = "".join(f"{note}\n" for note in result.notes) + "".join(f"warning: {w}\n" for w in warnings)
+            observed.save(request, work_dir=work_dir, bundle=result.bundle, replay=uptodate.Replay(
+                text=_render(summary, up_to_date=True, as_json=False),
+                json=_render(summary, up_to_date=True, as_json=True), stderr=stderr))
+    click.echo(_render(summary, up_to_date=False, as_json=as_json))
 
 
 def _build(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
@@ -162,23 +162,24 @@ def _summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
     }
 
 
-def _show_build(summary: dict[str, Any], as_json: bool) -> None:
+def _render(summary: dict[str, Any], *, up_to_date: bool, as_json: bool) -> str:
+    """What ``package`` prints on stdout; up to date, every stage the build went through counts as reused."""
+    cached = summary["stages"] if up_to_date else summary["cached_stages"]
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
+        return json.dumps({**summary, "cached_stages": cached, "up_to_date": up_to_date}, indent=2)
     bundle = summary["bundle"]
-    click.echo(f"\nup to date {bundle} (nothing it was built from has changed)" if summary["up_to_date"] else
-               f"\nbuilt {bundle}")
-    click.echo(f"  sha256    {summary['sha256']}")
-    click.echo(f"  model     {summary['name']} {summary['version']} ({summary['framework']})")
+    lines = [f"\nup to date {bundle} (nothing it was built from has changed)" if up_to_date else f"\nbuilt {bundle}",
+             f"  sha256    {summary['sha256']}",
+             f"  model     {summary['name']} {summary['version']} ({summary['framework']})"]
     if p := summary["parity"]:
-        click.echo(f"  parity    max abs diff {p['max_abs_diff']:.3g} ≤ {p['tolerance']:.3g} over {p['samples']} "
-                   "samples")
+        lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g} ≤ {p['tolerance']:.3g} over {p['samples']} "
+                     "samples")
     s = summary["sizes"]
-    click.echo(f"  sizes     source {_size(s['source'])}, artifact {_size(s['artifact'])}, bundle "
-               f"{_size(s['bundle'])}")
-    if summary["cached_stages"]:
-        click.echo(f"  cache     reused {', '.join(summary['cached_stages'])}")
+    lines.append(f"  sizes     source {_size(s['source'])}, artifact {_size(s['artifact'])}, "
+                 f"bundle {_size(s['bundle'])}")
+    if cached:
+        lines.append(f"  cache     reused {', '.join(cached)}")
+    return "\n".join(lines)
 
 
 @main.command("publish-lambda")

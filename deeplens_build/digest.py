@@ -10,7 +10,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +109,19 @@ def remembered(index: Path, *, trust: bool = True) -> Iterator[None]:
             _store(index)
 
 
-def _store(index: Path) -> None:
-    now = time.time_ns()
-
-    def settled(stamp: int) -> bool:
+def settled(identity: Sequence[int], now: int) -> bool:
+    """Whether a file of this :func:`stat_identity` last changed long enough before ``now`` (ns) for the same
+    identity to mean the same bytes later on (git's "racily clean" rule)."""
+    def old(stamp: int) -> bool:
         margin = RACY_SECONDS if stamp % 1_000_000_000 == 0 else min(RACY_SECONDS, RACY_SECONDS_FINE)
         return stamp < now - int(margin * 1e9)
 
-    entries = {":".join(map(str, identity)): _KNOWN[identity] for identity in _USED
-               if settled(identity[3]) and settled(identity[4])}
+    return old(identity[3]) and old(identity[4])
+
+
+def _store(index: Path) -> None:
+    now = time.time_ns()
+    entries = {":".join(map(str, identity)): _KNOWN[identity] for identity in _USED if settled(identity, now)}
     index.parent.mkdir(parents=True, exist_ok=True)
     temporary = index.with_name(f".{index.name}.{os.getpid()}")
     temporary.write_text(json.dumps(entries, sort_keys=True))

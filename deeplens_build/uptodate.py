@@ -22,6 +22,7 @@ Only the standard library is imported here: the check must cost less than import
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deeplens_build.digest import IDENTIFIED
+from deeplens_build.digest import IDENTIFIED, settled, stat_identity
 from deeplens_build.layout import CONFIG_NAME, WORK_DIR
 
 STAMPS = "up-to-date"
@@ -48,9 +49,15 @@ _WRITES = {"os.rename": ((0, 2), (1, 3)), "os.remove": ((0, 1),), "os.rmdir": ((
 """Audit events that change a file system path: the positions of each path argument and of the folder
 descriptor it may be relative to (-1 or None: the working folder)."""
 _PSEUDO = ("/proc/", "/sys/", "/dev/")
-_RACY_NS = 10_000_000
-"""A path changed this recently may change again without its times changing (git's "racily clean"); 2 s on file
-systems with whole-second times."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What an up-to-date ``package`` prints: its build's report, as text and as ``--json``, and its stderr."""
+
+    text: str
+    json: str
+    stderr: str
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,8 @@ class Request:
         return cls(config=path, key=hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest())
 
 
-def check(request: Request) -> dict[str, Any] | None:
-    """The summary the last build of ``request`` recorded, when nothing it read has changed since; else None."""
+def check(request: Request) -> Replay | None:
+    """What the last build of ``request`` printed, when nothing it read has changed since; else None."""
     try:
         build = tomllib.loads(request.config.read_text(encoding="utf-8")).get("build", {})
         stamp = json.loads((request.config.parent / build.get("work_dir", WORK_DIR) / STAMPS /
@@ -83,8 +90,10 @@ def check(request: Request) -> dict[str, Any] | None:
         paths: Mapping[str, _Identity] = stamp["paths"]
         if stamp["format"] != FORMAT or not paths:
             return None
-        if all(_identity(path) == identity for path, identity in paths.items()):
-            return stamp["summary"]
+        replay = Replay(**stamp["replay"])
+        if all(isinstance(text, str) for text in (replay.text, replay.json, replay.stderr)) and \
+                all(_identity(path) == identity for path, identity in paths.items()):
+            return replay
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no stamp, or one this check cannot read: the pipeline decides
     return None
@@ -111,7 +120,7 @@ class Recording:
             elif path is None and event != "open":  # os.listdir() and os.scandir() of the working folder
                 self._read(os.getcwd(), listed=True)
             elif isinstance(path, (str, bytes, os.PathLike)):  # not a descriptor: opened (and seen) by path
-                self._read(path, listed=event != "open" and event != IDENTIFIED)
+                self._read(path, listed=event in ("os.listdir", "os.scandir"))
         elif (positions := _WRITES.get(event)) is not None:
             for position, folder in positions:
                 if folder is None or args[folder] in (-1, None):
@@ -139,7 +148,7 @@ class Recording:
             path = parent
         return True
 
-    def save(self, request: Request, *, work_dir: Path, bundle: Path, summary: Mapping[str, Any]) -> None:
+    def save(self, request: Request, *, work_dir: Path, bundle: Path, replay: Replay) -> None:
         """Store the stamp, unless an input changed during the build or too recently to be trusted."""
         if self.broken:
             return
@@ -149,7 +158,7 @@ class Recording:
         paths, now = {}, time.time_ns()
         for path, before in self.seen.items():
             if _identity(path) == before:
-                if before is not None and not _settled(before, now) and not self._by_build(path):
+                if before is not None and not settled(before, now) and not self._by_build(path):
                     return
                 paths[path] = before
             elif not self._by_build(path):
@@ -160,7 +169,8 @@ class Recording:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{request.key}.json"
         temporary = folder / f".{target.name}.{os.getpid()}"
-        temporary.write_text(json.dumps({"format": FORMAT, "paths": paths, "summary": summary}), encoding="utf-8")
+        temporary.write_text(json.dumps({"format": FORMAT, "paths": paths, "replay": dataclasses.asdict(replay)}),
+                             encoding="utf-8")
         os.replace(temporary, target)
 
 
@@ -169,11 +179,11 @@ _hooked = False
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
-    if _recording is not None:
+    if (observed := _recording) is not None:
         try:
-            _recording.event(event, args)
+            observed.event(event, args)
         except Exception:  # an audit hook runs inside whatever the build was doing: it must never break it
-            _recording.broken = True
+            observed.broken = True
 
 
 @contextlib.contextmanager
@@ -199,12 +209,6 @@ def _writes(args: tuple[Any, ...]) -> bool:
 
 def _identity(path: str) -> _Identity:
     try:
-        stat = os.stat(path)
+        return list(stat_identity(os.stat(path)))
     except OSError:
         return None
-    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-
-
-def _settled(identity: list[int], now: int) -> bool:
-    margin = 2_000_000_000 if identity[3] % 1_000_000_000 == 0 else _RACY_NS
-    return max(identity[3], identity[4]) < now - margin

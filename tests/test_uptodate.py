@@ -139,7 +139,19 @@ def test_an_input_changed_while_the_build_ran_leaves_no_record(tmp_path: Path) -
             source.read_text()
             if edit_during_build:  # by another process: not one of the build's own writes
                 subprocess.run([sys.executable, "-c", f"open({str(source)!r}, 'a').write('after')"], check=True)
-            observed.save(request, work_dir=tmp_path / ".deeplens", bundle=bundle, summary={"bundle": str(bundle)})
+            observed.save(request, work_dir=tmp_path / ".deeplens", bundle=bundle,
+                          replay=uptodate.Replay(text="up to date", json="{}", stderr=""))
         assert (uptodate.check(request) is not None) is not edit_during_build
         for stamp in (tmp_path / ".deeplens" / uptodate.STAMPS).glob("*.json"):
             stamp.unlink()
+
+
+def test_a_damaged_record_runs_the_pipeline(project: Path) -> None:
+    package_json(project)
+    [stamp] = (project.parent / ".deeplens" / uptodate.STAMPS).glob("*.json")
+    recorded = json.loads(stamp.read_text())
+    for damaged in ("{not json", json.dumps({**recorded, "replay": {"text": 1}}), json.dumps({**recorded, "paths": 7}),
+                    json.dumps([recorded])):
+        stamp.write_text(damaged)
+        report = package_json(project)
+        assert not report["up_to_date"] and report["cached_stages"] == STAGES
