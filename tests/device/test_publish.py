@@ -2,7 +2,8 @@
 
 Greengrass IPC and greengrasssdk have no local stand-in (they talk to a running nucleus or v1 core), so those two
 branches are tested at their boundary: the client class is replaced by a recorder that checks topic, QoS and
-payload. The MQTT branch is tested for real against mosquitto in test_device.py (``run`` goes through it).
+payload. The MQTT branch is tested for real against mosquitto, here and in test_device.py (``run`` goes through
+it).
 """
 
 from __future__ import annotations
@@ -68,3 +69,33 @@ def test_without_a_core_results_are_printed_and_a_compat_sdk_is_not_taken_for_on
     deeplens_publish.publish({"label": "bird"})
     out, err = capsys.readouterr()
     assert json.loads(out) == {"label": "bird"} and "results go to stdout" in err
+
+
+def test_results_waiting_for_the_broker_are_not_dropped_while_they_are_handed_over(deeplens_publish, tmp_path,
+                                                                                   monkeypatch) -> None:
+    """A Lambda that publishes before its connection is up, then exits at once (a dying loop does): close() waits
+    until the broker has every result, also while the connect callback is handing the waiting ones to paho (a
+    window a loaded machine once hit: nothing pending, nothing counted in flight, three results dropped)."""
+    import time
+
+    from helpers import Broker
+
+    broker = Broker(tmp_path)  # its port is chosen; it starts only once the results wait
+    monkeypatch.setenv(deeplens_publish.STATS, str(tmp_path / "stats.json"))
+    publisher = deeplens_publish.MqttPublisher(f"127.0.0.1:{broker.port}", buffer=10)
+    handed = publisher._client.publish
+
+    def slow_hand_over(*args, **kwargs):
+        time.sleep(0.3)  # close() polls every 50 ms
+        return handed(*args, **kwargs)
+
+    monkeypatch.setattr(publisher._client, "publish", slow_hand_over)
+    for frame in range(3):
+        publisher.publish("$aws/things/deeplens_abc/infer", json.dumps({"frame": frame}))
+    broker.start()
+    try:
+        publisher.close()
+    finally:
+        broker.stop()
+    counts = json.loads((tmp_path / "stats.json").read_text())
+    assert counts == {"results": 3, "published": 3, "dropped": 0, "reconnects": 0}

@@ -154,7 +154,9 @@ class MqttPublisher:
         with self._lock:
             self.results += 1
             online = self._connected.is_set()
-            if not online:
+            if online:
+                self.sent += 1
+            else:
                 if len(self._pending) == self._pending.maxlen:
                     self.dropped += 1
                 self._pending.append((topic_name, payload))
@@ -181,10 +183,10 @@ class MqttPublisher:
             return bool(self._pending) or self.sent > self.acknowledged
 
     def _send(self, topic_name, payload):
+        """Hand a result to paho; it was counted as sent, under the lock, when it left ``_pending`` (or never
+        entered it): close() must never find a result in neither place and stop waiting for it."""
         # paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect
         self._client.publish(topic_name, payload, qos=1)
-        with self._lock:
-            self.sent += 1
 
     def _on_connect(self, client, userdata, flags, reason, properties):
         if reason.is_failure:
@@ -194,6 +196,7 @@ class MqttPublisher:
             self._connected.set()
             waiting = list(self._pending)
             self._pending.clear()
+            self.sent += len(waiting)
         for item in waiting:
             self._send(*item)
 
