@@ -150,9 +150,9 @@ def _private_key(pem: bytes, where: str) -> ec.EllipticCurvePrivateKey:
 
 
 def _kms():
-    import boto3
+    from deeplens_build import aws
 
-    return boto3.client("kms")
+    return aws.client("kms")
 
 
 def _kms_signer(key_id: str) -> KmsSigner:

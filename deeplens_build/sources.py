@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deeplens_build import hookimpl
+from deeplens_build import aws, hookimpl
 from deeplens_build.errors import AwsError, SourceError
 from deeplens_build.stages.fetch import SourceContext, local
 from deeplens_build.types import SageMakerJob, SourceKind, TrainingOutput
@@ -39,14 +39,6 @@ def _s3_object(source: str, context: SourceContext) -> TrainingOutput:
     return context.from_file(path, kind="s3", origin=source)
 
 
-def _aws_client(service: str):
-    import boto3
-    from botocore.config import Config
-
-    # boto3 >= 1.28 reads AWS_ENDPOINT_URL itself; standard retries cover throttling and 5xx
-    return boto3.client(service, config=Config(retries={"mode": "standard", "max_attempts": 5}))
-
-
 def _download(bucket: str, key: str, context: SourceContext) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -54,7 +46,7 @@ def _download(bucket: str, key: str, context: SourceContext) -> Path:
     if not bucket.startswith(BUCKET_PREFIX):
         reporter.warn(f"bucket {bucket!r} does not start with {BUCKET_PREFIX!r}: the default DeepLens service "
                       "policies cannot read it, so a device deploy from it needs extra permissions")
-    s3 = _aws_client("s3")
+    s3 = aws.client("s3")
     uri = f"s3://{bucket}/{key}"
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
@@ -87,7 +79,7 @@ def _training_job(source: str, context: SourceContext) -> TrainingOutput:
 
     name = source.removeprefix(SAGEMAKER_PREFIX)
     try:
-        job = _aws_client("sagemaker").describe_training_job(TrainingJobName=name)
+        job = aws.client("sagemaker").describe_training_job(TrainingJobName=name)
     except ClientError as exc:
         raise SourceError(f"SageMaker training job {name!r} could not be described: "
                           f"{exc.response.get('Error', {}).get('Message', exc)}") from exc

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deeplens_build import aws
 from deeplens_build.aws import greengrass
 from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.digest import file_sha256
@@ -78,13 +79,9 @@ class Clients:
     kinesisvideo: Any = None
 
     def __post_init__(self) -> None:
-        import boto3
-        from botocore.config import Config
-
-        retries = Config(retries={"mode": "standard", "max_attempts": 8})
         for name in ("s3", "iot", "greengrass", "greengrassv2", "sts", "kinesisvideo"):
             if getattr(self, name) is None:
-                setattr(self, name, boto3.client(name, config=retries))
+                setattr(self, name, aws.client(name, attempts=8))
 
 
 def parse_target(text: str) -> Target:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from deeplens_build import aws
 from deeplens_build.config import LambdaConfig
 from deeplens_build.errors import AwsError, ConfigError
 from deeplens_build.report import Reporter
@@ -18,13 +19,11 @@ from deeplens_build.types import LambdaPackage, PublishedLambda
 def publish_lambda(package: LambdaPackage, config: LambdaConfig, *, environment: Mapping[str, str],
                    reporter: Reporter) -> PublishedLambda:
     """Create or update ``package.name`` from the zip, publish a version, and move ``config.alias`` to it."""
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
     if not config.role:
         raise ConfigError("publishing the Lambda needs `lambda.role`, the ARN of its execution role")
-    client = boto3.client("lambda", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    client = aws.client("lambda")
     code = package.path.read_bytes()
     settings = {"Role": config.role, "Handler": package.handler, "Runtime": config.runtime,
                 "MemorySize": config.memory_size, "Timeout": config.timeout,
