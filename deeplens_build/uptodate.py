@@ -48,6 +48,8 @@ _WRITES = {"os.rename": ((0, 2), (1, 3)), "os.remove": ((0, 1),), "os.rmdir": ((
            "os.chmod": ((0, 2),), "os.chown": ((0, 3),), "shutil.rmtree": ((0, 1),)}
 """Audit events that change a file system path: the positions of each path argument and of the folder
 descriptor it may be relative to (-1 or None: the working folder)."""
+_MOVES = frozenset({"os.rename", "os.rmdir", "shutil.rmtree"})
+"""Of those, the ones that change everything under the path too (a folder moved or removed)."""
 _PSEUDO = ("/proc/", "/sys/", "/dev/")
 
 
@@ -105,6 +107,9 @@ class Recording:
     def __init__(self) -> None:
         self.seen: dict[str, _Identity] = {}
         self.written: set[str] = set()
+        """Paths the build changed, and the folders whose entries it changed."""
+        self.moved: set[str] = set()
+        """Paths the build moved or removed, with everything under them."""
         self.broken = False
         """An event could not be understood: what the build read is not known, so nothing is stored."""
 
@@ -124,7 +129,7 @@ class Recording:
         elif (positions := _WRITES.get(event)) is not None:
             for position, folder in positions:
                 if folder is None or args[folder] in (-1, None):
-                    self._wrote(args[position])
+                    self._wrote(args[position], moved=event in _MOVES)
 
     def _read(self, path: str | bytes | os.PathLike[Any], *, listed: bool = False) -> None:
         """A folder listed is seen as itself; a file with the folder it lies in."""
@@ -135,14 +140,19 @@ class Recording:
             if observed not in self.seen:
                 self.seen[observed] = _identity(observed)
 
-    def _wrote(self, path: Any) -> None:
+    def _wrote(self, path: Any, *, moved: bool = False) -> None:
         if isinstance(path, (str, bytes, os.PathLike)):
             name = os.path.abspath(os.fsdecode(path))
             self.written.update((name, os.path.dirname(name)))
+            if moved:
+                self.moved.add(name)
 
     def _by_build(self, path: str) -> bool:
-        """Whether the build wrote ``path``, into it, or moved or removed a folder holding it."""
-        while path not in self.written:
+        """Whether the build changed ``path`` itself (or the entries of the folder it is), or moved or removed it
+        or a folder holding it. Writing into a folder says nothing of the other files in it."""
+        if path in self.written:
+            return True
+        while path not in self.moved:
             if (parent := os.path.dirname(path)) == path:
                 return False
             path = parent
