@@ -127,6 +127,8 @@ class Recording:
             elif isinstance(path, (str, bytes, os.PathLike)):  # not a descriptor: opened (and seen) by path
                 self._read(path, listed=event in ("os.listdir", "os.scandir"))
         elif (positions := _WRITES.get(event)) is not None:
+            if event == "os.mkdir" and args[2] in (-1, None) and os.path.lexists(args[0]):
+                return  # makedirs(exist_ok=True) of a folder already there (the work folder, each build) writes nothing
             for position, folder in positions:
                 if folder is None or args[folder] in (-1, None):
                     self._wrote(args[position], moved=event in _MOVES)
