@@ -25,7 +25,7 @@ from pydantic import (
 from deeplens_build import names
 from deeplens_build.aws.recipe import COMPONENT_NAME
 from deeplens_build.errors import ConfigError
-from deeplens_build.layout import CONFIG_NAME, WORK_DIR
+from deeplens_build.layout import CONFIG_NAME, WORK_DIR, config_file
 
 SHARED_CACHE = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
 MAX_RANDOM_SAMPLES = 1000
@@ -194,7 +194,7 @@ _OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengra
 
 def load_config(path: Path | None) -> ProjectConfig:
     """Read and validate ``deeplens.toml``; every problem is a ``ConfigError`` quoting the key path."""
-    path = (path or Path.cwd() / CONFIG_NAME).resolve()
+    path = config_file(path)
     if not path.is_file():
         raise ConfigError(f"no {path.name} at {path.parent}: pass --config PATH, or create one "
                           "(see README.md, 'Configuration')")

@@ -4,11 +4,11 @@ rebuild in a blink. Like make's and ninja's check, but with what the last build 
 While a build runs, Python's audit events (PEP 578) tell what it observed: every file it opened for reading,
 every folder it listed, every file :func:`digest.file_sha256` identified from the stat index without opening it,
 and the folder each of those lies in (a new checkpoint beside the model, a new module on the import path, a
-labels file that was missing are changes too). What the build wrote itself (files, and the folders it wrote
-into) is output, not input. After a build whose inputs are all local files, those paths with their identities
-(device, inode, size, modification and change times) are the stamp, kept in the work folder under the digest of
-the request: the command's options, the working folder, the interpreter and its import path, and the
-``DEEPLENS_*`` and ``SOURCE_DATE_EPOCH`` variables.
+labels file that was missing are changes too). What the build changed itself (the files it wrote, the folders
+whose entries it changed, everything under a folder it moved or removed) is output, not input. After a build
+whose inputs are all local files, those paths with their identities (device, inode, size, modification and
+change times) are the stamp, kept in the work folder under the digest of the request: the command's options, the
+working folder, the interpreter and its import path, and the ``DEEPLENS_*`` and ``SOURCE_DATE_EPOCH`` variables.
 
 The next ``package`` with the same request is up to date when every recorded path has the same identity (or is
 still missing), and the bundle and its folder are as that build left them. Anything else, or any doubt (no stamp,
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplens_build.digest import IDENTIFIED, settled, stat_identity
-from deeplens_build.layout import CONFIG_NAME, WORK_DIR
+from deeplens_build.layout import WORK_DIR, config_file
 
 STAMPS = "up-to-date"
 FORMAT = 1
@@ -73,7 +73,7 @@ class Request:
     def of(cls, *, config: Path | None, source: str | None, output: Path | None, signing_key: str | None,
            shared_cache: str | None) -> Request:
         """Taken when the command starts, before the build changes the environment or the import path."""
-        path = (config or Path.cwd() / CONFIG_NAME).absolute()
+        path = config_file(config)
         # the signing key may be PEM text in $DEEPLENS_SIGNING_KEY: it is only ever hashed
         environment = {k: v for k, v in os.environ.items() if k.startswith("DEEPLENS_") or k == "SOURCE_DATE_EPOCH"}
         request = {"format": FORMAT, "config": str(path), "source": source,
