@@ -22,7 +22,7 @@ import numpy as np
 from common import median_seconds
 
 from deeplens_build import onnxtools, testing
-from deeplens_build.device import DeviceOptions, run_device
+from deeplens_build.device.run import DeviceOptions, run_device
 from deeplens_build.report import Reporter
 
 FRAMES = 300

@@ -21,7 +21,9 @@ Writing a framework plugin takes one module and one entry point::
 
 The hooks, their arguments and what to return are documented in :mod:`deeplens_build.hookspecs` (source
 plugins: ``deeplens_build_sources``; target backends: ``deeplens_build_targets``, with ``plugins/openvino`` as the
-worked example); :mod:`deeplens_build.testing` runs a plugin through the real pipeline in a test.
+worked example); a source plugin fetches through :class:`SourceContext` and makes AWS clients with
+:func:`aws_client`; :mod:`deeplens_build.testing` runs a plugin through the real pipeline in a test. Everything
+a plugin needs is here: the built-in plugins (:mod:`deeplens_build.builtin`) import nothing else of the core.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from deeplens_build.errors import (
+    AwsError,
     CompileError,
     ConversionError,
     DeepLensBuildError,
@@ -37,12 +40,15 @@ from deeplens_build.errors import (
 )
 
 if TYPE_CHECKING:
+    from deeplens_build.clients import aws_client
+    from deeplens_build.source_context import SourceContext
     from deeplens_build.types import (
         Artifact,
         Framework,
         ModelFiles,
         PluginSettings,
         Runner,
+        SageMakerJob,
         SourceKind,
         TargetBackend,
         TensorSpec,
@@ -55,8 +61,12 @@ NAME = "deeplens_build"
 
 __version__ = "0.1.0"
 
-_TYPES = {"Artifact", "Framework", "ModelFiles", "PluginSettings", "Runner", "SourceKind", "TargetBackend",
-          "TensorSpec", "TrainingOutput", "choose_one"}
+_LAZY = {
+    **dict.fromkeys(("Artifact", "Framework", "ModelFiles", "PluginSettings", "Runner", "SageMakerJob", "SourceKind",
+                     "TargetBackend", "TensorSpec", "TrainingOutput", "choose_one"), "deeplens_build.types"),
+    "SourceContext": "deeplens_build.source_context",
+    "aws_client": "deeplens_build.clients",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -66,10 +76,10 @@ def __getattr__(name: str) -> Any:
         import pluggy
 
         value: Any = pluggy.HookimplMarker(NAME)
-    elif name in _TYPES:
-        from deeplens_build import types
+    elif name in _LAZY:
+        import importlib
 
-        value = getattr(types, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -79,6 +89,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "NAME",
     "Artifact",
+    "AwsError",
     "CompileError",
     "ConversionError",
     "DeepLensBuildError",
@@ -86,12 +97,15 @@ __all__ = [
     "ModelFiles",
     "PluginError",
     "PluginSettings",
-    "SourceError",
     "Runner",
+    "SageMakerJob",
+    "SourceContext",
+    "SourceError",
     "SourceKind",
     "TargetBackend",
     "TensorSpec",
     "TrainingOutput",
+    "aws_client",
     "choose_one",
     "hookimpl",
 ]

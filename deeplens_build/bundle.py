@@ -41,6 +41,7 @@ from deeplens_build.archive import (
 )
 from deeplens_build.digest import BackgroundSha256, file_sha256, stat_identity
 from deeplens_build.digest import written as digest_written
+from deeplens_build.files import write_atomic
 from deeplens_build.errors import (
     BundleError,
     SigningError,
@@ -160,11 +161,8 @@ def _unchanged(target: Path, manifest_bytes: bytes, written: Path) -> str | None
 
 
 def _remember(target: Path, manifest_bytes: bytes, sha256: str, written: Path) -> None:
-    written.parent.mkdir(parents=True, exist_ok=True)
-    temporary = written.with_name(f".{written.name}.{os.getpid()}")
-    temporary.write_text(json.dumps({"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "sha256": sha256,
-                                     "stat": list(stat_identity(target.stat()))}))
-    os.replace(temporary, written)
+    write_atomic(written, json.dumps({"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "sha256": sha256,
+                                      "stat": list(stat_identity(target.stat()))}))
 
 
 def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:

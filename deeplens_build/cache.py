@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from deeplens_build import aws, locks
+from deeplens_build import locks
+from deeplens_build.clients import aws_client
 from deeplens_build.digest import file_sha256, json_sha256, linked, stat_identity, written
 from deeplens_build.names import check_bundle_path
 
@@ -157,7 +158,7 @@ class SharedCache:
         """Made when first needed (boto3 takes 0.4 s to import and set up): a build whose stages are all in the
         local cache never asks."""
         if self._client is None:
-            self._client = aws.client("s3")
+            self._client = aws_client("s3")
         return self._client
 
     def _name(self, *parts: str) -> str:

@@ -21,7 +21,7 @@ from deeplens_build import __version__
 from deeplens_build.errors import DeepLensBuildError, ExitCode
 
 if TYPE_CHECKING:
-    from deeplens_build.types import BuildResult
+    from deeplens_build.values import BuildResult
 
 # pydantic looks for plugins of its own (observability hooks for applications) by reading the entry points of
 # every installed distribution: 20-30 ms of each command's start, for plugins this tool has no use for
@@ -406,7 +406,8 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
                 fps: float | None, buffer: int, stream_port: int | None, kvs_record: Path | None, device_dir: Path,
                 public_key: Path | None, allow_any_signer: bool, as_json: bool) -> None:
     """Run the bundle as a device would: the Lambda's loop over frames, results on MQTT."""
-    from deeplens_build.device import DeviceOptions, parse_broker, run_device
+    from deeplens_build.device.mqtt import parse_broker
+    from deeplens_build.device.run import DeviceOptions, run_device
     from deeplens_build.report import Reporter
 
     host, port = parse_broker(broker)
@@ -432,7 +433,8 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
 @_handle_errors
 def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> None:
     """Print results live as they arrive (top label, score, latency), like the DeepLens project output."""
-    from deeplens_build.device import parse_broker, watch
+    from deeplens_build.device.mqtt import parse_broker
+    from deeplens_build.device.watch import watch
     from deeplens_build.manifest import infer_topic
 
     host, port = parse_broker(broker)

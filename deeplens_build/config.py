@@ -6,7 +6,6 @@ any working directory.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,9 +22,8 @@ from pydantic import (
 )
 
 from deeplens_build import names
-from deeplens_build.aws.recipe import COMPONENT_NAME
 from deeplens_build.errors import ConfigError
-from deeplens_build.layout import CONFIG_NAME, WORK_DIR, config_file
+from deeplens_build.layout import CONFIG_NAME, WORK_DIR, config_file, read_document
 
 SHARED_CACHE = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
 MAX_RANDOM_SAMPLES = 1000
@@ -115,7 +113,7 @@ class TargetConfig(_Strict):
     accelerator: Literal["cpu", "gpu"] = "cpu"
     python: Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)] | None = None
     """The device's Python (``"3.10"``); the runtime definition's default when unset."""
-    backend: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]*$")] = "onnxruntime"
+    backend: Annotated[str, StringConstraints(pattern=names.PLUGIN_NAME)] = "onnxruntime"
     """The target backend (``deeplens-build plugins`` lists them): ``onnxruntime``, ``openvino``, ``tensorrt``."""
     opset: Annotated[int, Strict(), Field(ge=7, le=40)] | None = None
     """The highest ONNX opset the device's runtime loads, when lower than the backend's and runtime's own."""
@@ -141,7 +139,7 @@ class GreengrassConfig(_Strict):
     format: Literal["v2", "v1", "both"] = "v2"
     bucket: str = "deeplens-greengrass-artifacts"
     prefix: str = "components"
-    component: Annotated[str, StringConstraints(pattern=COMPONENT_NAME)] | None = None
+    component: Annotated[str, StringConstraints(pattern=names.COMPONENT_NAME)] | None = None
     thing_name: str | None = None
     model_path: str = "/greengrass-machine-learning/model"
 
@@ -192,16 +190,12 @@ class ProjectConfig(_Strict):
 _OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass", "device", "profile")
 
 
-def load_config(path: Path | None) -> ProjectConfig:
-    """Read and validate ``deeplens.toml``; every problem is a ``ConfigError`` quoting the key path."""
+def load_config(path: Path | None, document: dict[str, Any] | None = None) -> ProjectConfig:
+    """Read and validate ``deeplens.toml``; every problem is a ``ConfigError`` quoting the key path.
+
+    :param document: the file's TOML, when the caller has parsed it already (:func:`layout.read_document`)."""
     path = config_file(path)
-    if not path.is_file():
-        raise ConfigError(f"no {path.name} at {path.parent}: pass --config PATH, or create one "
-                          "(see README.md, 'Configuration')")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    data = read_document(path) if document is None else document
     if "root" in data:
         raise ConfigError(f"{path}: `root` is not a setting")
     return parse_config(data, root=path.parent, where=str(path))

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from deeplens_build.files import write_atomic
+
 _CHUNK = 1 << 20
 
 
@@ -122,10 +124,7 @@ def settled(identity: Sequence[int], now: int) -> bool:
 def _store(index: Path) -> None:
     now = time.time_ns()
     entries = {":".join(map(str, identity)): _KNOWN[identity] for identity in _USED if settled(identity, now)}
-    index.parent.mkdir(parents=True, exist_ok=True)
-    temporary = index.with_name(f".{index.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(entries, sort_keys=True))
-    os.replace(temporary, index)
+    write_atomic(index, json.dumps(entries, sort_keys=True))
 
 
 def _read_sha256(path: Path) -> str:

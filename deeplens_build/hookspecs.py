@@ -67,11 +67,12 @@ def deeplens_build_sources() -> list[SourceKind]:
     (``scheme://...``) is an error listing the installed kinds; anything else is a local path (the built-in
     ``local`` kind). Two kinds claiming one prefix is an error naming both plugins.
 
-    The fetch function receives the source string and a :class:`deeplens_build.stages.fetch.SourceContext`: fetch
+    The fetch function receives the source string and a :class:`deeplens_build.SourceContext`: fetch
     remote bytes once with ``context.stored(...)`` (cached by the key you give, e.g. the object's ETag), then
     hand the file to ``context.from_file(...)`` (archives are extracted safely, under the user's limits) or a
-    folder to ``context.from_folder(...)``. Raise :class:`deeplens_build.SourceError` for a source that
-    cannot be fetched, naming it and what to do.
+    folder to ``context.from_folder(...)``; :func:`deeplens_build.aws_client` makes boto3 clients with the
+    core's retries. Raise :class:`deeplens_build.SourceError` for a source that cannot be fetched, naming it and
+    what to do.
 
     :return: a list of :class:`~deeplens_build.SourceKind`.
 

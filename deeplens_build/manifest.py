@@ -116,7 +116,7 @@ class OptimizationRecord(_Record):
 
 
 class TargetRecord(_Record):
-    backend: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]*$")]
+    backend: Annotated[str, StringConstraints(pattern=names.PLUGIN_NAME)]
     plugin: ShortText
     distribution: ShortText | None
     version: ShortText | None

@@ -26,6 +26,10 @@ PYTHON_VERSION = r"^3\.\d{1,2}$"
 """A device's Python, as ``target.python`` and runtime definitions name it: ``"3.10"``."""
 KVS_STREAM = r"^[a-zA-Z0-9_.-]{1,256}$"
 """A Kinesis Video stream name, as the service allows it."""
+COMPONENT_NAME = r"^[a-zA-Z0-9_.-]{1,128}$"
+"""A Greengrass v2 component name (``greengrass.component``, a recipe's ``ComponentName``)."""
+PLUGIN_NAME = r"^[a-z][a-z0-9_-]*$"
+"""A framework's or a target backend's name (``model.framework``, ``target.backend``, the manifest's record)."""
 
 
 def check_model_name(name: str) -> str:

@@ -6,13 +6,14 @@ so nothing here knows a framework by name.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as metadata
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pluggy
 from pydantic import ValidationError
@@ -25,21 +26,18 @@ from deeplens_build.errors import (
     PluginError,
     SourceError,
 )
-from deeplens_build.names import first_problem
+from deeplens_build.names import PLUGIN_NAME, first_problem
 from deeplens_build.types import (
     Artifact,
-    Detection,
     Framework,
     ModelFiles,
-    PluginInfo,
     PluginSettings,
-    SourceInfo,
     SourceKind,
     TargetBackend,
-    TargetInfo,
     TensorSpec,
     TrainingOutput,
 )
+from deeplens_build.values import Detection, PluginInfo, SourceInfo, TargetInfo
 
 DISABLE_ENV = "DEEPLENS_BUILD_DISABLE_PLUGINS"
 """Comma-separated entry-point names that are not loaded (e.g. to silence a broken third-party plugin)."""
@@ -56,8 +54,8 @@ Loaded like any plugin; registered directly when an allowlist or ``entry_points=
 no build can fetch without it (blocking it by name still removes it)."""
 CORE_TARGETS = "deeplens-targets"
 """The entry point of the built-in ``onnxruntime`` target backend, the default: registered like ``CORE_SOURCES``."""
-DEFAULT_TARGET = "onnxruntime"
-_FRAMEWORK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_PLUGIN_NAME = re.compile(PLUGIN_NAME)
+T = TypeVar("T")
 _URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -277,105 +275,110 @@ def build_plugin_manager(
                 failures.append(LoadFailure(ep.name, ep.dist.name if ep.dist else None, f"{type(exc).__name__}: {exc}"))
                 continue
             dists[ep.name] = ep.dist
-    if not pm.has_plugin(CORE_SOURCES) and not pm.is_blocked(CORE_SOURCES):
-        from deeplens_build import sources
-
-        pm.register(sources, name=CORE_SOURCES)
-        dists[CORE_SOURCES] = _distribution("deeplens-build")
-    if not pm.has_plugin(CORE_TARGETS) and not pm.is_blocked(CORE_TARGETS):
-        from deeplens_build import targets
-
-        pm.register(targets, name=CORE_TARGETS)
-        dists[CORE_TARGETS] = _distribution("deeplens-build")
+    for name, module in ((CORE_SOURCES, "deeplens_build.builtin.sources"),
+                         (CORE_TARGETS, "deeplens_build.builtin.onnxruntime")):
+        if not pm.has_plugin(name) and not pm.is_blocked(name):
+            pm.register(importlib.import_module(module), name=name)
+            dists[name] = _distribution("deeplens-build")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
-    infos = _declare_frameworks(pm, dists, failures)
-    kinds = _declare_sources(pm, dists, failures)
-    targets = _declare_targets(pm, dists, failures)
-    declared = {*infos, *(k.plugin for k in kinds), *(t.plugin for t in targets), *(f.name for f in failures)}
+    frameworks = _collect(pm, dists, failures, _FRAMEWORKS)
+    kinds = _collect(pm, dists, failures, _SOURCES)
+    targets = _collect(pm, dists, failures, _TARGETS)
+    infos = {
+        name: PluginInfo(name=name, framework=framework, distribution=dist.name if dist else None,
+                         version=dist.version if dist else None, builtin=_builtin(dist),
+                         tool_versions={req: installed_version(req) for req in framework.requires})
+        for name, dist, framework in frameworks}
+    sources = tuple(SourceInfo(kind=kind, plugin=name, distribution=dist.name if dist else None,
+                               version=dist.version if dist else None, builtin=_builtin(dist))
+                    for name, dist, kind in kinds)
+    backends = tuple(sorted((
+        TargetInfo(backend=backend, plugin=name, distribution=dist.name if dist else None,
+                   version=dist.version if dist else None, builtin=_builtin(dist),
+                   tool_versions={req: installed_version(req) for req in backend.requires})
+        for name, dist, backend in targets), key=lambda t: t.backend.name))
+    declared = {name for found in (frameworks, kinds, targets) for name, _, _ in found} | {f.name for f in failures}
     for name, plugin in pm.list_name_plugin():
         if plugin is not None and name not in declared:
             failures.append(LoadFailure(name, None, "implements none of deeplens_build_framework, "
                                                     "deeplens_build_sources and deeplens_build_targets"))
             pm.unregister(plugin)
-    return PluginManager(pm, infos, kinds, targets, tuple(failures))
+    return PluginManager(pm, infos, sources, backends, tuple(failures))
 
 
-def _declare_frameworks(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
-                        failures: list[LoadFailure]) -> dict[str, PluginInfo]:
-    infos: dict[str, PluginInfo] = {}
-    for name, dist, framework in _declarations(pm, "deeplens_build_framework", dists, failures):
-        if not isinstance(framework, Framework) or not _FRAMEWORK_NAME.match(framework.name):
-            raise PluginError(f"plugin {name!r}: deeplens_build_framework must return a Framework whose name "
-                              f"matches {_FRAMEWORK_NAME.pattern}; got {framework!r}")
-        if not (isinstance(framework.settings, type) and issubclass(framework.settings, PluginSettings)):
-            raise PluginError(f"plugin {name!r}: Framework.settings must be a PluginSettings subclass, not "
-                              f"{framework.settings!r}")
-        infos[name] = PluginInfo(
-            name=name,
-            framework=framework,
-            distribution=dist.name if dist else None,
-            version=dist.version if dist else None,
-            builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
-            tool_versions={req: _installed_version(req) for req in framework.requires},
-        )
-    _one_provider_each("framework", ((i.framework.name, i.name, i.distribution) for i in infos.values()))
-    return infos
+@dataclass(frozen=True)
+class _Declaration(Generic[T]):
+    """One kind of plugin, as its declaration hook answers it.
+
+    :param many: the hook answers a list of declarations (sources, targets), not one (a framework).
+    :param valid: whether one declaration is well formed; ``expected`` says what that is, for the error.
+    :param claims: what a declaration claims, each as (what, who), e.g. ("framework 'onnx'", "'onnx' (dist)"):
+        two declarations claiming one thing are refused, naming both.
+    :param verb: how the refusal says it, between the claim and its claimants.
+    """
+
+    hook: str
+    many: bool
+    valid: Callable[[Any], bool]
+    expected: str
+    claims: Callable[[str, metadata.Distribution | None, T], Iterable[tuple[str, str]]]
+    verb: str = "provided by more than one plugin:"
 
 
-def _declare_sources(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
-                     failures: list[LoadFailure]) -> tuple[SourceInfo, ...]:
-    infos: list[SourceInfo] = []
-    for name, dist, kinds in _declarations(pm, "deeplens_build_sources", dists, failures):
-        if not isinstance(kinds, list | tuple) or not all(isinstance(k, SourceKind) and callable(k.fetch)
-                                                         for k in kinds):
-            raise PluginError(f"plugin {name!r}: deeplens_build_sources must return a list of SourceKind; got "
-                              f"{kinds!r}")
-        infos += [SourceInfo(kind=k, plugin=name, distribution=dist.name if dist else None,
-                             version=dist.version if dist else None,
-                             builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS)) for k in kinds]
-    claims: dict[str, list[SourceInfo]] = {}
-    for info in infos:
-        for prefix in info.kind.prefixes or ("",):
-            claims.setdefault(prefix, []).append(info)
-    for prefix, providers in claims.items():
-        if len(providers) > 1:
-            who = " and ".join(f"{p.kind.name!r} of plugin {p.plugin!r}" for p in providers)
-            what = f"source prefix {prefix!r}" if prefix else "local paths (a kind without prefixes)"
-            raise PluginError(f"{what} is claimed by {who}; uninstall one, or block it with {DISABLE_ENV}")
-    return tuple(infos)
+def _who(name: str, dist: metadata.Distribution | None) -> str:
+    return f"{name!r} ({dist.name if dist else 'registered directly'})"
 
 
-def _declare_targets(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
-                     failures: list[LoadFailure]) -> tuple[TargetInfo, ...]:
-    infos: list[TargetInfo] = []
-    for name, dist, backends in _declarations(pm, "deeplens_build_targets", dists, failures):
-        if not isinstance(backends, list | tuple) or not all(
-                isinstance(t, TargetBackend) and _FRAMEWORK_NAME.match(t.name) and Path(t.device_module).is_file()
-                for t in backends):
-            raise PluginError(f"plugin {name!r}: deeplens_build_targets must return a list of TargetBackend, each "
-                              f"named like {_FRAMEWORK_NAME.pattern} with an existing device_module; got {backends!r}")
-        infos += [TargetInfo(backend=t, plugin=name, distribution=dist.name if dist else None,
-                             version=dist.version if dist else None,
-                             builtin=bool(dist and dist.name in BUILTIN_DISTRIBUTIONS),
-                             tool_versions={req: _installed_version(req) for req in t.requires}) for t in backends]
-    _one_provider_each("target backend", ((t.backend.name, t.plugin, t.distribution) for t in infos))
-    return tuple(sorted(infos, key=lambda t: t.backend.name))
+_FRAMEWORKS: _Declaration[Framework] = _Declaration(
+    hook="deeplens_build_framework", many=False,
+    valid=lambda f: (isinstance(f, Framework) and bool(_PLUGIN_NAME.match(f.name)) and isinstance(f.settings, type)
+                     and issubclass(f.settings, PluginSettings)),
+    expected=f"a Framework whose name matches {PLUGIN_NAME} and whose settings are a PluginSettings subclass",
+    claims=lambda name, dist, f: [(f"framework {f.name!r}", _who(name, dist))])
+_SOURCES: _Declaration[SourceKind] = _Declaration(
+    hook="deeplens_build_sources", many=True,
+    valid=lambda k: isinstance(k, SourceKind) and callable(k.fetch),
+    expected="a list of SourceKind",
+    claims=lambda name, dist, k: [(f"source prefix {prefix!r}" if prefix else "local paths (a kind without prefixes)",
+                                   f"{k.name!r} of plugin {name!r}") for prefix in k.prefixes or ("",)],
+    verb="claimed by")
+_TARGETS: _Declaration[TargetBackend] = _Declaration(
+    hook="deeplens_build_targets", many=True,
+    valid=lambda t: (isinstance(t, TargetBackend) and bool(_PLUGIN_NAME.match(t.name))
+                     and Path(t.device_module).is_file()),
+    expected=f"a list of TargetBackend, each named like {PLUGIN_NAME} with an existing device_module",
+    claims=lambda name, dist, t: [(f"target backend {t.name!r}", _who(name, dist))])
 
 
-def _one_provider_each(what: str, provided: Iterable[tuple[str, str, str | None]]) -> None:
-    """Refuse a name two plugins provide; ``provided`` holds (name, plugin, distribution) per declaration."""
-    by_name: dict[str, list[tuple[str, str | None]]] = {}
-    for name, plugin, distribution in provided:
-        by_name.setdefault(name, []).append((plugin, distribution))
-    for name, providers in by_name.items():
-        if len(providers) > 1:
-            who = " and ".join(f"{plugin!r} ({distribution or 'registered directly'})"
-                               for plugin, distribution in providers)
-            raise PluginError(f"{what} {name!r} is provided by more than one plugin: {who}; uninstall one, or block "
-                              f"it with {DISABLE_ENV}")
+def _collect(pm: pluggy.PluginManager, dists: Mapping[str, metadata.Distribution | None],
+             failures: list[LoadFailure], kind: _Declaration[T]) -> list[tuple[str, metadata.Distribution | None, T]]:
+    """Every plugin's declarations of one kind, checked, as (plugin name, distribution, declaration); the one
+    collector for frameworks, source kinds and target backends.
+
+    :raises PluginError: for a malformed answer, or one thing claimed by two declarations (naming both).
+    """
+    found: list[tuple[str, metadata.Distribution | None, T]] = []
+    for name, dist, answer in _declarations(pm, kind.hook, dists, failures):
+        items = answer if kind.many and isinstance(answer, list | tuple) else [answer]
+        if (kind.many and not isinstance(answer, list | tuple)) or not all(kind.valid(item) for item in items):
+            raise PluginError(f"plugin {name!r}: {kind.hook} must return {kind.expected}; got {answer!r}")
+        found += [(name, dist, item) for item in items]
+    claimants: dict[str, list[str]] = {}
+    for name, dist, item in found:
+        for what, who in kind.claims(name, dist, item):
+            claimants.setdefault(what, []).append(who)
+    for what, who in claimants.items():
+        if len(who) > 1:
+            raise PluginError(f"{what} is {kind.verb} {' and '.join(who)}; uninstall one, or block it with "
+                              f"{DISABLE_ENV}")
+    return found
+
+
+def _builtin(dist: metadata.Distribution | None) -> bool:
+    return bool(dist and dist.name in BUILTIN_DISTRIBUTIONS)
 
 
 def _declarations(pm: pluggy.PluginManager, hook: str, dists: Mapping[str, metadata.Distribution | None],
@@ -405,7 +408,8 @@ def _names_from(variable: str) -> set[str] | None:
     return None if value is None else {n.strip() for n in value.split(",") if n.strip()}
 
 
-def _installed_version(distribution: str) -> str:
+def installed_version(distribution: str) -> str:
+    """The installed version of ``distribution``, or ``"not installed"``."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

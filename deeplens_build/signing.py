@@ -150,9 +150,9 @@ def _private_key(pem: bytes, where: str) -> ec.EllipticCurvePrivateKey:
 
 
 def _kms():
-    from deeplens_build import aws
+    from deeplens_build.clients import aws_client
 
-    return aws.client("kms")
+    return aws_client("kms")
 
 
 def _kms_signer(key_id: str) -> KmsSigner:

@@ -34,7 +34,8 @@ from deeplens_build.pipeline import BuildOptions, package
 from deeplens_build.plugins import build_plugin_manager
 from deeplens_build.report import Reporter
 from deeplens_build.signing import generate_keypair
-from deeplens_build.types import BuildResult, Framework, PluginSettings
+from deeplens_build.types import Framework, PluginSettings
+from deeplens_build.values import BuildResult
 
 MINIMAL_LAMBDA = '''"""A minimal long-lived inference Lambda for tests: the handler returns at once."""
 

@@ -28,14 +28,15 @@ import json
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deeplens_build.digest import IDENTIFIED, settled, stat_identity
-from deeplens_build.layout import WORK_DIR, config_file
+from deeplens_build.files import write_atomic
+from deeplens_build.errors import DeepLensBuildError
+from deeplens_build.layout import WORK_DIR, config_file, read_document
 
 STAMPS = "up-to-date"
 FORMAT = 1
@@ -83,10 +84,18 @@ class Request:
         return cls(config=path, key=hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest())
 
 
-def check(request: Request) -> Replay | None:
-    """What the last build of ``request`` printed, when nothing it read has changed since; else None."""
+def check(request: Request, document: Mapping[str, Any] | None = None, *, no_cache: bool = False,
+          publish: bool = False) -> Replay | None:
+    """What the last build of ``request`` printed, when nothing it read has changed since; else None.
+
+    :param document: the project file's TOML, when the caller has read it already.
+    :param no_cache: ``--no-cache``, which always runs the pipeline.
+    :param publish: ``--publish``, which always does too: publishing is a side effect no record replays.
+    """
+    if no_cache or publish:
+        return None
     try:
-        build = tomllib.loads(request.config.read_text(encoding="utf-8")).get("build", {})
+        build = (read_document(request.config) if document is None else document).get("build", {})
         stamp = json.loads((request.config.parent / build.get("work_dir", WORK_DIR) / STAMPS /
                             f"{request.key}.json").read_text(encoding="utf-8"))
         paths: Mapping[str, _Identity] = stamp["paths"]
@@ -96,7 +105,7 @@ def check(request: Request) -> Replay | None:
         if all(isinstance(text, str) for text in (replay.text, replay.json, replay.stderr)) and \
                 all(_identity(path) == identity for path, identity in paths.items()):
             return replay
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DeepLensBuildError):
         pass  # no stamp, or one this check cannot read: the pipeline decides
     return None
 
@@ -177,13 +186,8 @@ class Recording:
                 return  # changed while the build ran, by someone else: the bundle may hold either state
             # else changed by the build itself (the stat index, a folder it wrote into): an output
         paths |= {name: _identity(name) for name in map(os.path.abspath, (bundle, bundle.parent))}
-        folder = work_dir / STAMPS
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{request.key}.json"
-        temporary = folder / f".{target.name}.{os.getpid()}"
-        temporary.write_text(json.dumps({"format": FORMAT, "paths": paths, "replay": dataclasses.asdict(replay)}),
-                             encoding="utf-8")
-        os.replace(temporary, target)
+        write_atomic(work_dir / STAMPS / f"{request.key}.json",
+                     json.dumps({"format": FORMAT, "paths": paths, "replay": dataclasses.asdict(replay)}))
 
 
 _recording: Recording | None = None

@@ -11,7 +11,7 @@ from helpers import cli, error_line, package_json
 
 from deeplens_build import SourceKind, hookimpl, testing
 from deeplens_build.errors import PluginError, SourceError
-from deeplens_build.stages.fetch import SourceContext
+from deeplens_build.source_context import SourceContext
 from deeplens_build.types import TrainingOutput
 
 PREFIX = "file+sha256://"

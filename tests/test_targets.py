@@ -157,11 +157,11 @@ def test_the_on_device_step_checks_parity_against_the_original(tmp_path: Path) -
     one boundary mocked), so the check itself — samples, outputs, tolerance, message — is what runs."""
     import importlib.util
 
-    from deeplens_build.targets import HERE as ONNXRUNTIME_TARGET
+    from deeplens_build.device import support
 
     result = testing.build(example_project(tmp_path, backend="tensorrt", accelerator="gpu"))
     model_dir = _unpack(result.bundle, tmp_path / "bundle") / "model"
-    shutil.copyfile(ONNXRUNTIME_TARGET / "onnxruntime_device.py", model_dir / "deeplens_model.py")
+    shutil.copyfile(support.ONNXRUNTIME_MODEL, model_dir / "deeplens_model.py")
     spec = importlib.util.spec_from_file_location("deeplens_compile", model_dir / "deeplens_compile.py")
     step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step)

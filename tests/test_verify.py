@@ -14,7 +14,7 @@ import pytest
 from helpers import cli, error_line, open_bundle, package_json
 
 from deeplens_build import signing, testing
-from deeplens_build.device import DeviceOptions, run_device
+from deeplens_build.device.run import DeviceOptions, run_device
 from deeplens_build.errors import VerificationError
 from deeplens_build.manifest import MANIFEST, SIGNATURE
 from deeplens_build.report import Reporter

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deeplens_build import aws
+from deeplens_build.clients import aws_client
 from deeplens_build.aws import greengrass
 from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.digest import file_sha256
@@ -81,7 +81,7 @@ class Clients:
     def __post_init__(self) -> None:
         for name in ("s3", "iot", "greengrass", "greengrassv2", "sts", "kinesisvideo"):
             if getattr(self, name) is None:
-                setattr(self, name, aws.client(name, attempts=8))
+                setattr(self, name, aws_client(name, attempts=8))
 
 
 def parse_target(text: str) -> Target:

@@ -17,38 +17,16 @@ from typing import Any
 
 from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
+from deeplens_build.device import support
 from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.manifest import DEVICE_BUILD, MODEL_DIR_VARIABLE, WORK_DIR_VARIABLE, infer_topic
-from deeplens_build.types import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
+from deeplens_build.values import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
 MODEL_RESOURCE_ID = "deeplens-model"
 TOKEN_EXCHANGE = "aws.greengrass.TokenExchangeService"
 """The nucleus component that hands a component AWS credentials (for the KVS producer)."""
-LAMBDA_RUNNER = "\n".join((
-    "import atexit, importlib, os, signal, sys, threading, traceback",
-    "def _died(a):",
-    "    traceback.print_exception(a.exc_type, a.exc_value, a.exc_traceback)",
-    "    atexit._run_exitfuncs()",
-    "    os._exit(1)",
-    "def _stop(*_):",
-    "    atexit._run_exitfuncs()",
-    "    os._exit(0)",
-    "threading.excepthook = _died",
-    "signal.signal(signal.SIGTERM, _stop)",
-    "sys.path.insert(0, sys.argv[2])",
-    "sys.path.append(os.path.join(sys.argv[2], 'deeplens_compat'))",
-    "importlib.import_module(sys.argv[1])",
-    "for t in threading.enumerate():",
-    "    if t is not threading.main_thread():",
-    "        t.join()",
-))
-"""How a core (and ``deeplens-build run``) runs the Lambda: ``python -c LAMBDA_RUNNER MODULE CODE_DIR``. The
-module is an argument, never pasted into code; the process lives as long as the module's threads do, and exits
-non-zero as soon as one dies with an error, so the nucleus restarts the component instead of keeping a process
-whose loop is gone. On SIGTERM (how a core stops a component) and on that error it first runs the exit hooks,
-so ``deeplens_publish`` hands the results still waiting to the broker."""
 
 
 def component_name(config: ProjectConfig) -> str:
@@ -87,7 +65,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     if compiles:  # the target backend compiles on the device, into the work folder that outlives deployments
         tolerance = config.parity.tolerance_for(config.model.precision)
         install += f" && {python} {{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {tolerance!r}"
-    run = f"{python} -u -c {shlex.quote(LAMBDA_RUNNER)} {module} {code_dir}"
+    run = f"{python} -u {code_dir}/{support.RUNNER.name} {module} {code_dir}"
     setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}
     stream = config.device.kinesis_video_stream

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from deeplens_build import aws
+from deeplens_build.clients import aws_client
 from deeplens_build.config import LambdaConfig
 from deeplens_build.errors import AwsError, ConfigError
 from deeplens_build.report import Reporter
-from deeplens_build.types import LambdaPackage, PublishedLambda
+from deeplens_build.values import LambdaPackage, PublishedLambda
 
 
 def publish_lambda(package: LambdaPackage, config: LambdaConfig, *, environment: Mapping[str, str],
@@ -23,7 +23,7 @@ def publish_lambda(package: LambdaPackage, config: LambdaConfig, *, environment:
 
     if not config.role:
         raise ConfigError("publishing the Lambda needs `lambda.role`, the ARN of its execution role")
-    client = aws.client("lambda")
+    client = aws_client("lambda")
     code = package.path.read_bytes()
     settings = {"Role": config.role, "Handler": package.handler, "Runtime": config.runtime,
                 "MemorySize": config.memory_size, "Timeout": config.timeout,

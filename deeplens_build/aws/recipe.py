@@ -25,9 +25,8 @@ from deeplens_build import names
 from deeplens_build.errors import BundleError
 
 RECIPE_FORMAT = "2020-01-25"
-COMPONENT_NAME = r"^[a-zA-Z0-9_.-]{1,128}$"
 """What the recipe reference allows in a component name."""
-ComponentNameText = Annotated[str, StringConstraints(pattern=COMPONENT_NAME)]
+ComponentNameText = Annotated[str, StringConstraints(pattern=names.COMPONENT_NAME)]
 ArtifactUri = Annotated[str, StringConstraints(pattern=r"^(s3|greengrass|docker)://\S+$")]
 Access = Literal["NONE", "OWNER", "ALL"]
 

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deeplens_build import onnxtools
-from deeplens_build.errors import CompileError
-from deeplens_build.types import Artifact, Optimized, TargetBackend
+from deeplens_build.digest import file_sha256
+from deeplens_build.errors import CompileError, ConfigError
+from deeplens_build.types import Artifact, TargetBackend
+from deeplens_build.values import Optimized
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 
 
 def check_accepts(artifact: Artifact, backend: TargetBackend) -> None:
@@ -54,3 +59,27 @@ def compile_artifact(optimized: Optimized, backend: TargetBackend, workdir: Path
             raise CompileError(f"target backend {backend.name!r}: compile returned {path}, which is not a file in "
                                f"the folder it was given ({workdir})")
     return compiled
+
+
+def run(b: Build, optimized: Optimized) -> Artifact:
+    """What the device executes: the backend's compiled artifact, or the ONNX one when it compiles nothing here."""
+    backend, artifact = b.target.backend, optimized.artifact
+    if artifact.format != "onnx":
+        if backend.compile is not None or backend.device_build is not None:
+            raise ConfigError(f"`target.backend = \"{backend.name}\"` compiles ONNX artifacts, and this one is "
+                              f"{artifact.format}; export ONNX from the plugin, or use the default backend")
+        return artifact
+    key = {"artifact": [file_sha256(p) for p in artifact.files], "precision": optimized.precision,
+           "target": b.target_identity, "tools": b.tools}
+    # what the device's runtime would refuse, refused here; remembered, so a rebuild does not even import onnx
+    b.stage("target-check", key, bool, lambda _: check_accepts(artifact, backend) is None)
+    if backend.compile is None:
+        return artifact
+
+    def build(workdir: Path) -> Artifact:
+        b.reporter.step(f"compile: {backend.name}")
+        return compile_artifact(optimized, backend, workdir,
+                                lambda doing, function, *args: b.manager.call_target(b.target, doing, function,
+                                                                                     *args))
+
+    return b.stage("compile", key, Artifact, build)

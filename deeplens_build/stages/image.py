@@ -11,10 +11,17 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from deeplens_build.digest import file_sha256
 from deeplens_build.errors import BundleError
+from deeplens_build.manifest import IMAGE, RUNTIME_DIR, WHEELS_DIR
 from deeplens_build.report import Reporter
-from deeplens_build.types import Runtime, RuntimeImage
+from deeplens_build.stages.runtime import DEFINITION
+from deeplens_build.values import Runtime, RuntimeImage
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 
 IMAGE_ROOT = "/opt/deeplens"
 DEFAULT_DOCKERFILE = f"FROM scratch\nCOPY files/ {IMAGE_ROOT}/\n"
@@ -53,3 +60,19 @@ def build_image(runtime: Runtime, files: Mapping[str, Path], *, tag: str, workdi
         client.close()
         shutil.rmtree(context, ignore_errors=True)
     return RuntimeImage(path=target, tag=tag, image_id=image.id)
+
+
+def run(b: Build, payload: dict[str, Path], runtime: Runtime) -> RuntimeImage | None:
+    """The runtime image (``runtime.image = true``), cached by its contents: an engine stamps each build with a
+    new creation time. Added to ``payload``."""
+    config = b.config
+    if not config.runtime.image:
+        return None
+    files = {arc.removeprefix(f"{RUNTIME_DIR}/") if arc.startswith(f"{WHEELS_DIR}/") else
+             (DEFINITION if arc.endswith(DEFINITION) else arc): path for arc, path in payload.items()}
+    tag = f"{config.model.name}-runtime:{config.model.version}"
+    image = b.stage("image", {"files": {name: file_sha256(p) for name, p in files.items()}, "tag": tag},
+                    RuntimeImage, lambda workdir: build_image(runtime, files, tag=tag, workdir=workdir,
+                                                              reporter=b.reporter))
+    payload[IMAGE] = image.path
+    return image

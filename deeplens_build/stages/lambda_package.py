@@ -11,17 +11,14 @@ import zipfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deeplens_build.config import LambdaConfig
+from deeplens_build.device import support
 from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.errors import ConfigError
-from deeplens_build.types import LambdaPackage
+from deeplens_build.values import LambdaPackage
 
-SUPPORT = Path(__file__).resolve().parents[1] / "device" / "support"
-"""Device-side modules: never imported by the build, only shipped."""
-SUPPORT_MODULES = ("deeplens_publish.py",)
-COMPAT_DIR = "deeplens_compat"
-"""Where the DeepLens device modules (awscam, mo, greengrasssdk) ship, apart, so that real ones win."""
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 """The earliest time a zip entry can hold."""
 
@@ -46,6 +43,10 @@ _CONTENT_DETECTORS = (
     "MailchimpDetector", "NpmDetector", "PypiTokenDetector", "OpenAIDetector", "JwtTokenDetector",
     "BasicAuthDetector", "DiscordBotTokenDetector", "TelegramBotTokenDetector", "SquareOAuthDetector",
 )
+
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 """detect-secrets' detectors of credentials with a recognisable shape; its entropy and keyword detectors are left
 out, since hashes and ``password = input()`` in ordinary code would stop every build."""
 
@@ -72,8 +73,9 @@ def package_lambda(config: LambdaConfig, *, default_name: str, workdir: Path) ->
 
 def lambda_entries(source: Path, *, compat: bool) -> dict[str, Path]:
     """Everything the Lambda zip holds, zip path → file: the Lambda's own files, and beside them the device-side
-    modules deeplens-build ships with every Lambda (``deeplens_publish``), plus the DeepLens compatibility
-    modules in ``deeplens_compat/`` when ``compat`` (the runner puts that folder last on the import path).
+    modules deeplens-build ships with every Lambda (``deeplens_publish``, ``deeplens_runner``), plus the DeepLens
+    compatibility modules in ``deeplens_compat/`` when ``compat`` (the runner puts that folder last on the import
+    path).
 
     Listing only, for the cache key: the secret checks run when the zip is built (:func:`package_lambda`), so a
     no-change rebuild neither imports detect-secrets nor scans again files whose digests have not changed."""
@@ -81,20 +83,12 @@ def lambda_entries(source: Path, *, compat: bool) -> dict[str, Path]:
 
 
 def _with_support(source: Path, files: list[str], *, compat: bool) -> dict[str, Path]:
-    shipped = support_files(compat)
-    clash = sorted(rel for rel in files if rel in shipped or rel.split("/")[0] == COMPAT_DIR)
+    shipped = support.lambda_files(compat)
+    clash = sorted(rel for rel in files if rel in shipped or rel.split("/")[0] == support.COMPAT_DIR)
     if clash:
         raise ConfigError(f"`lambda.source` holds {', '.join(clash)}, which deeplens-build ships beside every Lambda; "
                           "rename yours")
     return {**{rel: source / rel for rel in files}, **shipped}
-
-
-def support_files(compat: bool) -> dict[str, Path]:
-    """The device-side modules to ship, zip path → file."""
-    files = {name: SUPPORT / name for name in SUPPORT_MODULES}
-    if compat:
-        files.update({f"{COMPAT_DIR}/{path.name}": path for path in sorted((SUPPORT / COMPAT_DIR).glob("*.py"))})
-    return files
 
 
 def lambda_files(source: Path) -> list[str]:
@@ -166,3 +160,14 @@ def write_zip(entries: Mapping[str, Path], target: Path) -> Path:
             info.create_system = 3  # unix, whatever the build machine is
             archive.writestr(info, entries[name].read_bytes(), compresslevel=9)
     return target
+
+
+def run(b: Build) -> LambdaPackage:
+    """The Lambda stage: its zip, cached by the digests of every file it holds."""
+    config = b.config
+    source = config.lambda_.source
+    entries = lambda_entries(source, compat=config.lambda_.deeplens_compat) if source.is_dir() else {}
+    key = {"config": config.lambda_.model_dump(mode="json", exclude={"source"}),
+           "files": {rel: file_sha256(path) for rel, path in entries.items()}, "default_name": config.model.name}
+    return b.stage("lambda", key, LambdaPackage,
+                   lambda workdir: package_lambda(config.lambda_, default_name=config.model.name, workdir=workdir))

@@ -11,11 +11,17 @@ import dataclasses
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deeplens_build import onnxtools
+from deeplens_build.digest import file_sha256
 from deeplens_build.errors import BundleError, ConfigError, ConversionError
 from deeplens_build.report import Reporter
-from deeplens_build.types import Artifact, Optimized
+from deeplens_build.types import Artifact
+from deeplens_build.values import Optimized
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 
 ARTIFACT_NAME = "model.onnx"
 
@@ -133,3 +139,15 @@ def _make_static(model, shapes: Mapping[str, tuple[int, ...]], reporter: Reporte
             passes.append(f"static-shape:{name}")
     return passes
 
+
+def run(b: Build, converted: Artifact, opset: int | None) -> Optimized:
+    key = {"artifact": [file_sha256(p) for p in converted.files], "format": converted.format,
+           "inputs": [dataclasses.asdict(s) for s in converted.inputs],
+           "outputs": [dataclasses.asdict(s) for s in converted.outputs],
+           "shapes": b.shapes, "opset": opset, "tools": b.tools}
+
+    def build(workdir: Path) -> Optimized:
+        b.reporter.step(f"optimize: {converted.format}")
+        return optimize(converted, shapes=b.shapes, opset=opset, workdir=workdir, reporter=b.reporter)
+
+    return b.stage("optimize", key, Optimized, build)

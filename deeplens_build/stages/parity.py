@@ -8,17 +8,23 @@ when any output differs by more than the tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deeplens_build import onnxtools
 from deeplens_build.config import ParityConfig
+from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError, ParityError
-from deeplens_build.report import Reporter
 from deeplens_build.records import OutputParity, ParityReport, TensorSpec
-from deeplens_build.types import ReferenceRun, Runner
+from deeplens_build.report import Reporter
+from deeplens_build.types import Artifact, Runner, TrainingOutput
+from deeplens_build.values import Detection, Optimized, ReferenceRun
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from deeplens_build.build import Build
 
 
 def samples_for(specs: tuple[TensorSpec, ...], config: ParityConfig) -> list[dict[str, np.ndarray]]:
@@ -160,3 +166,61 @@ def load_sample(path: Path, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarr
 def _is_class_scores(spec: TensorSpec) -> bool:
     """A (batch, classes) output with more than one class."""
     return len(spec.shape) == 2 and isinstance(spec.shape[-1], int) and spec.shape[-1] > 1
+
+
+def reference(b: Build, training: TrainingOutput, detection: Detection, converted: Artifact,
+              optimized: Optimized) -> ReferenceRun | None:
+    """The reference stage: the original model's outputs on the parity samples, computed once for every
+    comparison after."""
+    if optimized.artifact.format != "onnx":
+        b.reporter.note(f"parity: not applicable, the {optimized.artifact.format} artifact is the original model "
+                        "itself")
+        return None
+    config, settings = b.config, b.settings[detection.plugin.framework.name]
+    specs = optimized.artifact.inputs
+    key = {"source": training.sha256, "files": detection.model.files, "plugin": b.plugin_identity(detection),
+           "inputs": [dataclasses.asdict(s) for s in specs],
+           "outputs": [dataclasses.asdict(s) for s in optimized.artifact.outputs],
+           "seed": config.parity.seed, "random_samples": config.parity.random_samples,
+           "samples": [file_sha256(p) for p in config.parity.samples if p.is_file()], "tools": b.tools}
+
+    def build(workdir: Path) -> ReferenceRun:
+        b.reporter.step(f"reference: the original model ({detection.plugin.framework.name}) on the parity samples")
+        return run_reference(lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
+                             samples_for(specs, config.parity), optimized.artifact.outputs, workdir=workdir,
+                             reporter=b.reporter)
+
+    return b.stage("reference", key, ReferenceRun, build)
+
+
+def runner(b: Build, optimized: Optimized, compiled: Artifact) -> tuple[str, Runner]:
+    """How this machine runs what the device will: the backend's runtime when it runs here, else onnxruntime."""
+    backend = b.target.backend
+    if backend.load is None:
+        return "onnxruntime (ONNX artifact)", onnxtools.runner(optimized.artifact.path)
+    loaded = b.manager.call_target(b.target, "load the compiled artifact", backend.load, compiled)
+    return backend.name, lambda inputs: b.manager.call_target(b.target, "run the compiled artifact", loaded, inputs)
+
+
+def run(b: Build, optimized: Optimized, compiled: Artifact, reference: ReferenceRun | None) -> ParityReport | None:
+    """The parity stage: the original against what the device executes, on its own runtime where it runs here."""
+    if reference is None:
+        return None
+    config, backend = b.config, b.target.backend
+    tolerance = config.parity.tolerance_for(optimized.precision)
+    key = {"artifact": [file_sha256(p) for p in compiled.files],
+           "onnx": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
+           "tolerance": tolerance, "task": config.model.task, "target": b.target_identity, "tools": b.tools}
+
+    def build(_: Path) -> ParityReport:
+        name, candidate = runner(b, optimized, compiled)
+        b.reporter.step(f"parity: original vs {compiled.format} on {name}")
+        if backend.load is None:
+            b.reporter.note(f"parity: {backend.name} does not run on this machine; compared the ONNX artifact it "
+                            "compiles from, in onnxruntime")
+        report = compare(reference, candidate, optimized.artifact.outputs, tolerance=tolerance, task=config.model.task,
+                         seed=config.parity.seed, runtime=name)
+        return require(report, remedy="Try `model.precision = \"fp32\"`, or another `target.backend`; raise "
+                                      "`parity.tolerance` only if the difference is acceptable.")
+
+    return b.stage("parity", key, ParityReport, build)

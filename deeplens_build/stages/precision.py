@@ -13,12 +13,17 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deeplens_build import onnxtools
+from deeplens_build.digest import file_sha256
+from deeplens_build.records import ParityReport
 from deeplens_build.report import Reporter
 from deeplens_build.stages.parity import compare, require
-from deeplens_build.targets import load_onnx
-from deeplens_build.types import Optimized, ParityReport, ReferenceRun
+from deeplens_build.values import Optimized, ReferenceRun
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 
 RANGE_SENSITIVE = frozenset({
     "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Erf",
@@ -46,7 +51,7 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
         onnxtools.save(half, target)
         onnx.shape_inference.infer_shapes_path(str(target), str(target))
         onnx.checker.check_model(str(target))
-        return compare(reference, load_onnx(dataclasses.replace(optimized.artifact, path=target)), outputs,
+        return compare(reference, onnxtools.runner(target), outputs,
                        tolerance=tolerance, task=task, seed=seed, runtime="onnxruntime, FP16")
 
     plain = trial(())
@@ -190,3 +195,20 @@ def _rename_uses(graph, old: str, new: str) -> None:
             elif attribute.type == AttributeProto.GRAPHS:
                 for subgraph in attribute.graphs:
                     _rename_uses(subgraph, old, new)
+
+
+def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optimized:
+    """At ``precision = "fp16"``: the FP16 artifact, keeping in FP32 the nodes parity needs there."""
+    config = b.config
+    if config.model.precision != "fp16" or reference is None:
+        return optimized
+    tolerance = config.parity.tolerance_for("fp16")
+    key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
+           "tolerance": tolerance, "task": config.model.task, "tools": b.tools}
+
+    def build(workdir: Path) -> Optimized:
+        b.reporter.step("precision: fp16")
+        return to_fp16(optimized, reference, tolerance=tolerance, task=config.model.task, seed=config.parity.seed,
+                       workdir=workdir, reporter=b.reporter)
+
+    return b.stage("precision", key, Optimized, build)

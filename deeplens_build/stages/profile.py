@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deeplens_build.report import Reporter
+from deeplens_build import onnxtools
+from deeplens_build.digest import file_sha256
 from deeplens_build.records import Latency
-from deeplens_build.types import Runner
+from deeplens_build.report import Reporter
+from deeplens_build.stages import parity
+from deeplens_build.types import Artifact, Runner, TrainingOutput
+from deeplens_build.values import Detection, Optimized, ReferenceRun
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 
 WARMUP = 3
 
@@ -36,3 +45,28 @@ def profile(runners: Mapping[str, Runner], inputs: Mapping[str, object], *, runs
         results.append(Latency(runtime=name, median_ms=round(float(np.median(times)), 4),
                                p95_ms=round(float(np.percentile(times, 95)), 4), runs=runs))
     return tuple(results)
+
+
+def run(b: Build, training: TrainingOutput, detection: Detection, converted: Artifact, optimized: Optimized,
+        compiled: Artifact, reference: ReferenceRun | None) -> tuple[Latency, ...]:
+    """``[profile] runs = N``: latencies of the original, onnxruntime and the backend's runtime, batch 1."""
+    runs = b.config.profile.runs
+    if not runs or reference is None:
+        return ()
+    settings = b.settings[detection.plugin.framework.name]
+    key = {"artifact": [file_sha256(p) for p in compiled.files],
+           "onnx": [file_sha256(p) for p in optimized.artifact.files], "source": training.sha256,
+           "plugin": b.plugin_identity(detection), "target": b.target_identity, "runs": runs, "tools": b.tools}
+
+    def build(_: Path) -> tuple[Latency, ...]:
+        b.reporter.step(f"profile: {runs} runs per runtime, batch 1")
+        samples, _ = parity.load_reference(reference)
+        runners: dict[str, Runner] = {
+            f"original ({detection.plugin.framework.name})":
+                lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
+            "onnxruntime": onnxtools.runner(optimized.artifact.path)}
+        if b.target.backend.load is not None and b.target.backend.name != "onnxruntime":
+            runners[b.target.backend.name] = parity.runner(b, optimized, compiled)[1]
+        return profile(runners, samples[0], runs=runs, reporter=b.reporter)
+
+    return b.stage("profile", key, tuple[Latency, ...], build)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
@@ -22,7 +22,11 @@ from deeplens_build.config import RuntimeConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import BundleError, ConfigError
 from deeplens_build.report import Reporter
-from deeplens_build.types import Runtime, RuntimePins, Wheelhouse
+from deeplens_build.types import Artifact
+from deeplens_build.values import Detection, Runtime, RuntimePins, Wheelhouse
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
 
 DEFINITION = "runtime.toml"
 PIP_PLATFORMS = {
@@ -175,3 +179,26 @@ def vendor_wheels(runtime: Runtime, platform: str, *, config: RuntimeConfig, cac
 
 def _names(runtimes: list[Runtime]) -> str:
     return ", ".join(r.name for r in runtimes) or "none"
+
+
+def run(b: Build, detection: Detection, converted: Artifact, compiled: Artifact,
+        opset: int | None) -> tuple[Runtime, Wheelhouse]:
+    """The runtime the device installs for ``compiled`` (the convert stage's match, for an ONNX artifact no plugin
+    asks otherwise of), and its wheels when ``runtime.vendor``."""
+    target, backend = b.config.target, b.target.backend
+    suggested = backend.runtime or b.manager.runtime(detection, converted, target.platform)
+    if compiled.format == "onnx" and b.onnx_runtime is not None and suggested == backend.runtime:
+        runtime = b.onnx_runtime
+    else:
+        runtime = select_runtime(compiled.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
+                                 suggested=suggested, available=b.runtimes)
+        runtime = runtime.for_python(target.python or runtime.python)
+    if compiled.format == "onnx" and runtime.onnx_opset and opset and opset > runtime.onnx_opset:
+        raise BundleError(f"the artifact is ONNX opset {opset}, but runtime {runtime.name} on Python "
+                          f"{runtime.python} ({', '.join(runtime.requirements[target.platform])}) loads opset "
+                          f"{runtime.onnx_opset} at most; choose a newer `target.python`")
+    b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator}), Python {runtime.python}")
+    if not b.config.runtime.vendor:
+        return runtime, Wheelhouse(wheels=())
+    return runtime, vendor_wheels(runtime, target.platform, config=b.config.runtime, cache=b.cache,
+                                  reporter=b.reporter)

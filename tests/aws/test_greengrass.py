@@ -215,7 +215,7 @@ def test_the_recipe_run_script_runs_the_lambda_as_a_nucleus_would(tmp_path: Path
     with zipfile.ZipFile(io.BytesIO(files["lambda/deeplens-test-model.zip"])) as archive:
         archive.extractall(artifacts / "deeplens-test-model")  # what Unarchive: ZIP leaves on the device
     script = recipe["Manifests"][0]["Lifecycle"]["Run"]["Script"]
-    assert script.startswith("python3.11 -u -c "), "the device's Python, as the runtime definition names it"
+    assert script.startswith("python3.11 -u "), "the device's Python, as the runtime definition names it"
     script = script.replace("{artifacts:decompressedPath}", str(artifacts)).replace("python3.11", sys.executable, 1)
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ["PATH"], "AWS_IOT_THING_NAME": "deeplens_abc"})

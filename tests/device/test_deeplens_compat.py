@@ -13,7 +13,7 @@ from helpers import Broker
 from test_device import THING, _frames, _key, _subscribe
 
 from deeplens_build import testing
-from deeplens_build.device import DeviceOptions, run_device
+from deeplens_build.device.run import DeviceOptions, run_device
 from deeplens_build.report import Reporter
 
 # Both in the shape of the DeepLens samples: module-level client and loop, started at import, `while True`.
@@ -204,10 +204,10 @@ def test_a_deeplens_kinesis_video_lambda_records_its_frames_under_run(broker: Br
 
 
 def test_off_a_device_the_kinesis_pipeline_is_what_a_device_would_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deeplens_build.stages.lambda_package import SUPPORT
+    from deeplens_build.device import support
 
-    monkeypatch.syspath_prepend(str(SUPPORT / "deeplens_compat"))
-    monkeypatch.syspath_prepend(str(SUPPORT))
+    monkeypatch.syspath_prepend(str(support.COMPAT))
+    monkeypatch.syspath_prepend(str(support.FOLDER))
     dkv = __import__("DeepLens_Kinesis_Video")
     assert dkv.pipeline("deeplens-stream", "eu-west-1", credentials=("AKID", "SECRET", "")).endswith(
         "kvssink stream-name=deeplens-stream aws-region=eu-west-1 access-key=AKID secret-key=SECRET")

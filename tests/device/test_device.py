@@ -16,13 +16,8 @@ import pytest
 from helpers import Broker, cli, error_line, example_project, files_under
 
 from deeplens_build import onnxtools, testing
-from deeplens_build.device import (
-    DeviceOptions,
-    DeviceRunError,
-    DeviceSummary,
-    run_device,
-    watch,
-)
+from deeplens_build.device.run import DeviceOptions, DeviceRunError, DeviceSummary, run_device
+from deeplens_build.device.watch import watch
 from deeplens_build.errors import DeviceError, UsageError, VerificationError
 from deeplens_build.report import Reporter
 

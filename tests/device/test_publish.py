@@ -15,12 +15,12 @@ import types
 
 import pytest
 
-from deeplens_build.stages.lambda_package import SUPPORT
+from deeplens_build.device import support
 
 
 @pytest.fixture
 def deeplens_publish(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(SUPPORT))
+    monkeypatch.syspath_prepend(str(support.FOLDER))
     for name in ("IPC_SOCKET", "MQTT"):
         monkeypatch.delenv(getattr(importlib.import_module("deeplens_publish"), name), raising=False)
     monkeypatch.setenv("AWS_IOT_THING_NAME", "deeplens_abc")

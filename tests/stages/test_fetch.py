@@ -13,7 +13,8 @@ from deeplens_build.cache import Cache
 from deeplens_build.config import FetchConfig
 from deeplens_build.errors import SourceError
 from deeplens_build.report import Reporter
-from deeplens_build.stages.fetch import SourceContext, local
+from deeplens_build.builtin.sources import local
+from deeplens_build.source_context import SourceContext
 
 
 def _archive(path: Path, *members: tuple[str, bytes]) -> Path:

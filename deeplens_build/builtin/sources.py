@@ -1,7 +1,8 @@
 """The built-in source kinds: local paths, ``s3://BUCKET/KEY`` and ``sagemaker-job:NAME``.
 
-A source plugin like any third party's, registered through the ``deeplens_build`` entry-point group by the
-core's own distribution. S3 and SageMaker use boto3's standard credential chain and honour ``AWS_ENDPOINT_URL``.
+A source plugin like any third party's: it imports only the package's public face, and the core's own
+distribution registers it through the ``deeplens_build`` entry-point group. S3 and SageMaker use boto3's
+standard credential chain and honour ``AWS_ENDPOINT_URL``.
 """
 
 from __future__ import annotations
@@ -9,15 +10,35 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deeplens_build import aws, hookimpl
-from deeplens_build.errors import AwsError, SourceError
-from deeplens_build.stages.fetch import SourceContext, local
-from deeplens_build.types import SageMakerJob, SourceKind, TrainingOutput
+from deeplens_build import (
+    AwsError,
+    SageMakerJob,
+    SourceContext,
+    SourceError,
+    SourceKind,
+    TrainingOutput,
+    aws_client,
+    hookimpl,
+)
 
 BUCKET_PREFIX = "deeplens"
 SAGEMAKER_PREFIX = "sagemaker-job:"
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/(?P<key>.+)$")
 _FRAMEWORK_HINTS = ("mxnet", "tensorflow", "pytorch", "caffe", "onnx", "xgboost", "sklearn")
+
+
+def local(source: str, context: SourceContext) -> TrainingOutput:
+    """A folder, an archive or a single model file on this machine."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return context.from_folder(path, origin=path.name)
+    if path.is_file():
+        return context.from_file(path, origin=path.name)
+    if path.exists():
+        raise SourceError(f"source {source!r} is not a regular file or folder (a device, FIFO or socket); "
+                          "give a folder, a model.tar.gz or a model file")
+    raise SourceError(f"source {source!r} does not exist; give a folder, a model.tar.gz, an s3://BUCKET/KEY URI "
+                      "or sagemaker-job:NAME")
 
 
 @hookimpl
@@ -46,7 +67,7 @@ def _download(bucket: str, key: str, context: SourceContext) -> Path:
     if not bucket.startswith(BUCKET_PREFIX):
         reporter.warn(f"bucket {bucket!r} does not start with {BUCKET_PREFIX!r}: the default DeepLens service "
                       "policies cannot read it, so a device deploy from it needs extra permissions")
-    s3 = aws.client("s3")
+    s3 = aws_client("s3")
     uri = f"s3://{bucket}/{key}"
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
@@ -79,7 +100,7 @@ def _training_job(source: str, context: SourceContext) -> TrainingOutput:
 
     name = source.removeprefix(SAGEMAKER_PREFIX)
     try:
-        job = aws.client("sagemaker").describe_training_job(TrainingJobName=name)
+        job = aws_client("sagemaker").describe_training_job(TrainingJobName=name)
     except ClientError as exc:
         raise SourceError(f"SageMaker training job {name!r} could not be described: "
                           f"{exc.response.get('Error', {}).get('Message', exc)}") from exc

@@ -8,7 +8,6 @@ import os
 
 import onnxruntime as ort
 
-
 # Azure's provider sends requests to a remote endpoint: onnxruntime's PyPI wheels list it first, as if it ran
 # the model, so it is left out (the model runs on the first of the others: CUDA with onnxruntime-gpu, else CPU).
 REMOTE_PROVIDERS = ("AzureExecutionProvider",)

@@ -4,12 +4,8 @@ onnxruntime runs it on the device — the CPU execution provider, or CUDA's with
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from deeplens_build import hookimpl, onnxtools
-from deeplens_build.types import Artifact, Runner, TargetBackend
-
-HERE = Path(__file__).resolve().parent
+from deeplens_build import Artifact, Runner, TargetBackend, hookimpl, onnxtools
+from deeplens_build.device import support
 
 
 def load_onnx(artifact: Artifact) -> Runner:
@@ -22,5 +18,5 @@ def deeplens_build_targets() -> list[TargetBackend]:
     return [TargetBackend(
         name="onnxruntime", summary="ONNX Runtime: the optimized ONNX artifact (CPU, or CUDA on a GPU device)",
         accelerators=("cpu", "gpu"), platforms=("linux-x86_64", "linux-aarch64"),
-        device_module=HERE / "onnxruntime_device.py", load=load_onnx, requires=("onnxruntime",),
+        device_module=support.ONNXRUNTIME_MODEL, load=load_onnx, requires=("onnxruntime",),
         install="pip install onnxruntime")]

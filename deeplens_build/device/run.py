@@ -1,0 +1,307 @@
+"""``deeplens-build run``, a local device for development and CI: what a Greengrass core does with a bundle,
+on this machine.
+
+verify and unpack (one pass) into a device folder → the runtime environment (a virtual environment from the
+vendored wheels, with the device's Python, or this interpreter when the bundle vendors none) → the Lambda
+started as the recipe's Run script starts it, in a child process with a clean environment, its loop running
+over the frames → its own ``deeplens_publish`` calls sending results to ``$aws/things/<thing>/infer`` on an
+MQTT broker (buffering and reconnecting while it is down), their counts read back from the publisher.
+SIGINT/SIGTERM, or ``max_frames`` acknowledged results, stop the device cleanly. A Lambda that exits with an
+error is restarted as the nucleus would, then reported broken; an unreachable broker, lost results or fewer
+results than asked for also end ``run`` with an error. ``--stream`` serves the project stream meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from deeplens_build.bundle import require_signer, unpack_bundle
+from deeplens_build.cache import tool_cache_environment
+from deeplens_build.device import support
+from deeplens_build.device.mqtt import CONNECT_TIMEOUT, client, connect
+from deeplens_build.device.watch import watch
+from deeplens_build.errors import BundleError, DeviceError
+from deeplens_build.manifest import (
+    DEVICE_BUILD,
+    MODEL_DIR,
+    MODEL_DIR_VARIABLE,
+    THING_VARIABLE,
+    WHEELS_DIR,
+    WORK_DIR_VARIABLE,
+    Manifest,
+    infer_topic,
+)
+from deeplens_build.report import Reporter
+
+STATS_FILE = "publish-stats.json"
+STREAM_FILE = "results.mjpeg"
+"""The project stream's latest frame, in the Lambda's home folder (DeepLens used /tmp/results.mjpeg)."""
+RUN_SUPPORT = "run-support"
+RESTARTS = 2
+"""How often a Lambda that exits with an error is started again: a Greengrass nucleus restarts a failing
+component and marks it broken after its third failure."""
+FLUSH_SECONDS = 5.0
+"""How long the Lambda's publisher may take to hand waiting results to the broker when it stops."""
+PASSED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ", "AWS_REGION", "AWS_DEFAULT_REGION")
+"""What a Lambda gets from the environment ``run`` was started in: what a Greengrass core would also give it,
+and nothing secret (no credentials, no signing key)."""
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    device_dir: Path
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    thing: str = "deeplens"
+    frames: str | None = None
+    max_frames: int | None = None
+    frame_interval: float = 0.0
+    buffer: int = 1000
+    stream_port: int | None = None
+    """Serve the project stream (frames and results in a browser) on 127.0.0.1 at this port."""
+    kvs_record: Path | None = None
+    """Record what DeepLens_Kinesis_Video would stream to Kinesis Video to this video file."""
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    frames: int
+    published: int
+    dropped: int
+    reconnects: int
+    topic: str
+
+
+class DeviceRunError(DeviceError):
+    """``run`` ended badly; ``summary`` says what did happen."""
+
+    def __init__(self, message: str, summary: DeviceSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+
+
+def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop: threading.Event,
+               public_key: Path | None = None, allow_any_signer: bool = False) -> DeviceSummary:
+    """Run ``bundle``'s Lambda until ``stop``, ``max_frames`` results, or the Lambda's end.
+
+    :param allow_any_signer: run a bundle verified against its own embedded key only; without it, and without
+        ``public_key``, the bundle is refused: running it executes its code on this machine.
+    :raises DeviceError: when the broker is unreachable, the Lambda dies, or results were lost or missing.
+    """
+    require_signer("run executes the bundle's code on this machine", public_key, allow_any_signer, reporter)
+    device_dir = options.device_dir.resolve()
+    root, manifest = _install(bundle, device_dir, public_key)
+    code = root / "code"
+    with zipfile.ZipFile(root / manifest.lambda_.file) as archive:
+        archive.extractall(code)
+    for rel, path in support.lambda_files(compat=True).items():  # the DeepLens modules are always there under run
+        if not (code / rel).exists():
+            (code / rel).parent.mkdir(exist_ok=True)
+            shutil.copyfile(path, code / rel)
+    python = _runtime_python(root, manifest, reporter)
+    topic = infer_topic(options.thing)
+    _probe_broker(options.mqtt_host, options.mqtt_port)  # before the Lambda starts: a wrong address fails in seconds
+    stats = root / STATS_FILE
+    reporter.step(f"device: {manifest.name} {manifest.version} in {root}, the Lambda publishing to "
+                  f"{options.mqtt_host}:{options.mqtt_port} {topic}")
+    command = [python, str(code / support.RUNNER.name), manifest.lambda_.module, str(code)]
+    environment = _lambda_environment(root, device_dir, manifest, options, stats)
+    _compile_on_device(python, root, environment, manifest, reporter)
+    totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
+    with _project_stream(options, root / "home" / STREAM_FILE, f"{manifest.name} {manifest.version}", reporter):
+        for attempt in range(1, RESTARTS + 2):
+            wanted = None if options.max_frames is None else options.max_frames - totals["published"]
+            ended, counts = _run_once(command, code, environment, stats, wanted, stop)
+            totals = {name: totals[name] + counts[name] for name in totals}
+            if ended in (None, 0) or attempt > RESTARTS:
+                break
+            reporter.warn(f"the Lambda {manifest.lambda_.module} exited with code {ended}; restarting it as the "
+                          f"nucleus would ({attempt} of {RESTARTS} restarts)")
+    summary = DeviceSummary(frames=totals["results"], published=totals["published"], dropped=totals["dropped"],
+                            reconnects=totals["reconnects"], topic=topic)
+    if ended not in (None, 0):
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} {RESTARTS + 1} times "
+                             f"(its output is above): broken, as a core would mark it", summary)
+    if stop.is_set():
+        return summary  # stopped by the user: a result in flight at that moment may be lost, and is counted
+    if options.max_frames is not None and summary.frames < options.max_frames:
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} stopped after {summary.frames} of the "
+                             f"{options.max_frames} results asked for (did its frames run out?)", summary)
+    if summary.published < (options.max_frames or summary.frames):  # results past --max-frames may be cut off
+        raise DeviceRunError(f"{summary.dropped} of {summary.frames} result(s) never reached the MQTT broker at "
+                             f"{options.mqtt_host}:{options.mqtt_port}: it was unreachable for too long", summary)
+    return summary
+
+
+@contextlib.contextmanager
+def _project_stream(options: DeviceOptions, frames: Path, title: str, reporter: Reporter) -> Iterator[None]:
+    """While the block runs, the project stream: the page, the Lambda's frames, and the results the broker got."""
+    if options.stream_port is None:
+        yield
+        return
+    from deeplens_build.device.stream import ProjectStream, Results
+
+    results, subscribed, done = Results(), threading.Event(), threading.Event()
+    listener = threading.Thread(target=watch, daemon=True, args=(options.mqtt_host, options.mqtt_port, options.thing),
+                                kwargs={"count": None, "emit": results.add, "stop": done, "subscribed": subscribed})
+    listener.start()
+    subscribed.wait(CONNECT_TIMEOUT)
+    stream = ProjectStream(options.stream_port, frames, results, title)
+    reporter.step(f"project stream: {stream.url}")
+    try:
+        yield
+    finally:
+        stream.close()
+        done.set()
+        listener.join(timeout=5)
+
+
+def _run_once(command: list[str], code: Path, environment: dict[str, str], stats: Path, wanted: int | None,
+              stop: threading.Event) -> tuple[int | None, dict[str, int]]:
+    """Run the Lambda's process until it exits, ``wanted`` results reached the broker, or ``stop``.
+
+    :return: its exit code (None when stopped here), and what its publisher counted.
+    """
+    stats.unlink(missing_ok=True)
+    child = subprocess.Popen(command, cwd=code, env=environment)
+    try:
+        while not stop.is_set() and child.poll() is None:
+            if wanted is not None and _counts(stats)["published"] >= wanted:
+                break
+            time.sleep(0.1)
+    finally:
+        ended = child.poll()
+        if ended is None:
+            child.terminate()  # SIGTERM, as a core stops a component: the runner flushes what waits, then exits
+            try:
+                child.wait(timeout=FLUSH_SECONDS + 5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return ended, _counts(stats)
+
+
+def _counts(stats: Path) -> dict[str, int]:
+    """What the Lambda's publisher counted (``deeplens_publish`` writes it after every change)."""
+    try:
+        return json.loads(stats.read_text())
+    except (OSError, ValueError):
+        return {"results": 0, "published": 0, "dropped": 0, "reconnects": 0}
+
+
+def _probe_broker(host: str, port: int) -> None:
+    ready = threading.Event()
+    probe = client("deeplens-run-probe")
+    probe.on_connect = lambda *args: ready.set()
+    connect(probe, host, port, ready)
+    probe.disconnect()
+    probe.loop_stop()
+
+
+def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[Path, Manifest]:
+    """Verify and unpack the bundle into ``<device_dir>/<name>-<version>``, replacing an earlier install."""
+    device_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".install-", dir=device_dir))
+    try:
+        # a device runs only what verifies; name and version are validated before they make a path
+        manifest = unpack_bundle(bundle, scratch / "bundle", public_key).manifest
+        root = device_dir / f"{manifest.name}-{manifest.version}"
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(scratch / "bundle", root)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return root, manifest
+
+
+def _compile_on_device(python: str, root: Path, environment: dict[str, str], manifest: Manifest,
+                       reporter: Reporter) -> None:
+    """Run the target backend's on-device compile step, as the recipe's Install phase does on a core."""
+    script = root / DEVICE_BUILD
+    if not script.is_file():
+        return
+    work = environment[WORK_DIR_VARIABLE]
+    reporter.step(f"device: compiling the model for this device ({DEVICE_BUILD}, kept in {work})")
+    tolerance = [repr(manifest.parity.tolerance)] if manifest.parity else []
+    done = subprocess.run([python, str(script), str(root / MODEL_DIR), work, *tolerance], env=environment,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise DeviceError(f"the bundle's on-device compile step failed (exit {done.returncode}): {output[-1]}")
+
+
+def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions,
+                        stats: Path) -> dict[str, str]:
+    """What a Greengrass core gives a Lambda, plus what the bundle declares, plus where ``deeplens_publish``
+    reaches the broker; nothing else from this shell."""
+    home = root / "home"
+    home.mkdir(exist_ok=True)
+    env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
+    env.update(manifest.lambda_.environment)
+    env.update(tool_cache_environment(device_dir))
+    env.update({"HOME": str(home), "TMPDIR": str(home), "PYTHONUNBUFFERED": "1",
+                MODEL_DIR_VARIABLE: str(root / MODEL_DIR), THING_VARIABLE: options.thing,
+                # like a component's {work:path}: outlives reinstalls, so what was compiled on the device stays
+                WORK_DIR_VARIABLE: str(_mkdir(device_dir / "work" / manifest.name)),
+                "DEEPLENS_FRAME_INTERVAL": str(options.frame_interval),
+                "DEEPLENS_MQTT": f"{options.mqtt_host}:{options.mqtt_port}",
+                "DEEPLENS_MQTT_BUFFER": str(options.buffer),
+                "DEEPLENS_PUBLISH_STATS": str(stats)})
+    if options.stream_port is not None:
+        env["DEEPLENS_STREAM"] = str(home / STREAM_FILE)
+    if options.kvs_record is not None:
+        env["DEEPLENS_KVS_RECORD"] = str(options.kvs_record.resolve())
+    if (root / RUN_SUPPORT).is_dir():
+        env["PYTHONPATH"] = str(root / RUN_SUPPORT)
+    if options.frames:
+        env["DEEPLENS_FRAMES"] = str(Path(options.frames).resolve())
+    if options.max_frames:
+        env["DEEPLENS_MAX_FRAMES"] = str(options.max_frames)
+    return env
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _runtime_python(root: Path, manifest: Manifest, reporter: Reporter) -> str:
+    """The device's interpreter: a venv with the vendored wheels, or this one when nothing was vendored."""
+    runtime = manifest.runtime
+    if not runtime.wheels:
+        reporter.note(f"runtime {runtime.name}: the bundle vendors no wheels, using this interpreter "
+                      f"({sys.executable})")
+        return sys.executable
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    base = sys.executable if runtime.python == here else shutil.which(f"python{runtime.python}")
+    if base is None:
+        raise DeviceError(f"the bundle's wheels are for a Python {runtime.python} device and this machine has no "
+                          f"python{runtime.python}; install it to run the bundle here, or build with "
+                          f"`target.python = \"{here}\"`")
+    venv = root / "venv"
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    done = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+                           str(root / WHEELS_DIR), *runtime.requirements], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BundleError(f"the runtime's vendored wheels do not install here: {done.stderr.strip()[-300:]}")
+    # the MQTT client deeplens_publish uses under `run` only (a core publishes through IPC or its SDK)
+    import paho
+
+    shutil.copytree(Path(paho.__file__).parent, root / RUN_SUPPORT / "paho")
+    return python
+
+

@@ -1,0 +1,70 @@
+"""Bundle stage: the archive's layout (bundle path → file on disk; :mod:`deeplens_build.manifest` names its
+folders), written and signed by :mod:`deeplens_build.bundle`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deeplens_build.bundle import write_bundle
+from deeplens_build.manifest import (
+    DEVICE_BUILD,
+    DEVICE_MODULE,
+    DEVICE_REFERENCE,
+    LABELS,
+    LAMBDA_DIR,
+    MODEL_DIR,
+    RUNTIME_DIR,
+    WHEELS_DIR,
+    BuildRecord,
+)
+from deeplens_build.records import ParityReport
+from deeplens_build.signing import LocalSigner
+from deeplens_build.stages.runtime import DEFINITION
+from deeplens_build.types import Artifact, TrainingOutput
+from deeplens_build.values import (
+    BuildResult,
+    BundleSizes,
+    LambdaPackage,
+    ReferenceRun,
+    Runtime,
+    Wheelhouse,
+)
+
+if TYPE_CHECKING:
+    from deeplens_build.build import Build
+
+
+def payload(b: Build, converted: Artifact, compiled: Artifact, reference: ReferenceRun | None, runtime: Runtime,
+             wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage) -> dict[str, Path]:
+    """The archive's layout (manifest.py names its folders): bundle path → file on disk."""
+    payload = {f"{MODEL_DIR}/{p.name}": p for p in compiled.files}
+    native = compiled.format == converted.format != "onnx"  # a framework's own format, run by its own runtime
+    if not native:
+        backend = b.target.backend
+        payload[DEVICE_MODULE] = backend.device_module
+        if backend.device_build is not None:
+            payload[DEVICE_BUILD] = backend.device_build
+            if reference is not None:  # what the device compiles is checked there, against the original
+                payload[DEVICE_REFERENCE] = reference.path
+    if labels := b.config.model.labels or converted.labels:
+        payload[LABELS] = labels
+    payload[f"{LAMBDA_DIR}/{lambda_pkg.path.name}"] = lambda_pkg.path
+    payload[f"{RUNTIME_DIR}/{runtime.name}/{DEFINITION}"] = runtime.definition
+    payload.update({f"{WHEELS_DIR}/{wheel.name}": wheel for wheel in wheelhouse.wheels})
+    return payload
+
+
+def run(b: Build, payload: Mapping[str, Path], record: BuildRecord, *, training: TrainingOutput,
+            compiled: Artifact, parity: ParityReport | None, output: Path) -> BuildResult:
+    b.reporter.step(f"bundle: signing with {b.signer.description}")
+    written = b.config.build.work_dir / "written" / f"{record.name}-{record.version}.json"
+    path, sha256, manifest = write_bundle(payload, record, b.signer, output, written=written,
+                                          reuse=b.options.use_cache)
+    sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in compiled.files),
+                        bundle=path.stat().st_size)
+    return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,
+                       framework=record.framework, parity=parity, sizes=sizes, cached_stages=tuple(b.cached),
+                       notes=tuple(b.reporter.notes), manifest=manifest, stages=tuple(b.stages),
+                       local_inputs=b.local_source and isinstance(b.signer, LocalSigner) and not b.options.publish)
