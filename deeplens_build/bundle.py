@@ -1,4 +1,4 @@
-"""Bundle stage and its inverse: a deterministic, signed archive, and the checks that verify one.
+"""The bundle archive and its inverse: a deterministic, signed archive, and the checks that verify one.
 
 Layout: ``manifest.json`` (every other file's path, size and sha256, plus what the bundle was built from),
 ``manifest.sig`` (DER ECDSA P-256/SHA-256 over the manifest's bytes), then the payload files in sorted order.
@@ -95,7 +95,7 @@ def remove_partials(output_dir: Path) -> None:
 
 def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signing.Signer,
                  output_dir: Path, *, written: Path | None = None, reuse: bool = True) -> tuple[Path, str, Manifest]:
-    """Write ``<name>-<version>.tar.gz`` into ``output_dir`` atomically; return its path, sha256 and manifest.
+    """Write ``<name>-<version>.tar.zst`` into ``output_dir`` atomically; return its path, sha256 and manifest.
 
     :param payload: archive path → file on disk, for every file but the manifest and its signature.
     :param written: where to remember what was written (the manifest's digest and the file's stat): when the

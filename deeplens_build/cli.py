@@ -1,4 +1,5 @@
-"""``deeplens-build``: package, verify, inspect, plugins, keygen.
+"""``deeplens-build``: the commands (package, verify, inspect, plugins, keygen, deploy, run, watch, cache); what they
+print is :mod:`deeplens_build.render`'s.
 
 User errors print one ``error:`` line and exit with the error's code; ``--debug`` shows the traceback.
 Heavy modules (onnx, onnxruntime, the frameworks) are imported only by ``package``.
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 # every installed distribution: 20-30 ms of each command's start, for plugins this tool has no use for
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
+BROKEN_PIPE = 128 + 13
+"""The exit status of a Unix tool that SIGPIPE ended, as a shell reports it."""
+
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """One ``error:`` line and the error's exit code; anything unexpected is still one line, never a trace."""
@@ -36,6 +40,9 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # the reader of stdout is gone (`inspect B | head`): end quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a complaint when Python exits
+            sys.exit(BROKEN_PIPE)
         except DeepLensBuildError as exc:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
@@ -59,10 +66,14 @@ _ANY_SIGNER_HELP = "Accept a bundle verified against its own embedded key only (
 class _Main(click.Group):
     """Usage errors (a bad option value, a missing argument) are one ``error:`` line too, like every other."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
+    def main(self, args: list[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args[1:]:  # every message says "run with --debug": after the command name too
+            args.remove("--debug")
+            args.insert(0, "--debug")
         try:
-            code = super().main(*args, **kwargs)
+            code = super().main(args, *rest, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # a bare `deeplens-build`: the help, not an error
             click.echo(exc.format_message())
             sys.exit(0)
@@ -96,40 +107,47 @@ def main(debug: bool) -> None:
 def package(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
             no_cache: bool, shared_cache: str | None, publish: bool, as_json: bool) -> None:
     """Build the bundle: fetch, convert, optimize, check parity, sign."""
-    from deeplens_build import uptodate
+    from deeplens_build import render, uptodate
+    from deeplens_build.layout import read_document
 
     request = uptodate.Request.of(config=config_path, source=source, output=output, signing_key=signing_key,
                                   shared_cache=shared_cache)
-    if not no_cache and not publish and (replay := uptodate.check(request)) is not None:
+    document = read_document(request.config)
+    if (replay := uptodate.check(request, document, no_cache=no_cache, publish=publish)) is not None:
         click.echo(replay.stderr, err=True, nl=False)
         click.echo(replay.json if as_json else replay.text)
         return
-    with uptodate.recording() as observed:
-        result, warnings, work_dir = _build(config_path, source, output, signing_key, no_cache, shared_cache,
-                                            publish)
-        summary = _summary(result, warnings)
+    with uptodate.recording(request) as observed:
+        result, warnings, work_dir = _build(config_path, document, source, output, signing_key, no_cache,
+                                            shared_cache, publish)
+        summary = render.summary(result, warnings)
         if result.local_inputs:
             stderr = "".join(f"{note}\n" for note in result.notes) + "".join(f"warning: {w}\n" for w in warnings)
             observed.save(request, work_dir=work_dir, bundle=result.bundle, replay=uptodate.Replay(
-                text=_render(summary, up_to_date=True, as_json=False),
-                json=_render(summary, up_to_date=True, as_json=True), stderr=stderr))
-    click.echo(_render(summary, up_to_date=False, as_json=as_json))
+                text=render.package(summary, up_to_date=True, as_json=False),
+                json=render.package(summary, up_to_date=True, as_json=True), stderr=stderr))
+    click.echo(render.package(summary, up_to_date=False, as_json=as_json))
 
 
-def _build(config_path: Path | None, source: str | None, output: Path | None, signing_key: str | None,
-           no_cache: bool, shared_cache: str | None, publish: bool) -> tuple[BuildResult, list[str], Path]:
+def _build(config_path: Path | None, document: dict[str, Any], source: str | None, output: Path | None,
+           signing_key: str | None, no_cache: bool, shared_cache: str | None,
+           publish: bool) -> tuple[BuildResult, list[str], Path]:
     """Run the pipeline; its result, the warnings it gave and the work folder."""
+    from deeplens_build.build import BuildOptions
     from deeplens_build.cache import tool_cache_environment
-    from deeplens_build.config import SHARED_CACHE, load_config
+    from deeplens_build.config import load_config
     from deeplens_build.errors import UsageError
-    from deeplens_build.pipeline import BuildOptions
+    from deeplens_build.names import check_shared_cache
     from deeplens_build.pipeline import package as build
     from deeplens_build.plugins import build_plugin_manager
     from deeplens_build.report import Reporter
 
-    config = load_config(config_path)
-    if shared_cache is not None and not re.match(SHARED_CACHE, shared_cache):
-        raise UsageError(f"--cache {shared_cache!r} is not s3://BUCKET/PREFIX")
+    config = load_config(config_path, document)
+    if shared_cache is not None:
+        try:
+            check_shared_cache(shared_cache)
+        except ValueError as exc:
+            raise UsageError(f"--cache {exc}") from exc
     os.environ.update(tool_cache_environment(config.build.work_dir))  # before onnxruntime or keras is imported
     manager = build_plugin_manager()
     reporter = Reporter()
@@ -140,46 +158,6 @@ def _build(config_path: Path | None, source: str | None, output: Path | None, si
                    manager=manager,
                    reporter=reporter)
     return result, reporter.warnings, config.build.work_dir
-
-
-def _summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
-    """What ``package`` reports of a build (``--json`` prints it), and an up-to-date one repeats."""
-    parity = result.parity
-    return {
-        "bundle": str(result.bundle),
-        "sha256": result.sha256,
-        "name": result.name,
-        "version": result.version,
-        "framework": result.framework,
-        "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
-                   "tolerance": parity.tolerance, "passed": parity.passed, "samples": parity.samples}
-        if parity else None,
-        "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact, "bundle": result.sizes.bundle},
-        "stages": list(result.stages),
-        "cached_stages": list(result.cached_stages),
-        "notes": list(result.notes),
-        "warnings": warnings,
-    }
-
-
-def _render(summary: dict[str, Any], *, up_to_date: bool, as_json: bool) -> str:
-    """What ``package`` prints on stdout; up to date, every stage the build went through counts as reused."""
-    cached = summary["stages"] if up_to_date else summary["cached_stages"]
-    if as_json:
-        return json.dumps({**summary, "cached_stages": cached, "up_to_date": up_to_date}, indent=2)
-    bundle = summary["bundle"]
-    lines = [f"\nup to date {bundle} (nothing it was built from has changed)" if up_to_date else f"\nbuilt {bundle}",
-             f"  sha256    {summary['sha256']}",
-             f"  model     {summary['name']} {summary['version']} ({summary['framework']})"]
-    if p := summary["parity"]:
-        lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g} ≤ {p['tolerance']:.3g} over {p['samples']} "
-                     "samples")
-    s = summary["sizes"]
-    lines.append(f"  sizes     source {_size(s['source'])}, artifact {_size(s['artifact'])}, "
-                 f"bundle {_size(s['bundle'])}")
-    if cached:
-        lines.append(f"  cache     reused {', '.join(cached)}")
-    return "\n".join(lines)
 
 
 @main.command("publish-lambda")
@@ -289,42 +267,15 @@ def deploy_command(bundle: Path, target_text: str, fmt: str, public_key: Path | 
 @_handle_errors
 def inspect(bundle: Path, as_json: bool) -> None:
     """Show the bundle's manifest: interface, parity, sizes, runtime, Lambda, provenance."""
+    from deeplens_build import render
     from deeplens_build.bundle import read_manifest
 
     m = read_manifest(bundle)
     if as_json:
         click.echo(json.dumps(m.to_dict(), indent=2, sort_keys=True))
         return
-    model = m.model
-    click.echo(f"{m.name} {m.version}  ({m.framework}, {model.format}, {model.precision})")
-    for kind, specs in (("input", model.inputs), ("output", model.outputs)):
-        for spec in specs:
-            layout = f" {spec.layout}" if spec.layout else ""
-            click.echo(f"  {kind:6} {spec.name} {list(spec.shape)} {spec.dtype}{layout}")
-    if parity := m.parity:
-        click.echo(f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g}), "
-                   f"max rel diff {parity.max_rel_diff:.3g}, {parity.samples} samples, seed {parity.seed}, "
-                   f"on {parity.runtime}")
-    opt = m.optimization
-    click.echo(f"  sizes   {_size(opt.size_before)} → {_size(opt.size_after)} ({', '.join(opt.passes)})")
-    if opt.fp32_nodes:
-        click.echo(f"  fp32    {len(opt.fp32_nodes)} node(s) kept in FP32 for parity: {', '.join(opt.fp32_nodes)}")
-    if target := m.target:
-        ceiling = f", ONNX opset ≤ {target.max_opset}" if target.max_opset else ""
-        click.echo(f"  target  {target.backend} (compiled on: {target.compiled_on}{ceiling}; "
-                   f"{target.distribution or target.plugin} {target.version or ''})".replace(" )", ")"))
-    for latency in m.profile:
-        click.echo(f"  latency {latency.runtime}: median {latency.median_ms:.3f} ms, p95 {latency.p95_ms:.3f} ms "
-                   f"(batch 1, {latency.runs} runs)")
-    click.echo(f"  runtime {m.runtime.name} on {m.runtime.platform}: {', '.join(m.runtime.requirements)}")
-    published = f", published {m.lambda_.arn}" if m.lambda_.arn else ", not published"
-    click.echo(f"  lambda  {m.lambda_.name} {m.lambda_.version} ({m.lambda_.handler}{published})")
-    click.echo(f"  greengrass {m.greengrass.format}: {m.greengrass.component} ({', '.join(m.greengrass.documents)})")
-    src, plugin = m.source, m.provenance.plugin
-    click.echo(f"  source  {src.origin} ({src.kind}, sha256 {src.sha256[:16]}…): {', '.join(src.model_files)}")
-    click.echo(f"  built   by deeplens-build {m.provenance.tools.get('deeplens-build', '?')}, plugin {plugin.name} "
-               f"({plugin.distribution} {plugin.version})")
-    click.echo(f"  files   {len(m.files)}, signed by {m.signing.fingerprint[:16]}… (unverified: run verify)")
+    for line in render.manifest(m):
+        click.echo(line)
 
 
 @main.command()
@@ -332,42 +283,15 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @_handle_errors
 def plugins(as_json: bool) -> None:
     """List the plugins found, built-in and third-party alike: frameworks, source kinds and target backends."""
+    from deeplens_build import render
     from deeplens_build.plugins import build_plugin_manager
 
     manager = build_plugin_manager()
     if as_json:
-        click.echo(json.dumps({
-            "plugins": [{"name": p.name, "framework": p.framework.name, "summary": p.framework.summary,
-                         "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
-                         "tools": dict(p.tool_versions)} for p in manager.plugins],
-            "sources": [{"name": s.kind.name, "prefixes": list(s.kind.prefixes), "summary": s.kind.summary,
-                         "plugin": s.plugin, "distribution": s.distribution, "version": s.version,
-                         "builtin": s.builtin} for s in manager.sources],
-            "targets": [{"name": t.backend.name, "summary": t.backend.summary, "plugin": t.plugin,
-                         "accelerators": list(t.backend.accelerators), "platforms": list(t.backend.platforms),
-                         "max_opset": t.backend.max_opset, "compiles_on": "device" if t.backend.device_build else
-                         "build" if t.backend.compile else "nothing", "distribution": t.distribution,
-                         "version": t.version, "builtin": t.builtin, "tools": dict(t.tool_versions)}
-                        for t in manager.targets],
-            "failed": [{"name": f.name, "distribution": f.distribution, "reason": f.reason}
-                       for f in manager.failures],
-        }, indent=2))
+        click.echo(render.plugins_json(manager))
         return
-    if not manager.plugins:
-        click.echo("no framework plugins installed; pip install deeplens-build-onnx")
-    for p in manager.plugins:
-        origin = "built-in" if p.builtin else "third-party"
-        tools = ", ".join(f"{k} {v}" for k, v in p.tool_versions.items())
-        click.echo(f"{p.framework.name:12} {p.distribution} {p.version} ({origin}) — {p.framework.summary}"
-                   + (f" [{tools}]" if tools else ""))
-    for s in manager.sources:
-        origin = "built-in" if s.builtin else "third-party"
-        click.echo(f"source {s.kind.name:12} {s.kind.summary} ({s.distribution or s.plugin}, {origin})")
-    for t in manager.targets:
-        origin = "built-in" if t.builtin else "third-party"
-        click.echo(f"target {t.backend.name:12} {t.backend.summary} ({t.distribution or t.plugin}, {origin})")
-    for f in manager.failures:
-        click.echo(f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}")
+    for line in render.plugins(manager):
+        click.echo(line)
 
 
 @main.command()
@@ -464,6 +388,7 @@ def cache_info(config_path: Path | None, as_json: bool) -> None:
     """Entries and bytes per stage."""
     from deeplens_build.cache import entries
     from deeplens_build.config import load_config
+    from deeplens_build.render import size
 
     root = load_config(config_path).build.work_dir / "cache"
     stages: dict[str, dict[str, int]] = {}
@@ -475,9 +400,9 @@ def cache_info(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"cache": str(root), "bytes": total, "stages": stages}, indent=2, sort_keys=True))
         return
-    click.echo(f"{root}: {_size(total)} in {sum(f['entries'] for f in stages.values())} entries")
+    click.echo(f"{root}: {size(total)} in {sum(f['entries'] for f in stages.values())} entries")
     for stage, figures in sorted(stages.items()):
-        click.echo(f"  {stage:12} {figures['entries']:5} entries  {_size(figures['bytes'])}")
+        click.echo(f"  {stage:12} {figures['entries']:5} entries  {size(figures['bytes'])}")
 
 
 @cache_group.command("prune")
@@ -489,6 +414,7 @@ def cache_prune(config_path: Path | None, max_size: str) -> None:
     from deeplens_build.cache import prune
     from deeplens_build.config import load_config
     from deeplens_build.errors import UsageError
+    from deeplens_build.render import size
 
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)i?B?", max_size.strip(), re.IGNORECASE)
     if not match:
@@ -496,7 +422,7 @@ def cache_prune(config_path: Path | None, max_size: str) -> None:
     units = "KMGT".find(match[2].upper()) + 1 if match[2] else 0
     limit = int(float(match[1]) * 1024 ** units)
     removed = prune(load_config(config_path).build.work_dir / "cache", limit)
-    click.echo(f"removed {len(removed)} entries ({_size(sum(e.size for e in removed))}), least recently used first")
+    click.echo(f"removed {len(removed)} entries ({size(sum(e.size for e in removed))}), least recently used first")
 
 
 def _stop_on_signals():
@@ -509,15 +435,6 @@ def _stop_on_signals():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     return stop
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from deeplens_build import names
 from deeplens_build.errors import ConfigError
 from deeplens_build.layout import CONFIG_NAME, WORK_DIR, config_file, read_document
 
-SHARED_CACHE = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
 MAX_RANDOM_SAMPLES = 1000
 """Each sample is a full input tensor held in memory: 1000 camera frames is already a generous check."""
 
@@ -159,7 +158,7 @@ class ProfileConfig(_Strict):
 class BuildConfig(_Strict):
     work_dir: ProjectFolder = Path(WORK_DIR)
     output: ProjectFolder = Path("dist")
-    cache: Annotated[str, StringConstraints(pattern=SHARED_CACHE)] | None = None
+    cache: Annotated[str, AfterValidator(names.check_shared_cache)] | None = None
     """A cache shared between machines (CI): ``s3://BUCKET/PREFIX``, asked after the local one."""
 
 

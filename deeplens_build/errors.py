@@ -91,3 +91,12 @@ class DeviceError(DeepLensBuildError):
     """The local device (``run``, ``watch``) could not do its job: a broker unreachable, a Lambda that died."""
 
     exit_code = ExitCode.DEVICE
+
+
+def reworded(exc: DeepLensBuildError, message: str) -> DeepLensBuildError:
+    """``exc`` saying ``message`` instead: the same class, exit code and attributes, whatever its constructor
+    takes (``type(exc)(message)`` breaks on one that takes more than a message)."""
+    new = type(exc).__new__(type(exc))
+    new.__dict__.update(exc.__dict__)
+    new.args = (message,)
+    return new

@@ -240,9 +240,6 @@ class Manifest(BuildRecord):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 
-    def file_entry(self, path: str) -> FileEntry | None:
-        return next((entry for entry in self.files if entry.path == path), None)
-
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """Validate a manifest read from a bundle.

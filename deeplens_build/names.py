@@ -77,6 +77,16 @@ def check_variable(name: str) -> str:
     return name
 
 
+_SHARED_CACHE = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
+
+
+def check_shared_cache(uri: str) -> str:
+    """A shared cache's address, ``build.cache`` or ``--cache``: an S3 bucket name and an optional prefix."""
+    if not _SHARED_CACHE.match(uri):
+        raise ValueError(f"{uri[:80]!r} is not s3://BUCKET/PREFIX")
+    return uri
+
+
 def check_bundle_path(name: str) -> str:
     """A path inside a bundle: relative, no ``..``, no empty or ``.`` parts, no NUL, bounded."""
     pure = PurePosixPath(name)

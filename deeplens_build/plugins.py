@@ -25,6 +25,7 @@ from deeplens_build.errors import (
     DeepLensBuildError,
     PluginError,
     SourceError,
+    reworded,
 )
 from deeplens_build.names import PLUGIN_NAME, first_problem
 from deeplens_build.types import (
@@ -126,7 +127,7 @@ class PluginManager:
         try:
             return function(*args)
         except DeepLensBuildError as exc:
-            raise type(exc)(f"{who} could not {doing}: {exc}") from exc
+            raise reworded(exc, f"{who} could not {doing}: {exc}") from exc
         except ImportError as exc:
             install = info.backend.install or f"pip install {info.distribution or info.plugin}"
             raise CompileError(f"{who} could not {doing}: {exc}; install what it needs with: {install}") from exc
@@ -217,7 +218,7 @@ class PluginManager:
         try:
             return caller(**kwargs)
         except DeepLensBuildError as exc:
-            raise type(exc)(f"plugin {info.name!r} could not {doing}: {exc}") from exc
+            raise reworded(exc, f"plugin {info.name!r} could not {doing}: {exc}") from exc
         except ImportError as exc:  # what the plugin imports lazily is missing: say how to install it
             install = info.framework.install or f"pip install {info.distribution or info.name}"
             raise PluginError(f"plugin {info.name!r} could not {doing}: {exc}; install what it needs with: "

@@ -18,8 +18,6 @@ The helpers build and sign for real; nothing is mocked.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -123,30 +121,10 @@ def verify(bundle: Path, public_key: Path | None = None) -> Verified:
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
-    """Enough TOML for project files: nested tables of strings, numbers, booleans and lists of them."""
-    lines: list[str] = []
+    """A project file's text for ``data``: nested tables of strings, numbers, booleans, paths and lists of them."""
+    import tomli_w
 
-    def table(prefix: str, values: Mapping[str, Any]) -> None:
-        scalars = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
-        if prefix and (scalars or not values):
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{_key(k)} = {_value(v)}" for k, v in scalars.items())
-        for k, v in values.items():
-            if isinstance(v, Mapping):
-                table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
-
-    table("", data)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _key(key: str) -> str:
-    return key if key.replace("-", "").replace("_", "").isalnum() else json.dumps(key)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")  # TOML's words, not JSON's
-    return json.dumps(_plain(value))
+    return tomli_w.dumps(_plain(data))
 
 
 def _plain(value: Any) -> Any:
@@ -154,6 +132,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 

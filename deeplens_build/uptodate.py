@@ -69,6 +69,9 @@ class Request:
 
     config: Path
     key: str
+    config_seen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The project file and its folder as they were when the command started, before it read the file: the
+    command reads it once, before its recording begins, and the record must hold the state it read."""
 
     @classmethod
     def of(cls, *, config: Path | None, source: str | None, output: Path | None, signing_key: str | None,
@@ -81,7 +84,8 @@ class Request:
                    "output": output and str(output.absolute()), "signing_key": signing_key,
                    "shared_cache": shared_cache, "cwd": os.getcwd(), "python": sys.executable, "path": sys.path,
                    "environment": environment}
-        return cls(config=path, key=hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest())
+        return cls(config=path, key=hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest(),
+                   config_seen={name: _identity(name) for name in (str(path), str(path.parent))})
 
 
 def check(request: Request, document: Mapping[str, Any] | None = None, *, no_cache: bool = False,
@@ -203,13 +207,18 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[Recording]:
-    """Observe the file system reads and writes of what runs inside; one recording at a time per process."""
+def recording(request: Request | None = None) -> Iterator[Recording]:
+    """Observe the file system reads and writes of what runs inside; one recording at a time per process.
+
+    :param request: the command's request, whose project file counts as read (it was, before the recording).
+    """
     global _recording, _hooked
     if not _hooked:  # an audit hook cannot be removed: one per process, idle between recordings
         sys.addaudithook(_hook)
         _hooked = True
     _recording = observed = Recording()
+    if request is not None:
+        observed.seen.update(request.config_seen)
     try:
         yield observed
     finally:

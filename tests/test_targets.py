@@ -87,6 +87,7 @@ def old_onnxruntime(tmp_path_factory) -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_example_capped_at_opset_17_loads_and_matches_in_onnxruntime_1_16(tmp_path: Path,
                                                                           old_onnxruntime: Path) -> None:
     """MXNet's exporter writes the installed onnx's newest opset (23); at `target.opset = 17` it is steered to 17,

@@ -21,6 +21,7 @@ from deeplens_build.aws.deploy import Clients, Rollout, Target, deploy
 from deeplens_build.errors import AwsError, VerificationError
 from deeplens_build.report import Reporter
 
+
 def _v2_clients(stub_responses: bool = True) -> tuple[Clients, Stubber]:
     v2 = boto3.client("greengrassv2", region_name="us-east-1")
     stub = Stubber(v2)
@@ -200,6 +201,7 @@ class _FlakyS3:
         self.server.shutdown()
 
 
+@pytest.mark.slow
 def test_s3_throttling_is_retried(bundle: Path, tmp_path: Path, aws: str) -> None:
     boto3.client("iot").create_thing(thingName="deeplens_abc")
     flaky = _FlakyS3(aws, failures=3)
@@ -213,6 +215,7 @@ def test_s3_throttling_is_retried(bundle: Path, tmp_path: Path, aws: str) -> Non
     assert flaky.seen > 3
 
 
+@pytest.mark.slow
 def test_failed_upload_registers_nothing_and_says_what_was_uploaded(bundle: Path, tmp_path: Path, aws: str) -> None:
     boto3.client("iot").create_thing(thingName="deeplens_abc")
     flaky = _FlakyS3(aws, failures=10_000)

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import Broker, example_project
 
 from deeplens_build import testing
+
 
 def _example_bundle(root: Path, **target: str) -> Path:
     return testing.build(example_project(root, **target)).bundle
@@ -23,6 +25,7 @@ def _run(bundle: Path, broker: Broker, device_dir: Path) -> subprocess.Completed
                            str(device_dir), "--json"], capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_openvino_bundle_runs_its_ir_on_this_cpu(broker: Broker, tmp_path: Path) -> None:
     done = _run(_example_bundle(tmp_path, backend="openvino"), broker, tmp_path / "device")
     assert done.returncode == 0, done.stderr

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from helpers import Broker
+from onnx import TensorProto, helper, numpy_helper
 from test_device import THING, _frames, _key, _subscribe
 
 from deeplens_build import testing

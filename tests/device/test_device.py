@@ -16,7 +16,12 @@ import pytest
 from helpers import Broker, cli, error_line, example_project, files_under
 
 from deeplens_build import onnxtools, testing
-from deeplens_build.device.run import DeviceOptions, DeviceRunError, DeviceSummary, run_device
+from deeplens_build.device.run import (
+    DeviceOptions,
+    DeviceRunError,
+    DeviceSummary,
+    run_device,
+)
 from deeplens_build.device.watch import watch
 from deeplens_build.errors import DeviceError, UsageError, VerificationError
 from deeplens_build.report import Reporter
@@ -107,6 +112,7 @@ def test_tampered_bundle_is_refused(example_bundle: Path, tmp_path: Path) -> Non
     assert files_under(tmp_path / "device") == set(), "nothing of a bundle that failed to verify is installed"
 
 
+@pytest.mark.slow
 def test_broker_restart_buffers_and_reconnects(broker: Broker, example_bundle: Path, tmp_path: Path) -> None:
     options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=40,
                             frame_interval=0.05)
@@ -128,6 +134,7 @@ def test_broker_restart_buffers_and_reconnects(broker: Broker, example_bundle: P
     assert summary.published == 40 and summary.dropped == 0, "buffered results were sent after reconnecting"
 
 
+@pytest.mark.slow
 def test_buffer_is_bounded_and_lost_results_fail_the_run(broker: Broker, example_bundle: Path,
                                                           tmp_path: Path) -> None:
     options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=40,

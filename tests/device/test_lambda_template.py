@@ -15,7 +15,6 @@ from helpers import example_project, open_bundle
 from deeplens_build import onnxtools, testing
 
 
-
 def test_template_publishes_one_prediction_per_frame_matching_onnxruntime(tmp_path: Path) -> None:
     bundle = testing.build(example_project(tmp_path)).bundle
     device = tmp_path / "device"

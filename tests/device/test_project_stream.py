@@ -45,6 +45,7 @@ def _stream_region(png: Path) -> np.ndarray:
     return image[16:496, 16:656]  # where the page puts the 640x480 stream
 
 
+@pytest.mark.slow
 def test_the_project_stream_shows_live_frames_and_the_latest_label(broker: Broker, example_bundle: Path,  # noqa: F811
                                                                     tmp_path: Path) -> None:
     port = _free_port()

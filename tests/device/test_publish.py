@@ -71,6 +71,7 @@ def test_without_a_core_results_are_printed_and_a_compat_sdk_is_not_taken_for_on
     assert json.loads(out) == {"label": "bird"} and "results go to stdout" in err
 
 
+@pytest.mark.slow
 def test_results_waiting_for_the_broker_are_not_dropped_while_they_are_handed_over(deeplens_publish, tmp_path,
                                                                                    monkeypatch) -> None:
     """A Lambda that publishes before its connection is up, then exits at once (a dying loop does): close() waits
