@@ -6,6 +6,8 @@ import gzip
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -269,3 +271,20 @@ def test_verify_of_something_not_a_file_says_so(tmp_path: Path, special: str) ->
     if special == "fifo":
         os.mkfifo(path)
     assert "is not a regular file" in error_line(cli("verify", path, expect=8))
+
+
+def test_inspect_into_a_reader_that_stops_ends_quietly(bundle: Path) -> None:
+    """``inspect B | head -1``: the reader is gone before the manifest is printed; no error, no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "deeplens_build.cli", "inspect", str(bundle)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # as head does once it has its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""
+
+
+def test_debug_works_after_the_command_name_too(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.tar.zst"
+    assert "error: " in error_line(cli("inspect", missing, expect=8))
+    result = cli("inspect", missing, "--debug", expect=1)
+    assert isinstance(result.exception, VerificationError), "the traceback, not the one line"
