@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import deeplens_build
 from deeplens_build import __version__
 from deeplens_build.cache import Cache, SharedCache
 from deeplens_build.config import ProjectConfig
+from deeplens_build.digest import code_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.plugins import PluginManager, installed_version
 from deeplens_build.report import Reporter
@@ -85,7 +87,8 @@ class Build:
         shared = SharedCache(shared_uri, warn=reporter.warn) if shared_uri else None
         return cls(config=config, options=options, manager=manager, reporter=reporter,
                    signer=load_signer(options.signing_key), settings=manager.settings(config.plugins),
-                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared), tools=tools,
+                   cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared,
+                               code=code_sha256(deeplens_build)), tools=tools,
                    target=target, runtimes=load_runtimes(config.runtime.definitions, extra=backend.runtimes))
 
     def stage(self, name: str, key: Mapping[str, Any], result_type: type[T], build: Callable[[Path], T]) -> T:
@@ -99,14 +102,16 @@ class Build:
 
     @property
     def target_identity(self) -> dict[str, Any]:
+        """The target backend in a cache key: which, in which version, and the digest of its code."""
         t = self.target
         return {"name": t.backend.name, "plugin": t.plugin, "distribution": t.distribution, "version": t.version,
-                "tools": dict(t.tool_versions)}
+                "tools": dict(t.tool_versions), "code": self.manager.code(t.plugin)}
 
     def plugin_identity(self, detection: Detection) -> dict[str, Any]:
+        """The framework plugin in a cache key: which, in which version, and the digest of its code."""
         plugin = detection.plugin
         return {"name": plugin.name, "distribution": plugin.distribution, "version": plugin.version,
-                "tools": dict(plugin.tool_versions)}
+                "tools": dict(plugin.tool_versions), "code": self.manager.code(plugin.name)}
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -114,7 +114,8 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
         fingerprint=signing.fingerprint(signer.public_key_pem)))
     manifest_bytes = manifest.to_json()
     target = output_dir / bundle_name(manifest.name, manifest.version)
-    if written is not None and reuse and (sha256 := _unchanged(target, manifest_bytes, written)):
+    epoch = source_date_epoch()
+    if written is not None and reuse and (sha256 := _unchanged(target, manifest_bytes, epoch, written)):
         return target, sha256, manifest
     signature = signer.sign(manifest_bytes)
 
@@ -130,11 +131,11 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
         digest = BackgroundSha256()  # the bundle's own sha256, as it is written: never read back
         with os.fdopen(fd, "wb") as raw, compressor.stream_writer(_HashingWriter(raw, digest), closefd=False) as zst, \
                 tarfile.open(fileobj=zst, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            _add(tar, MANIFEST, io.BytesIO(manifest_bytes), len(manifest_bytes))
-            _add(tar, SIGNATURE, io.BytesIO(signature), len(signature))
+            _add(tar, MANIFEST, io.BytesIO(manifest_bytes), len(manifest_bytes), epoch)
+            _add(tar, SIGNATURE, io.BytesIO(signature), len(signature), epoch)
             for arc in sorted(payload):
                 with open(payload[arc], "rb") as f:
-                    _add(tar, arc, f, payload[arc].stat().st_size)
+                    _add(tar, arc, f, payload[arc].stat().st_size, epoch)
         sha256 = digest.hexdigest()
         os.chmod(temp, 0o644)
         os.replace(temp, target)
@@ -145,30 +146,43 @@ def write_bundle(payload: Mapping[str, Path], record: BuildRecord, signer: signi
         os.close(lock)
     digest_written(target, sha256)
     if written is not None:
-        _remember(target, manifest_bytes, sha256, written)
+        _remember(target, manifest_bytes, epoch, sha256, written)
     return target, sha256, manifest
 
 
-def _unchanged(target: Path, manifest_bytes: bytes, written: Path) -> str | None:
-    """The bundle's sha256 when ``target`` is still what was written for this manifest, else None."""
+def source_date_epoch() -> int:
+    """Every member's modification time: ``SOURCE_DATE_EPOCH`` (reproducible-builds.org), else 0.
+
+    :raises BundleError: when it is set to anything but a whole number of seconds.
+    """
+    value = os.environ.get("SOURCE_DATE_EPOCH", "0").strip() or "0"
+    if not value.isdigit() or int(value) >= 8 ** 11:  # a tar header holds 11 octal digits
+        raise BundleError(f"SOURCE_DATE_EPOCH is {value[:40]!r}, not a number of seconds since 1970; set it to "
+                          "one (e.g. $(git log -1 --format=%ct)) or unset it")
+    return int(value)
+
+
+def _unchanged(target: Path, manifest_bytes: bytes, epoch: int, written: Path) -> str | None:
+    """The bundle's sha256 when ``target`` is still what was written for this manifest and member time, else
+    None (the manifest does not hold the time: a bundle of another ``SOURCE_DATE_EPOCH`` has other bytes)."""
     try:
         remembered = json.loads(written.read_text())
         stat = target.stat()
     except (OSError, ValueError):
         return None
-    now = {"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "stat": list(stat_identity(stat))}
+    now = {"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "epoch": epoch, "stat": list(stat_identity(stat))}
     return remembered.get("sha256") if {k: remembered.get(k) for k in now} == now else None
 
 
-def _remember(target: Path, manifest_bytes: bytes, sha256: str, written: Path) -> None:
-    write_atomic(written, json.dumps({"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "sha256": sha256,
-                                      "stat": list(stat_identity(target.stat()))}))
+def _remember(target: Path, manifest_bytes: bytes, epoch: int, sha256: str, written: Path) -> None:
+    write_atomic(written, json.dumps({"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "epoch": epoch,
+                                      "sha256": sha256, "stat": list(stat_identity(target.stat()))}))
 
 
-def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: io.IOBase, size: int, epoch: int) -> None:
     info = tarfile.TarInfo(name)
     info.size = size
-    info.mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    info.mtime = epoch
     info.mode = 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""

@@ -5,10 +5,12 @@ sha256 of every file it holds. The key is the sha256 of everything the stage's o
 digests, settings, tool versions). Paths inside an entry are stored relative to it, so a cache folder can be
 copied between machines.
 
-Builds sharing a work folder run concurrently, so a published entry is immutable: it is built in a scratch
-folder and renamed into place only if no valid entry is there yet (the loser of that race uses the winner's
-entry, under a lock per stage); an entry whose files no longer match their digests (edited, truncated) is
-rebuilt, never reused; scratch folders of a killed build are removed by the next one.
+Builds sharing a work folder run concurrently, so a published entry is never changed in place: it is built in a
+scratch folder and renamed into place only if no valid entry is there yet (the loser of that race uses the
+winner's entry, under a lock per stage, and reports it reused); an entry whose files no longer match their
+digests (edited, truncated) or whose result names a file it does not hold is rebuilt, never reused; under
+``--no-cache`` a fresh result that differs from the entry of its key replaces it (the entry was stale: something
+the key does not hold had changed); scratch folders of a killed build are removed by the next build of the stage.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from deeplens_build import locks
 from deeplens_build.clients import aws_client
 from deeplens_build.digest import file_sha256, json_sha256, linked, stat_identity, written
 from deeplens_build.names import check_bundle_path
+from deeplens_build.types import TrainingOutput
 
 T = TypeVar("T")
 
@@ -55,18 +58,20 @@ def tool_cache_environment(work_dir: Path) -> dict[str, str]:
 
 
 class Cache:
-    def __init__(self, root: Path, *, reuse: bool = True, shared: SharedCache | None = None):
-        """:param reuse: False (``--no-cache``) rebuilds every stage, and stores the fresh results.
-        :param shared: a cache other machines fill too (CI), asked after this one and before building."""
+    def __init__(self, root: Path, *, reuse: bool = True, shared: SharedCache | None = None, code: str = ""):
+        """:param reuse: False (``--no-cache``) rebuilds every stage, and its fresh result replaces the entry.
+        :param shared: a cache other machines fill too (CI), asked after this one and before building.
+        :param code: the digest of the core's own code, part of every key (the stages are its code)."""
         self.root = root
         self.reuse = reuse
         self.shared = shared
+        self.code = code
         self._by_digest: dict[str, Path] = {}
         """With a shared cache: files of the entries this build used, by sha256, so a shared entry holding one of
         them links it here instead of downloading it again (a conversion's weights, kept by the optimizer)."""
 
     def key(self, stage: str, material: Mapping[str, Any]) -> str:
-        return json_sha256({"stage": stage, "format": CACHE_FORMAT, "material": material})
+        return json_sha256({"stage": stage, "format": CACHE_FORMAT, "code": self.code, "material": material})
 
     def stage(self, stage: str, material: Mapping[str, Any], result_type: type[T],
               build: Callable[[Path], T]) -> tuple[T, bool]:
@@ -77,13 +82,14 @@ class Cache:
         folder = self.root / stage
         entry = folder / self.key(stage, material)
         adapter = TypeAdapter(result_type)
+        if folder.is_dir():  # what a killed build left, whether this build reuses the entry or builds it
+            locks.remove_abandoned_folders(folder, _SCRATCH)
+            for trash in folder.glob(f"{_TRASH}*"):  # only ever left by a build killed while discarding an entry
+                shutil.rmtree(trash, ignore_errors=True)
         if self.reuse and (cached := _load(adapter, entry)) is not None:
             self._index(entry)
             return cached, True
         folder.mkdir(parents=True, exist_ok=True)
-        locks.remove_abandoned_folders(folder, _SCRATCH)
-        for trash in folder.glob(f"{_TRASH}*"):  # only ever left by a build killed while discarding an entry
-            shutil.rmtree(trash, ignore_errors=True)
         key = entry.name
         with locks.owned_folder(folder, _SCRATCH) as scratch:
             # a shared entry counts only once every file matches the digests its result.json records
@@ -100,11 +106,14 @@ class Cache:
                 (scratch / _RESULT).write_text(json.dumps({"result": data, "files": files}, indent=1,
                                                           sort_keys=True), encoding="utf-8")
             with locks.held(folder / _PUBLISH_LOCK):
-                if (winner := _load(adapter, entry)) is not None:
+                if (there := _load(adapter, entry)) is not None and (self.reuse or _same(entry, scratch)):
+                    # a concurrent build published this entry first (reused, so the report says cached), or,
+                    # under --no-cache, the entry already holds what this build made: kept, since a concurrent
+                    # build may be reading its files
                     self._index(entry)
-                    return winner, False  # a concurrent build published the same entry first
-                if entry.exists():  # damaged: move it aside in one step, so no reader sees half of it
-                    trash = Path(tempfile.mkdtemp(prefix=_TRASH, dir=folder))
+                    return there, self.reuse
+                if entry.exists():  # damaged, or stale (--no-cache built other bytes for its key): moved aside in
+                    trash = Path(tempfile.mkdtemp(prefix=_TRASH, dir=folder))  # one step, so no reader sees half
                     os.replace(entry, trash / "entry")
                     shutil.rmtree(trash, ignore_errors=True)
                 os.replace(scratch, entry)
@@ -120,6 +129,15 @@ class Cache:
             return
         files = json.loads((entry / _RESULT).read_text(encoding="utf-8"))["files"]
         self._by_digest.update({sha256: entry / rel for rel, sha256 in files.items()})
+
+
+def _same(entry: Path, scratch: Path) -> bool:
+    """Whether two entries hold the same result and files (their ``result.json`` name files by relative path)."""
+    try:
+        return (json.loads((entry / _RESULT).read_text(encoding="utf-8"))
+                == json.loads((scratch / _RESULT).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False
 
 
 def _emptied(scratch: Path) -> Path:
@@ -284,8 +302,9 @@ def _copied(source: Path | None, target: Path) -> bool:
 
 def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
     """The entry's result, or None when it is missing, unreadable, a file no longer matches its digest, or a path
-    in it leads outside the entry (a result from a shared bucket could otherwise make a build read, and sign
-    into a bundle, any file of this machine). A loaded entry's ``result.json`` gets a new modification time:
+    in it is neither a file the entry lists nor a folder holding one (a result from a shared bucket could
+    otherwise make a build read, and sign into a bundle, any file of this machine, or name a file that is not
+    there, and fail every later build). A loaded entry's ``result.json`` gets a new modification time:
     ``prune`` removes the least recently used."""
     try:
         recorded = json.loads((entry / _RESULT).read_text(encoding="utf-8"))
@@ -293,7 +312,9 @@ def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
         if any(file_sha256(entry / rel) != sha256 for rel, sha256 in files.items()):
             return None
         result = adapter.validate_python(_absolute(recorded["result"], entry))
-        if not all(path.is_relative_to(entry) and ".." not in path.parts for path in _paths(result)):
+        held = {entry / rel for rel in files}
+        folders = {folder for path in held for folder in path.parents}
+        if not all(".." not in path.parts and (path in held or path in folders) for path in _paths(result)):
             return None
         os.utime(entry / _RESULT)
         return result
@@ -302,9 +323,12 @@ def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
 
 
 def _paths(value: Any) -> Iterator[Path]:
-    """Every path in a stage's result (dataclasses, tuples and mappings of them)."""
+    """Every path in a stage's result (dataclasses, tuples and mappings of them; a training output's files)."""
     if isinstance(value, Path):
         yield value
+    elif isinstance(value, TrainingOutput):
+        yield value.root
+        yield from (value.root / rel for rel in value.files)
     elif dataclasses.is_dataclass(value):
         for item in dataclasses.fields(value):
             yield from _paths(getattr(value, item.name))

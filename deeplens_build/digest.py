@@ -143,6 +143,28 @@ def tree_sha256(root: Path, files: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+_NOT_CODE = ("__pycache__", ".pyc", ".pyo")
+
+
+def code_sha256(code: object) -> str:
+    """Digest of the code ``code`` runs, so a cache key follows an edit that leaves the version as it was (a
+    plugin under development): a package's files (every one under its folder but bytecode), a module's file, or
+    for any other object (a plugin registered as an instance) the file of the module defining its class."""
+    import inspect
+
+    module = code if inspect.ismodule(code) else inspect.getmodule(code if inspect.isclass(code) else type(code))
+    source = getattr(module, "__file__", None)
+    if source is None:  # defined at the interactive prompt or in C: nothing on disk to follow
+        return json_sha256({"module": getattr(module, "__name__", repr(code))})
+    path = Path(source)
+    if path.name != "__init__.py":
+        return file_sha256(path)
+    root = path.parent
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.is_file() and not any(part.endswith(_NOT_CODE) for part in p.relative_to(root).parts)]
+    return tree_sha256(root, files)
+
+
 def canonical_json(value: Any) -> bytes:
     """One byte sequence per JSON value: sorted keys, no whitespace, UTF-8."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

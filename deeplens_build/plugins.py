@@ -27,6 +27,7 @@ from deeplens_build.errors import (
     SourceError,
     reworded,
 )
+from deeplens_build.digest import code_sha256
 from deeplens_build.names import PLUGIN_NAME, first_problem
 from deeplens_build.types import (
     Artifact,
@@ -79,6 +80,11 @@ class PluginManager:
         self.sources = sources
         self.targets = targets
         self.failures = failures
+
+    def code(self, plugin: str) -> str:
+        """The digest of the code plugin ``plugin`` (its registered name) runs, for cache keys: a plugin edited
+        under development, its version unchanged, must not get its old results back."""
+        return code_sha256(self._pm.get_plugin(plugin))
 
     @property
     def plugins(self) -> tuple[PluginInfo, ...]:

@@ -102,8 +102,11 @@ def _from_file(path: Path, *, kind: str, origin: str, context: SourceContext,
         return TrainingOutput(root=tree, files=unpacked.files, sha256=sha256, size=path.stat().st_size,
                               kind=kind, origin=origin)
 
-    output, cached = context.cache.stage("source", {"sha256": sha256, "limits": context.limits.model_dump(),
-                                                    "archive": archive}, TrainingOutput, unpack)
+    # a lone model file's name is part of what it is (plugins recognise it by its suffix); an archive's members
+    # are named inside its bytes
+    key = {"sha256": sha256, "limits": context.limits.model_dump(), "archive": archive,
+           "name": None if archive else path.name}
+    output, cached = context.cache.stage("source", key, TrainingOutput, unpack)
     if cached:
         context.reporter.step(f"source: {origin} already extracted (cache)")
     # the cache stores the first origin it saw for these bytes; this build names its own

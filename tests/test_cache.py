@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -95,3 +96,58 @@ def test_cache_info_and_prune_keep_the_most_recently_used(project: Path) -> None
     assert "parity" in report["cached_stages"], "the entry kept is the one the current settings use"
     assert "error: --max-size 'lots'" in error_line(cli("cache", "prune", "--config", project, "--max-size", "lots",
                                                         expect=2))
+
+
+def test_a_killed_builds_scratch_folder_goes_even_when_every_stage_is_reused(project: Path) -> None:
+    package_json(project)
+    dead = project.parent / ".deeplens" / "cache" / "optimize" / ".build-killed02"
+    dead.mkdir()
+    (dead / locks.OWNER).touch()
+    _touch(project)
+    report = package_json(project)
+    assert not report["up_to_date"] and "optimize" in report["cached_stages"], "a build from the cache"
+    assert not dead.exists()
+
+
+def _touch(config: Path) -> None:
+    """A new modification time for the project file: the next package runs the pipeline (not up to date)."""
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def _entry(project: Path, stage: str) -> Path:
+    [result] = (project.parent / ".deeplens" / "cache" / stage).glob("*/result.json")
+    return result.parent
+
+
+def test_no_cache_replaces_a_stale_entry_and_says_it_built_it(project: Path) -> None:
+    """An entry valid in itself but not what its key would build now (something the key did not hold changed):
+    --no-cache builds the stage, signs what it built, says so, and the entry holds the fresh result after."""
+    first = package_json(project)
+    entry = _entry(project, "lambda")
+    [stale] = entry.glob("*.zip")
+    stale.write_bytes(stale.read_bytes() + b"stale")  # consistent with its record: the cache cannot tell
+    recorded = json.loads((entry / "result.json").read_text())
+    recorded["files"][stale.name] = hashlib.sha256(stale.read_bytes()).hexdigest()
+    (entry / "result.json").write_text(json.dumps(recorded))
+    _touch(project)
+    assert package_json(project)["sha256"] != first["sha256"], "a trusted entry is reused as it is"
+    fresh = package_json(project, "--no-cache")
+    assert fresh["sha256"] == first["sha256"] and fresh["cached_stages"] == []
+    assert package_json(project)["sha256"] == first["sha256"], "the fresh result replaced the stale entry"
+
+
+def test_an_entry_naming_a_file_it_does_not_hold_is_rebuilt(project: Path) -> None:
+    """A result.json naming a file inside its entry that it does not list (a poisoned shared entry copied here)
+    is a rebuild, with or without --no-cache, never a dead end."""
+    first = package_json(project)
+    entry = _entry(project, "optimize")
+    recorded = json.loads((entry / "result.json").read_text())
+    text = json.dumps(recorded["result"])
+    recorded["result"] = json.loads(text.replace('"@entry/model.onnx"', '"@entry/unlisted.onnx"'))
+    assert json.dumps(recorded["result"]) != text
+    (entry / "result.json").write_text(json.dumps(recorded))
+    _touch(project)
+    second = package_json(project)
+    assert "optimize" not in second["cached_stages"] and second["sha256"] == first["sha256"]
+    assert package_json(project, "--no-cache")["sha256"] == first["sha256"]

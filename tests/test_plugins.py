@@ -192,3 +192,54 @@ def test_plugins_verify_and_inspect_do_not_import_the_frameworks(project: Path) 
              "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", probe, bundle], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+DEV_PLUGIN = '''"""A framework plugin under development: the ONNX plugin's hooks, under its own name."""
+import deeplens_build_onnx as base
+from deeplens_build import Framework, hookimpl
+
+EDIT = {edit}
+
+
+@hookimpl
+def deeplens_build_framework():
+    return Framework(name="dev", summary="a plugin under development")
+
+
+@hookimpl
+def deeplens_build_detect(source):
+    files = source.matching(".onnx")
+    return base.ModelFiles(files=files) if files else None
+
+
+@hookimpl
+def deeplens_build_convert(source, model, workdir):
+    return base.deeplens_build_convert(source=source, model=model, workdir=workdir)
+
+
+@hookimpl
+def deeplens_build_reference_run(converted, inputs):
+    return base.deeplens_build_reference_run(converted=converted, inputs=inputs)
+'''
+
+
+def test_a_plugin_edited_under_the_same_version_is_run_again(tmp_path: Path, onnx_model_dir: Path,
+                                                             monkeypatch) -> None:
+    """The cache key holds the plugin's code, not only its version: an edit is never answered from the cache."""
+    import importlib
+
+    folder = tmp_path / "dev-plugin"
+    folder.mkdir()
+    module_file = folder / "dev_plugin.py"
+    module_file.write_text(DEV_PLUGIN.format(edit=1))
+    monkeypatch.syspath_prepend(str(folder))
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "dev"})
+
+    def build() -> tuple[str, ...]:
+        module = importlib.import_module("dev_plugin")
+        return testing.build(config, plugins=[importlib.reload(module)], entry_points=False).cached_stages
+
+    assert "convert" not in build()
+    assert "convert" in build(), "unchanged code: reused"
+    module_file.write_text(DEV_PLUGIN.format(edit=2))
+    assert "convert" not in build(), "the edited plugin converted again"

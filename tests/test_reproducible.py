@@ -127,3 +127,18 @@ def test_a_touched_input_is_read_again_and_a_changed_one_rebuilds(project: Path,
     model.write_bytes(bytes(data))
     changed = package_json(project)
     assert "convert" not in changed["cached_stages"] and changed["sha256"] != first["sha256"]
+
+
+def test_a_new_source_date_epoch_rewrites_a_bundle_whose_manifest_is_unchanged(project: Path, monkeypatch) -> None:
+    """The manifest does not hold the members' time: a bundle of the same manifest at another epoch is another
+    bundle, and is written again."""
+    package_json(project)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    bundle = Path(package_json(project)["bundle"])
+    with open_bundle(bundle) as tar:
+        assert {m.mtime for m in tar.getmembers()} == {1700000000}
+
+
+def test_a_source_date_epoch_that_is_no_number_is_one_error(project: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    assert "SOURCE_DATE_EPOCH is 'yesterday', not a number of seconds" in package_json(project, expect=7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,15 @@ def test_blocking_the_builtin_sources_leaves_a_clear_error(tmp_path: Path, onnx_
     config = testing.write_project(tmp_path / "p", source=onnx_model_dir)
     assert "no source plugin fetches" in error_line(cli("package", "--config", config, "--signing-key",
                                                         testing.signing_key(config.parent), expect=4))
+
+
+def test_a_renamed_source_file_is_another_source(tmp_path: Path, onnx_model_dir: Path) -> None:
+    """The same bytes under another name, in the same work folder: the build sees the new name."""
+    model = tmp_path / "first.onnx"
+    shutil.copyfile(onnx_model_dir / "model.onnx", model)
+    config = testing.write_project(tmp_path / "project", source=model)
+    first = testing.verify(Path(package_json(config)["bundle"])).manifest
+    assert first.source.model_files == ("first.onnx",)
+    renamed = model.rename(tmp_path / "renamed.onnx")
+    report = package_json(config, "--source", renamed)
+    assert testing.verify(Path(report["bundle"])).manifest.source.model_files == ("renamed.onnx",)

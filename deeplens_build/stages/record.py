@@ -87,7 +87,11 @@ def run(b: Build, *, training: TrainingOutput, detection: Detection, optimized: 
             alias=published.alias if published else None),
         greengrass=GreengrassRecord(format=config.greengrass.format, component=greengrass.component_name(config),
                                     documents=tuple(documents)),
-        provenance=ProvenanceRecord(plugin=PluginRecord(**b.plugin_identity(detection)), tools=dict(b.tools)),
+        provenance=ProvenanceRecord(plugin=PluginRecord(name=detection.plugin.name,
+                                                       distribution=detection.plugin.distribution,
+                                                       version=detection.plugin.version,
+                                                       tools=dict(detection.plugin.tool_versions)),
+                                    tools=dict(b.tools)),
         kinesis=KinesisRecord(stream=config.device.kinesis_video_stream, retention_hours=config.device.retention_hours)
         if config.device.kinesis_video_stream else None,
     )

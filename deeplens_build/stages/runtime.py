@@ -170,8 +170,12 @@ def vendor_wheels(runtime: Runtime, platform: str, *, config: RuntimeConfig, cac
             raise BundleError(f"pip downloaded no wheels for runtime {runtime.name}")
         return Wheelhouse(wheels=wheels)
 
+    # a wheel replaced in a find_links folder under the same name is another wheel: the folders' files by content
+    local = {str(folder): {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+             if folder.is_dir() else file_sha256(folder) if folder.is_file() else None for folder in config.find_links}
     wheelhouse, cached = cache.stage("wheels", {"requirements": requirements, "platform": platform,
-                                                "python": runtime.python, "sources": sources}, Wheelhouse, download)
+                                                "python": runtime.python, "sources": sources, "local": local},
+                                     Wheelhouse, download)
     if cached:
         reporter.step(f"runtime: {len(wheelhouse.wheels)} wheels for {platform} reused from the cache")
     return wheelhouse

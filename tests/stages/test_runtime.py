@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import open_bundle, package_project, runtime_definition, wheel
+from helpers import open_bundle, package_json, package_project, runtime_definition, wheel
 
 from deeplens_build import testing
 from deeplens_build.errors import BundleError, ConfigError
@@ -134,3 +135,24 @@ def test_vendors_the_builtin_runtime_for_an_aarch64_python_310_device_from_the_i
     assert any(w.startswith("onnxruntime-1.23.2-cp310-cp310-") and "aarch64" in w for w in wheels), wheels
     assert any(w.startswith("numpy-1.26.4-cp310-cp310-") and "aarch64" in w for w in wheels), wheels
     assert any(w.startswith("awscrt-") and "cp310" in w for w in wheels), wheels
+
+
+def test_a_wheel_replaced_under_the_same_name_is_vendored_anew(tmp_path: Path, onnx_model_dir: Path) -> None:
+    """A find_links wheel rebuilt in place (same file name, other bytes) is not the cached one: the bundle ships
+    the new wheel, and the build is not reported up to date."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheel(wheelhouse, "tinyrt", "1.0")
+    definitions = runtime_definition(tmp_path / "runtimes", "tiny", ["tinyrt==1.0"])
+    runtime = {"name": "tiny", "definitions": str(definitions), "vendor": True, "index": False,
+               "find_links": [str(wheelhouse)]}
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, runtime=runtime,
+                                   target={"platform": "linux-aarch64"})
+    package_json(config)
+    replaced = wheelhouse / "tinyrt-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(replaced, "a") as rebuilt:  # the same name, other bytes
+        rebuilt.writestr("tinyrt/rebuilt.py", "")
+    report = package_json(config)
+    assert not report["up_to_date"]
+    manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
+    [shipped] = manifest["runtime"]["wheels"]
+    assert shipped["sha256"] == hashlib.sha256(replaced.read_bytes()).hexdigest(), "the new wheel, not the cached"
