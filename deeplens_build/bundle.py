@@ -68,6 +68,9 @@ GZIP_SUFFIX = ".tar.gz"
 """The bundles deeplens-build wrote before zstd: still read."""
 ZSTD_LEVEL = -1
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_WINDOW = 1 << 27
+"""The largest zstd window a bundle may ask for (libzstd's own default limit, 128 MiB; the bundles written here
+use a few MiB): a decompressor holds one window, so no frame can make a reader hold more."""
 _GZIP_MAGIC = b"\x1f\x8b"
 PARTIAL = ".partial"
 
@@ -363,17 +366,20 @@ def _damage_is_a_verification_error(path: Path) -> Iterator[None]:
 
 
 class _ZstdStream(io.RawIOBase):
-    """The decompressed bytes of a zstd file, for tarfile (forward seeks only).
+    """The decompressed bytes of a bundle's one zstd frame, for tarfile (forward seeks only), in bounded memory.
 
-    Not zstandard's ``stream_reader``: it ends quietly where a truncated file ends. This one raises when the
-    file ends inside a frame, and reads on across frames, so that a frame appended after the bundle's reaches
-    ``check_end``, which refuses it.
+    Before a byte is decompressed the frame is walked, block header by block header (zstandard has no call that
+    gives a frame's compressed size): it must end where the file ends, so nothing appended after it (a second
+    frame, or a skippable one, which decompressors pass over in silence) is taken for part of the bundle; it may
+    ask for a window of :data:`MAX_WINDOW` at most; a frame cut short is refused. zstandard's ``stream_reader``
+    then hands out what tarfile asks for and no more, whatever the compression ratio.
     """
 
     def __init__(self, raw: IO[bytes]):
-        self._raw = raw
-        self._frame = zstandard.ZstdDecompressor().decompressobj()
-        self._pending = memoryview(b"")  # decompressed, not yet read: sliced, never copied until read
+        _check_frame(raw)
+        raw.seek(0)
+        self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
+            raw, read_size=1 << 20, read_across_frames=False, closefd=False)
         self._position = 0
 
     def readable(self) -> bool:
@@ -395,32 +401,55 @@ class _ZstdStream(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         """``size`` bytes (all that is left with -1), fewer only at the end: tarfile takes a short read for a
-        truncated archive. Each byte is copied once, into what is returned."""
-        need = size if size >= 0 else 1 << 62
+        truncated archive."""
         parts = []
+        need = size if size >= 0 else 1 << 62
         while need:
-            if not self._pending:
-                chunk = self._raw.read(1 << 20)
-                if not chunk:
-                    if not self._frame.eof:
-                        raise zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
-                    break
-                self._pending = memoryview(self._decompress(chunk))
-            part = self._pending[:need]
-            self._pending = self._pending[len(part):]
+            part = self._reader.read(min(need, 1 << 20))
+            if not part:
+                break
             parts.append(part)
             need -= len(part)
-        data = b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._position += len(data)
         return data
 
-    def _decompress(self, chunk: bytes) -> bytes:
-        out = self._frame.decompress(chunk)
-        while self._frame.eof and self._frame.unused_data:  # another frame follows
-            rest = self._frame.unused_data
-            self._frame = zstandard.ZstdDecompressor().decompressobj()
-            out += self._frame.decompress(rest)
-        return out
+
+def _check_frame(raw: IO[bytes]) -> None:
+    """Raise ``ZstdError`` unless ``raw`` is one whole zstd frame with a window of at most MAX_WINDOW, and
+    ``UnsafeMember`` when something follows the frame."""
+    head = raw.read(18)  # the longest frame header
+    try:
+        offset = zstandard.frame_header_size(head)
+        frame = zstandard.get_frame_parameters(head)
+    except zstandard.ZstdError as exc:
+        raise zstandard.ZstdError(f"its zstd frame header is damaged: {exc}") from exc
+    if frame.window_size > MAX_WINDOW:
+        raise zstandard.ZstdError(f"its zstd frame asks for a {frame.window_size}-byte window, more than the "
+                                  f"{MAX_WINDOW} a bundle may use")
+    end = raw.seek(0, io.SEEK_END)
+    while True:
+        raw.seek(offset)
+        block = raw.read(3)
+        if len(block) < 3:
+            raise zstandard.ZstdError("the file ends inside its zstd frame (truncated)")
+        header = int.from_bytes(block, "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise zstandard.ZstdError(f"its zstd frame holds a block of the reserved type at byte {offset}")
+        offset += 3 + (1 if kind == 1 else size)  # an RLE block stores its one byte
+        if header & 1:  # the frame's last block
+            break
+    offset += 4 if frame.has_checksum else 0
+    if offset > end:
+        raise zstandard.ZstdError("the file ends inside its zstd frame (truncated)")
+    if offset < end:
+        raw.seek(offset)
+        tail = raw.read(4)
+        if not (tail == _ZSTD_MAGIC or tail[1:] == b"\x2a\x4d\x18" and tail[0] & 0xF0 == 0x50):  # not a frame
+            raise zstandard.ZstdError(f"{end - offset} bytes that are no zstd frame follow its frame")
+        raise UnsafeMember(f"has data after the end of the archive ({end - offset} bytes after its zstd frame: "
+                           "another archive, or a skippable frame, appended to it?)")
 
 
 @contextlib.contextmanager

@@ -288,3 +288,43 @@ def test_debug_works_after_the_command_name_too(tmp_path: Path) -> None:
     assert "error: " in error_line(cli("inspect", missing, expect=8))
     result = cli("inspect", missing, "--debug", expect=1)
     assert isinstance(result.exception, VerificationError), "the traceback, not the one line"
+
+
+def _zstd_frame(blocks: int, *, window_exponent: int = 13) -> bytes:
+    """A hand-made zstd frame of ``blocks`` RLE blocks of 128 KiB of zeros each: 4 bytes apiece, so 32 KiB of
+    file expand to 1 GiB (the memory bomb)."""
+    header = b"\x28\xb5\x2f\xfd" + bytes([0x00, window_exponent << 3])  # no content size, no checksum
+    rle = [(1 << 1) | (128 << 10 << 3), (1 << 1) | (128 << 10 << 3) | 1]  # the last block's bit set
+    return header + b"".join((rle[i == blocks - 1]).to_bytes(3, "little") + b"\0" for i in range(blocks))
+
+
+def test_a_zstd_bomb_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.tar.zst"
+    bomb.write_bytes(_zstd_frame(8192))
+    assert bomb.stat().st_size < 40_000
+    code = ("import resource, sys\nfrom pathlib import Path\nfrom deeplens_build.bundle import verify_bundle\n"
+            "from deeplens_build.errors import VerificationError\ntry:\n    verify_bundle(Path(sys.argv[1]))\n"
+            "except VerificationError as exc:\n    print(exc)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=300,
+                          check=True)
+    message, peak_mib = done.stdout.splitlines()
+    assert "bomb.tar.zst" in message
+    assert int(peak_mib) < 400, f"{peak_mib} MiB to reject 32 KiB (before: 1 GiB and more)"
+
+
+def test_a_frame_asking_for_a_huge_window_is_refused(tmp_path: Path) -> None:
+    greedy = tmp_path / "greedy.tar.zst"
+    greedy.write_bytes(_zstd_frame(1, window_exponent=21))  # a 2 GiB window
+    assert "window" in error_line(cli("verify", greedy, expect=8))
+
+
+def test_a_skippable_frame_appended_is_refused(bundle: Path, tmp_path: Path) -> None:
+    """A zstd skippable frame of arbitrary bytes, which decompressors pass over in silence."""
+    hidden = b"any bytes at all"
+    skippable = b"\x50\x2a\x4d\x18" + len(hidden).to_bytes(4, "little") + hidden
+    appended = tmp_path / "appended.tar.zst"
+    appended.write_bytes(bundle.read_bytes() + skippable)
+    key = bundle.parent.parent / "signing-key.pub.pem"
+    assert "has data after the end of the archive" in error_line(
+        cli("verify", appended, *(["--public-key", key] if key.exists() else []), expect=8))
