@@ -10,8 +10,10 @@ interpreter's patch level. Training outputs and bundles need no links, so:
   anything is written;
 - files are written component by component through folder descriptors opened with ``O_NOFOLLOW``, and created
   with ``O_EXCL``: even a link planted by someone else could not redirect a write;
-- PAX and GNU long-name headers past :data:`MAX_HEADER` are refused before tarfile reads them into memory,
-  and header bytes count against the caller's byte limit, so a small archive cannot claim gigabytes of RAM.
+- PAX and GNU long-name headers past :data:`MAX_HEADER`, or more than :data:`MAX_CHAINED_HEADERS` in a row, are
+  refused before tarfile reads them (into memory, by recursion), and header bytes count against the caller's byte
+  limit, so a small archive cannot claim gigabytes of RAM or the interpreter's stack;
+- member names must be UTF-8 (they become file names here and manifest entries everywhere).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import IO
 
 MAX_HEADER = 64 * 1024
 """Bytes a PAX or GNU long-name header may hold: a long path needs a few KiB, never more."""
+MAX_CHAINED_HEADERS = 8
+"""Extended headers in a row before a member (a PAX global and a PAX header, or GNU long name and long link)."""
 MAX_NAME = 1024
 """Bytes a member's path may hold: far below PATH_MAX (4096) even under a deep work folder."""
 MAX_COMPONENT = 255
@@ -40,13 +44,31 @@ class UnsafeMember(Exception):
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    # _proc_member is where tarfile dispatches on the header type, before it reads an extended header whole;
-    # a public hook for this does not exist.
+    # _proc_member is where tarfile dispatches on the header type, before it reads an extended header whole and
+    # before it reads, recursively, the header the extended one applies to; a public hook for this does not exist.
     def _proc_member(self, tarfile_: tarfile.TarFile):  # type: ignore[override]
-        if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER:
+        if self.type not in _EXTENDED_HEADERS:
+            return super()._proc_member(tarfile_)
+        if self.size > MAX_HEADER:
             raise UnsafeMember(f"has an extended (PAX/GNU) header of {self.size} bytes, more than the "
                                f"{MAX_HEADER} a real archive needs")
-        return super()._proc_member(tarfile_)
+        depth = _chained.get(id(tarfile_), 0) + 1
+        if depth > MAX_CHAINED_HEADERS:
+            raise UnsafeMember(f"has more than {MAX_CHAINED_HEADERS} extended (PAX/GNU) headers in a row; a real "
+                               "archive needs two at most")
+        _chained[id(tarfile_)] = depth
+        try:
+            return super()._proc_member(tarfile_)
+        finally:
+            if depth == 1:
+                del _chained[id(tarfile_)]
+            else:
+                _chained[id(tarfile_)] = depth - 1
+
+
+_chained: dict[int, int] = {}
+"""Extended headers being read in a row, per open archive: tarfile reads each chained header by recursion, so
+an archive of thousands of them would otherwise end in RecursionError."""
 
 
 def open_tar(path: Path | None = None, *, fileobj: IO[bytes] | None = None, mode: str = "r:*") -> tarfile.TarFile:
@@ -74,7 +96,11 @@ def member_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
         raise UnsafeMember("is a device, FIFO or other special file")
     if "\0" in name:
         raise UnsafeMember("has a NUL byte in its path")
-    encoded = name.encode("utf-8", "surrogateescape")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile kept the undecodable bytes as surrogates
+        raise UnsafeMember(f"has a path that is not UTF-8 ({name.encode('utf-8', 'surrogateescape')[:80]!r})") \
+            from None
     if len(encoded) > MAX_NAME:
         raise UnsafeMember(f"has a path of {len(encoded)} bytes, more than {MAX_NAME}")
     if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute():
@@ -82,7 +108,7 @@ def member_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
         raise UnsafeMember("would be written outside the extraction folder")
-    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for part in parts):
+    if any(len(part.encode("utf-8")) > MAX_COMPONENT for part in parts):
         raise UnsafeMember(f"has a path component longer than {MAX_COMPONENT} bytes")
     if not parts and not member.isdir():
         raise UnsafeMember("has an empty path")

@@ -8,6 +8,7 @@ a cache folder that is renamed into place only when complete. Nothing is ever wr
 
 from __future__ import annotations
 
+import itertools
 import lzma
 import shutil
 import tarfile
@@ -154,7 +155,11 @@ def extract(archive: Path, dest: Path, *, limits: FetchConfig, reporter: Reporte
     try:
         with open_tar(archive) as tar, Extractor(dest) as out, \
                 reporter.progress(total=None, desc=f"extract {origin}", unit="file") as bar:
-            for count, member in enumerate(tar, start=1):
+            for count in itertools.count(1):
+                member = None  # while the next header is read, a problem is the archive's, not the last member's
+                member = tar.next()
+                if member is None:
+                    break
                 total += header_bytes(member) + (member.size if member.isreg() else 0)
                 if count > limits.max_members:
                     raise SourceError(f"archive {origin} has more than {limits.max_members} members; refusing to "

@@ -77,6 +77,31 @@ def _declared_header_bomb(path: Path, kind: bytes) -> Path:
     return path
 
 
+def _chained_headers(path: Path, kind: bytes, count: int = 5000) -> Path:
+    """``count`` extended headers in a row before one small file: tarfile reads each chained one by recursion."""
+    content = b"18 path=model/a.x\n" if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE) else b"model/long-name.onnx\0"
+    padded = content + bytes(-len(content) % 512)
+    name = "././@PaxHeader" if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE) else "././@LongLink"
+    chain = (_raw_header(name, kind, len(content)) + padded) * count
+    info, data = ONNX
+    path.write_bytes(gzip.compress(chain + info.tobuf(format=tarfile.USTAR_FORMAT) + data + bytes(512 - len(data))
+                                   + bytes(1024), mtime=0))
+    return path
+
+
+def _not_utf8_name(path: Path) -> Path:
+    """A member whose name is Latin-1 bytes, as an old archiver on a non-UTF-8 system writes it."""
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for info, data in (ONNX, member(b"model/caf\xe9.txt".decode("utf-8", "surrogateescape"), data=b"x")):
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _pax_bomb_after_a_member(path: Path) -> Path:
+    """An oversized PAX header after a good member: the problem is the archive's, not that member's."""
+    return write_tar(path, ONNX, member("model/b.onnx", data=b"onnx", pax={"comment": "x" * (8 << 20)}))
+
+
 def _pax_bomb(path: Path) -> Path:
     """A real 8 MiB PAX header (it compresses to a few KiB) in front of a small file."""
     return write_tar(path, member("model/model.onnx", data=b"onnx", pax={"comment": "x" * (8 << 20)}))
@@ -143,6 +168,14 @@ CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "declared PAX bomb": (lambda p: _declared_header_bomb(p, tarfile.XHDTYPE), "extended (PAX/GNU) header of"),
     "declared GNU long-name bomb": (lambda p: _declared_header_bomb(p, tarfile.GNUTYPE_LONGNAME),
                                     "extended (PAX/GNU) header of"),
+    "chained PAX headers": (lambda p: _chained_headers(p, tarfile.XHDTYPE), "extended (PAX/GNU) headers in a row"),
+    "chained PAX global headers": (lambda p: _chained_headers(p, tarfile.XGLTYPE),
+                                   "extended (PAX/GNU) headers in a row"),
+    "chained GNU long names": (lambda p: _chained_headers(p, tarfile.GNUTYPE_LONGNAME),
+                               "extended (PAX/GNU) headers in a row"),
+    "name that is not UTF-8": (_not_utf8_name, "has a path that is not UTF-8 (b'model/caf\\xe9.txt')"),
+    "PAX header bomb after a member": (_pax_bomb_after_a_member,
+                                       "model.tar.gz: the archive has an extended (PAX/GNU) header of"),
     "duplicate member": (_tar(ONNX, member("model/model.onnx", data=b"again")), "appears twice"),
     "file then folder of the same name": (_tar(member("model", data=b"x"), ONNX),
                                           "below a path that is a file, not a folder"),

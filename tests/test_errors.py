@@ -213,3 +213,10 @@ def test_usage_mistakes_are_one_error_line_and_a_bare_command_shows_the_help() -
     assert "error: No such command 'pakage'" in error_line(cli("pakage", expect=2))
     assert "error: No such option '--sourse'" in error_line(cli("package", "--sourse", "x", expect=2))
     assert cli().output.startswith("Usage: ")  # in-process the program name is the function's
+
+
+def test_a_config_nested_too_deeply_is_one_error(tmp_path: Path) -> None:
+    config = tmp_path / "deeplens.toml"
+    config.write_text("[model]\nname = \"deeplens-x\"\ndeep = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    line = error_line(cli("package", "--config", config, expect=3))
+    assert "nests arrays or tables too deeply" in line, line

@@ -328,3 +328,18 @@ def test_a_skippable_frame_appended_is_refused(bundle: Path, tmp_path: Path) -> 
     key = bundle.parent.parent / "signing-key.pub.pem"
     assert "has data after the end of the archive" in error_line(
         cli("verify", appended, *(["--public-key", key] if key.exists() else []), expect=8))
+
+
+@pytest.mark.parametrize("case", ["chained PAX headers", "chained GNU long names", "name that is not UTF-8"])
+def test_hostile_headers_in_a_bundle_are_one_error_for_every_reader(tmp_path: Path, case: str) -> None:
+    import zstandard
+
+    from hostile import CORPUS
+
+    build, _ = CORPUS[case]
+    archive = gzip.decompress(build(tmp_path / "model.tar.gz").read_bytes())
+    hostile = tmp_path / "hostile.tar.zst"
+    hostile.write_bytes(zstandard.ZstdCompressor().compress(archive))
+    for command in ("verify", "inspect"):
+        line = error_line(cli(command, hostile, expect=8))
+        assert "hostile.tar.zst" in line and "internal error" not in line, line
