@@ -81,6 +81,8 @@ class Build:
             # not a rule of deeplens.toml alone: --publish comes from the command line
             raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
                               "or set `greengrass.format = \"v2\"`")
+        config.parity.check_input_size({name: spec.shape for name, spec in config.model.inputs.items() if spec.shape},
+                                       where="Field `model.inputs`")
         tools = {name: installed_version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
                                                                           "python": platform.python_version()}
         shared_uri = options.shared_cache or config.build.cache

@@ -6,6 +6,8 @@ any working directory.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,6 +81,27 @@ class ParityConfig(_Strict):
     seed: Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)] = 0
     random_samples: Annotated[int, Strict(), Field(ge=1, le=MAX_RANDOM_SAMPLES)] = 4
     samples: tuple[ProjectPath, ...] = ()
+    max_bytes: Count = 1 << 30
+    """Bytes the parity inputs may hold in memory: every sample of every input together."""
+
+    def check_input_size(self, shapes: Mapping[str, tuple[int, ...]], *, itemsizes: Mapping[str, int] | None = None,
+                         where: str) -> None:
+        """Refuse input shapes whose parity samples would not fit in ``max_bytes``, before anything is allocated.
+
+        :param itemsizes: bytes per element by input name (4, float32, for an input not named).
+        :param where: what declared the shapes, for the message (``model.inputs``, or the model itself).
+        :raises ConfigError: naming the largest input, its shape and the setting.
+        """
+        if not shapes:
+            return
+        count = self.random_samples + len(self.samples)
+        sizes = {name: math.prod(shape) * (itemsizes or {}).get(name, 4) for name, shape in shapes.items()}
+        if sum(sizes.values()) * count > self.max_bytes:
+            largest = max(sizes, key=lambda name: sizes[name])
+            raise ConfigError(f"{where}: input {largest!r} of shape {list(shapes[largest])} is {sizes[largest]} bytes "
+                              f"per sample, and parity holds {count} samples: more than `parity.max_bytes` "
+                              f"({self.max_bytes}); give the batch dimension 1 (a device infers one frame at a time), "
+                              "or raise `parity.max_bytes` if this machine has the memory")
 
     def tolerance_for(self, precision: str) -> float:
         """The configured tolerance, else one that FP16 rounding (about 1e-3 relative) stays within."""

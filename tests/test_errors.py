@@ -220,3 +220,12 @@ def test_a_config_nested_too_deeply_is_one_error(tmp_path: Path) -> None:
     config.write_text("[model]\nname = \"deeplens-x\"\ndeep = " + "[" * 50_000 + "]" * 50_000 + "\n")
     line = error_line(cli("package", "--config", config, expect=3))
     assert "nests arrays or tables too deeply" in line, line
+
+
+def test_an_input_shape_too_large_to_check_is_refused_before_any_work(tmp_path: Path, onnx_model_dir: Path) -> None:
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir,
+                                   inputs={"data": {"shape": [200_000, 3, 32, 32]}})
+    line = package_json(config, expect=3)
+    assert "input 'data' of shape [200000, 3, 32, 32] is 2457600000 bytes per sample" in line, line
+    assert "`parity.max_bytes`" in line
+    assert not (config.parent / ".deeplens" / "cache" / "convert").exists(), "refused before any conversion"

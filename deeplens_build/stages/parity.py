@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 def samples_for(specs: tuple[TensorSpec, ...], config: ParityConfig) -> list[dict[str, np.ndarray]]:
     """The inputs parity compares on: seeded random tensors, then the user's own samples."""
+    import numpy as np
+
+    config.check_input_size({s.name: tuple(int(d) for d in s.shape) for s in specs},
+                            itemsizes={s.name: np.dtype(s.dtype).itemsize for s in specs},
+                            where="the model's inputs")
     return [*random_inputs(specs, config.seed, config.random_samples),
             *(load_sample(path, specs) for path in config.samples)]
 
