@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import deeplens_build
 from deeplens_build import __version__
+from deeplens_build.aws.publish import require_role
 from deeplens_build.cache import Cache, SharedCache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import code_sha256
@@ -81,6 +82,8 @@ class Build:
             # not a rule of deeplens.toml alone: --publish comes from the command line
             raise ConfigError("Greengrass v1 documents reference a published Lambda version: build with --publish, "
                               "or set `greengrass.format = \"v2\"`")
+        if options.publish:  # publishing is the one side effect of a build: nothing may fail after it that can now
+            require_role(config.lambda_)
         config.parity.check_input_size({name: spec.shape for name, spec in config.model.inputs.items() if spec.shape},
                                        where="Field `model.inputs`")
         tools = {name: installed_version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,

@@ -165,6 +165,13 @@ class GreengrassConfig(_Strict):
     thing_name: str | None = None
     model_path: str = "/greengrass-machine-learning/model"
 
+    @model_validator(mode="after")
+    def _v1_names_the_device(self) -> GreengrassConfig:
+        if self.format in ("v1", "both") and not self.thing_name:
+            raise ValueError("includes v1, whose subscriptions name the device: set `greengrass.thing_name` (the "
+                             "AWS IoT thing of the DeepLens core)")
+        return self
+
 
 class DeviceConfig(_Strict):
     kinesis_video_stream: Annotated[str, StringConstraints(pattern=names.KVS_STREAM)] | None = None

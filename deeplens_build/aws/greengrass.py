@@ -19,7 +19,6 @@ from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
 from deeplens_build.device import support
 from deeplens_build.digest import file_sha256, json_sha256
-from deeplens_build.errors import ConfigError
 from deeplens_build.manifest import DEVICE_BUILD, MODEL_DIR_VARIABLE, WORK_DIR_VARIABLE, infer_topic
 from deeplens_build.values import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
@@ -131,10 +130,7 @@ def lambda_component_request(config: ProjectConfig, published: PublishedLambda) 
 def v1_definitions(config: ProjectConfig, published: PublishedLambda, *,
                    model_archive: Path) -> dict[str, dict[str, Any]]:
     """Function, resource and subscription definitions for a Greengrass v1 (DeepLens-era) group."""
-    thing = config.greengrass.thing_name
-    if not thing:
-        raise ConfigError("`greengrass.format` includes v1, whose subscriptions name the device: set "
-                          "`greengrass.thing_name` (the AWS IoT thing of the DeepLens core)")
+    thing = config.greengrass.thing_name  # required with v1 by the config itself
     return {
         "function-definition": {"Functions": [{
             "Id": published.name,

@@ -16,16 +16,25 @@ from deeplens_build.report import Reporter
 from deeplens_build.values import LambdaPackage, PublishedLambda
 
 
+def require_role(config: LambdaConfig) -> str:
+    """The Lambda's execution role, which publishing needs: checked before a build starts, not after it.
+
+    :raises ConfigError: naming the setting.
+    """
+    if not config.role:
+        raise ConfigError("publishing the Lambda needs `lambda.role`, the ARN of its execution role")
+    return config.role
+
+
 def publish_lambda(package: LambdaPackage, config: LambdaConfig, *, environment: Mapping[str, str],
                    reporter: Reporter) -> PublishedLambda:
     """Create or update ``package.name`` from the zip, publish a version, and move ``config.alias`` to it."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    if not config.role:
-        raise ConfigError("publishing the Lambda needs `lambda.role`, the ARN of its execution role")
+    role = require_role(config)
     client = aws_client("lambda")
     code = package.path.read_bytes()
-    settings = {"Role": config.role, "Handler": package.handler, "Runtime": config.runtime,
+    settings = {"Role": role, "Handler": package.handler, "Runtime": config.runtime,
                 "MemorySize": config.memory_size, "Timeout": config.timeout,
                 "Environment": {"Variables": dict(environment)},
                 "Description": f"deeplens-build {package.version}"}

@@ -222,3 +222,14 @@ def test_the_recipe_run_script_runs_the_lambda_as_a_nucleus_would(tmp_path: Path
     assert done.returncode == code, done.stderr
     assert [json.loads(line) for line in done.stdout.splitlines()] == [{"frame": 1}, {"frame": 2}]
     assert ("camera unplugged" in done.stderr) == bool(code)
+
+
+def test_a_configuration_error_publishes_nothing(aws: str, tmp_path: Path, onnx_model_dir: Path) -> None:
+    """--publish is the build's one side effect: a problem of deeplens.toml alone fails before it, not after."""
+    role = boto3.client("iam").create_role(RoleName="r", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, greengrass={"format": "both"})
+    config.write_text(config.read_text().replace('handler = "inference.handler"',
+                                                 f'handler = "inference.handler"\nrole = "{role}"'))
+    message = package_json(config, "--publish", expect=3)
+    assert boto3.client("lambda").list_functions()["Functions"] == [], "nothing was published"
+    assert "Field `greengrass` includes v1, whose subscriptions name the device" in message, message
