@@ -46,7 +46,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except DeepLensBuildError as exc:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {' '.join(str(exc).split())}", err=True)  # one line, whatever a cause it quotes held
             sys.exit(int(exc.exit_code))
         except Exception as exc:  # the last resort: a bug of ours, reported without a traceback
             if click.get_current_context().find_root().params.get("debug"):

@@ -14,3 +14,14 @@ def aws_client(service: str, *, attempts: int = 5) -> Any:
     from botocore.config import Config
 
     return boto3.client(service, config=Config(retries={"mode": "standard", "max_attempts": attempts}))
+
+
+def reason(exc: BaseException) -> str:
+    """What an AWS call's failure says, in one line: the service's code and message. An endpoint that is not the
+    service (a proxy, a local stand-in without it) answers with an HTML page, which is said as such, not shown."""
+    text = " ".join(str(exc).split())
+    if "<html" in text.lower() or "<!doctype" in text.lower():
+        operation = getattr(exc, "operation_name", None) or "the request"
+        return (f"the endpoint answered {operation} with an HTML page, not the service's API (check AWS_ENDPOINT_URL "
+                "and the region: the service may not be there)")
+    return text[:300] + ("…" if len(text) > 300 else "")

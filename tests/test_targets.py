@@ -200,7 +200,7 @@ def test_a_backend_is_chosen_by_name_and_must_serve_the_device(tmp_path: Path, o
     assert "tensorrt serves" in message and 'not a linux-x86_64 device with `target.accelerator = "cpu"`' in message
     message = package_project(tmp_path / "c", onnx_model_dir, expect=3, target={"backend": "tensorrt",
                                                                                 "accelerator": "gpu"},
-                              greengrass={"format": "v1"})
+                              greengrass={"format": "v1", "thing_name": "deeplens_abc"})
     assert "compiles on the device, in a Greengrass v2 recipe's Install phase; a v1 core has none" in message
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deeplens_build.clients import aws_client
 from deeplens_build.aws import greengrass
 from deeplens_build.bundle import require_signer, unpack_bundle
+from deeplens_build.clients import aws_client, reason
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import AwsError, UsageError
 from deeplens_build.manifest import (
@@ -133,13 +133,13 @@ def _ensure_stream(clients: Clients, name: str, retention_hours: int, reporter: 
         return
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
-            raise AwsError(f"cannot look up Kinesis Video stream {name}: {exc}") from exc
+            raise AwsError(f"cannot look up Kinesis Video stream {name}: {reason(exc)}") from exc
     except BotoCoreError as exc:
-        raise AwsError(f"cannot look up Kinesis Video stream {name}: {exc}") from exc
+        raise AwsError(f"cannot look up Kinesis Video stream {name}: {reason(exc)}") from exc
     try:
         clients.kinesisvideo.create_stream(StreamName=name, DataRetentionInHours=retention_hours)
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"cannot create Kinesis Video stream {name}: {exc}") from exc
+        raise AwsError(f"cannot create Kinesis Video stream {name}: {reason(exc)}") from exc
     reporter.step(f"kinesis video: created stream {name} ({retention_hours} h retention)")
 
 
@@ -149,6 +149,7 @@ def _by_name(files: Mapping[str, Path], uri: str) -> Path:
 
 
 def _upload_all(s3: Any, uploads: Mapping[str, Path], reporter: Reporter) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -170,9 +171,13 @@ def _upload_all(s3: Any, uploads: Mapping[str, Path], reporter: Reporter) -> tup
             with reporter.progress(total=path.stat().st_size, desc=f"upload {path.name}") as bar:
                 s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {SHA256_METADATA: sha256}},
                                Config=transfer, Callback=bar.update)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             done = ", ".join(uploaded) or "nothing"
-            raise AwsError(f"uploading {uri} failed ({exc}); uploaded so far: {done}. Nothing was registered; "
+            if "NoSuchBucket" in str(exc):
+                raise AwsError(f"bucket {bucket!r} does not exist; create it (aws s3 mb s3://{bucket}), or set "
+                               "`greengrass.bucket` to one that does and build again (the recipe holds its artifacts' "
+                               f"S3 addresses). Uploaded so far: {done}; nothing was registered") from exc
+            raise AwsError(f"uploading {uri} failed ({reason(exc)}); uploaded so far: {done}. Nothing was registered; "
                            "run deploy again (uploaded files are skipped)") from exc
         uploaded.append(uri)
         reporter.step(f"uploaded {uri}")
@@ -187,7 +192,7 @@ def _target_arn(iot: Any, target: Target) -> str:
             return iot.describe_thing(thingName=target.name)["thingArn"]
         return iot.describe_thing_group(thingGroupName=target.name)["thingGroupArn"]
     except ClientError as exc:
-        raise AwsError(f"{target.kind} {target.name!r} was not found in AWS IoT ({exc}); check --target") from exc
+        raise AwsError(f"{target.kind} {target.name!r} was not found in AWS IoT ({reason(exc)}); check --target") from exc
 
 
 def _deploy_v2(clients: Clients, recipe: Mapping[str, Any], recipe_file: Path, target: Target, rollout: Rollout,
@@ -211,7 +216,7 @@ def _deploy_v2(clients: Clients, recipe: Mapping[str, Any], recipe_file: Path, t
             },
         )
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"registering or deploying component {name} {version} failed: {exc}") from exc
+        raise AwsError(f"registering or deploying component {name} {version} failed: {reason(exc)}") from exc
     return Deployment(deployment_id=answer["deploymentId"], format="v2", target=target, topic=target.topic,
                       uploaded=uploaded, skipped=skipped, component=f"{name} {version}",
                       extra={"component_reused": reused})
@@ -267,7 +272,7 @@ def _deploy_v1(clients: Clients, definitions: Mapping[str, Any], target: Target,
         answer = clients.greengrass.create_deployment(GroupId=group["Id"], GroupVersionId=version,
                                                       DeploymentType="NewDeployment")
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"deploying to Greengrass v1 group {target.name!r} failed: {exc}") from exc
+        raise AwsError(f"deploying to Greengrass v1 group {target.name!r} failed: {reason(exc)}") from exc
     subject = definitions["subscription-definition"]["Subscriptions"][0]["Subject"]
     return Deployment(deployment_id=answer["DeploymentId"], format="v1", target=target, topic=subject,
                       uploaded=uploaded, skipped=skipped,

@@ -19,7 +19,12 @@ from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
 from deeplens_build.device import support
 from deeplens_build.digest import file_sha256, json_sha256
-from deeplens_build.manifest import DEVICE_BUILD, MODEL_DIR_VARIABLE, WORK_DIR_VARIABLE, infer_topic
+from deeplens_build.manifest import (
+    DEVICE_BUILD,
+    MODEL_DIR_VARIABLE,
+    WORK_DIR_VARIABLE,
+    infer_topic,
+)
 from deeplens_build.values import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
 
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from deeplens_build.clients import aws_client
+from deeplens_build.clients import aws_client, reason
 from deeplens_build.config import LambdaConfig
 from deeplens_build.errors import AwsError, ConfigError
 from deeplens_build.report import Reporter
@@ -57,7 +57,7 @@ def publish_lambda(package: LambdaPackage, config: LambdaConfig, *, environment:
         except client.exceptions.ResourceNotFoundException:
             alias = client.create_alias(FunctionName=package.name, Name=config.alias, FunctionVersion=version)
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"publishing Lambda {package.name} failed: {exc}") from exc
+        raise AwsError(f"publishing Lambda {package.name} failed: {reason(exc)}") from exc
     # built from the version number, so the bundle can never reference $LATEST
     arn = f"{published['FunctionArn'].split(':function:')[0]}:function:{package.name}:{version}"
     reporter.step(f"lambda: published {arn} (alias {config.alias})")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deeplens_build.aws.deploy import Clients, Deployment
+from deeplens_build.clients import reason as aws_reason
 from deeplens_build.errors import AwsError, RolloutError
 from deeplens_build.report import Reporter
 
@@ -105,7 +106,7 @@ def _v2_states(deployment: Deployment, clients: Clients, reasons: _Reasons) -> t
             states.append(DeviceState(thing, status, reason))
         process = clients.iot.describe_job(jobId=job_id)["job"].get("jobProcessDetails", {})
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"following deployment {deployment.deployment_id} failed: {exc}") from exc
+        raise AwsError(f"following deployment {deployment.deployment_id} failed: {aws_reason(exc)}") from exc
     waiting = process.get("numberOfQueuedThings", 0) + process.get("numberOfInProgressThings", 0)
     return states, bool(states) and not waiting and all(s.status in TERMINAL for s in states)
 
@@ -117,7 +118,7 @@ def _v1_states(deployment: Deployment, clients: Clients, reasons: _Reasons) -> t
         answer = clients.greengrass.get_deployment_status(GroupId=deployment.extra["group_id"],
                                                           DeploymentId=deployment.deployment_id)
     except (ClientError, BotoCoreError) as exc:
-        raise AwsError(f"following deployment {deployment.deployment_id} failed: {exc}") from exc
+        raise AwsError(f"following deployment {deployment.deployment_id} failed: {aws_reason(exc)}") from exc
     status = _V1_STATUS.get(answer.get("DeploymentStatus", ""), answer.get("DeploymentStatus", "UNKNOWN"))
     reason = answer.get("ErrorMessage") if status != SUCCEEDED else None
     return [DeviceState(f"group {deployment.target.name}", status, reason)], status in TERMINAL

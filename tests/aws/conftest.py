@@ -21,8 +21,8 @@ def published_bundle(tmp_path: Path, source: Path, **tables: object) -> Path:
     """A bundle with v1 and v2 documents and a Lambda published on moto, signed by a key beside the project."""
     role = boto3.client("iam").create_role(RoleName="r", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    config = testing.write_project(tmp_path / "project", source=source,
-                                   greengrass={"format": "both", "thing_name": "deeplens_abc"}, **tables)
+    greengrass = {"format": "both", "thing_name": "deeplens_abc", **tables.pop("greengrass", {})}
+    config = testing.write_project(tmp_path / "project", source=source, greengrass=greengrass, **tables)
     config.write_text(config.read_text().replace('handler = "inference.handler"',
                                                  f'handler = "inference.handler"\nrole = "{role}"'))
     key = testing.signing_key(config.parent)

@@ -250,3 +250,22 @@ def test_a_kinesis_video_stream_is_created_once_and_the_recipe_requires_the_prod
         _deploy(bundle, Target("thing-group", "deeplens-group"), Clients(), tmp_path, fmt="v1")
     streams = boto3.client("kinesisvideo").list_streams()["StreamInfoList"]
     assert [(s["StreamName"], s["DataRetentionInHours"]) for s in streams] == [("deeplens-stream", 24)]
+
+
+def test_a_missing_bucket_is_one_error_naming_it_and_the_setting(aws: str, tmp_path: Path,
+                                                                   onnx_model_dir: Path) -> None:
+    bundle = published_bundle(tmp_path, onnx_model_dir, greengrass={"bucket": "deeplens-missing"})
+    boto3.client("iot").create_thing(thingName="deeplens_abc")
+    line = error_line(cli("deploy", bundle, "--target", "thing:deeplens_abc", "--public-key",
+                          tmp_path / "project" / "signing-key.pub.pem", expect=10))
+    assert "bucket 'deeplens-missing' does not exist" in line and "`greengrass.bucket`" in line, line
+
+
+def test_an_endpoint_without_greengrass_v2_is_said_in_one_line(aws: str, bundle: Path, tmp_path: Path) -> None:
+    """moto's server has no greengrassv2: it answers with an HTML page, as a wrong endpoint would."""
+    boto3.client("iot").create_thing(thingName="deeplens_abc")
+    result = cli("deploy", bundle, "--target", "thing:deeplens_abc", "--public-key",
+                 tmp_path / "project" / "signing-key.pub.pem", expect=10)
+    line = error_line(result)
+    assert "answered DescribeComponent with an HTML page" in line and "<" not in line, line
+    assert "doctype" not in result.output.lower(), "no page in the output"
