@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ class Recording:
         """Paths the build moved or removed, with everything under them."""
         self.broken = False
         """An event could not be understood: what the build read is not known, so nothing is stored."""
+        self.foreign: frozenset[threading.Thread] = frozenset()
+        """Threads whose events are not the build's."""
 
     def event(self, event: str, args: tuple[Any, ...]) -> None:
         if event in _READS:
@@ -199,7 +202,7 @@ _hooked = False
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
-    if (observed := _recording) is not None:
+    if (observed := _recording) is not None and threading.current_thread() not in observed.foreign:
         try:
             observed.event(event, args)
         except Exception:  # an audit hook runs inside whatever the build was doing: it must never break it
@@ -217,6 +220,9 @@ def recording(request: Request | None = None) -> Iterator[Recording]:
         sys.addaudithook(_hook)
         _hooked = True
     _recording = observed = Recording()
+    # threads that were running before the build started are not the build's (a test runner's servers, the
+    # leftovers of an earlier command in the same process): what they read or write is no input or output of it
+    observed.foreign = frozenset(t for t in threading.enumerate() if t is not threading.current_thread())
     if request is not None:
         observed.seen.update(request.config_seen)
     try:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,3 +159,27 @@ def test_a_damaged_record_runs_the_pipeline(project: Path) -> None:
         stamp.write_text(damaged)
         report = package_json(project)
         assert not report["up_to_date"] and report["cached_stages"] == STAGES
+
+
+def test_a_thread_running_before_the_build_is_not_the_build(project: Path, tmp_path: Path) -> None:
+    """What other threads of the process do (a test runner's servers, what an earlier command left running) is
+    neither input nor output of the build: a file such a thread reads while it changes does not spoil the stamp."""
+    noise = tmp_path / "noise.txt"
+    noise.write_text("0")
+    appender = os.open(noise, os.O_WRONLY | os.O_APPEND)  # opened before: its writes raise no audit event
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            noise.read_bytes()
+            os.write(appender, b"x")
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        package_json(project)
+        assert package_json(project)["up_to_date"]
+    finally:
+        stop.set()
+        thread.join()
+        os.close(appender)
