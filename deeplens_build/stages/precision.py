@@ -11,13 +11,14 @@ samples per trial. Raising the tolerance is never the remedy; the node list and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deeplens_build import onnxtools
 from deeplens_build.digest import file_sha256
-from deeplens_build.records import ParityReport
+from deeplens_build.records import OutputParity, ParityReport
 from deeplens_build.report import Reporter
 from deeplens_build.stages.parity import compare, require
 from deeplens_build.values import Optimized, ReferenceRun
@@ -48,11 +49,20 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
     def trial(block: tuple[str, ...]) -> ParityReport:
         half, values = _half(model, block)
         clamped.append(values)
-        onnxtools.save(half, target)
-        onnx.shape_inference.infer_shapes_path(str(target), str(target))
-        onnx.checker.check_model(str(target))
-        return compare(reference, onnxtools.runner(target), outputs,
-                       tolerance=tolerance, task=task, seed=seed, runtime="onnxruntime, FP16")
+        try:
+            onnxtools.save(half, target)
+            onnx.shape_inference.infer_shapes_path(str(target), str(target))
+            onnx.checker.check_model(str(target))
+            candidate = onnxtools.runner(target)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
+            # onnxruntime refused the trial graph: a failed trial, so the search keeps more in FP32
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+            return ParityReport(max_abs_diff=math.inf, max_rel_diff=math.inf, tolerance=tolerance, passed=False,
+                                samples=reference.samples, seed=seed,
+                                outputs=tuple(OutputParity(o.name, math.inf, math.inf, None) for o in outputs),
+                                runtime=f"onnxruntime, FP16 (the graph does not load: {reason})")
+        return compare(reference, candidate, outputs, tolerance=tolerance, task=task, seed=seed,
+                       runtime="onnxruntime, FP16")
 
     plain = trial(())
     block: tuple[str, ...] = ()
@@ -144,10 +154,148 @@ def _half(model, block: tuple[str, ...]):
         warnings.simplefilter("always")
         half = float16.convert_float_to_float16(onnx.ModelProto.FromString(model.SerializeToString()),
                                                 keep_io_types=False, node_block_list=list(block))
+    _cast_where_needed(half, model, set(block))
     _float32_io(half)
     onnxtools.trim_domains(half)
     onnxtools.oldest_ir_version(half)
     return half, len(clamped)
+
+
+def _cast_where_needed(half, original, block: set[str]) -> None:
+    """Give every node of the converted graph inputs of the precision it computes in.
+
+    onnxconverter-common leaves some edges between the two precisions without a Cast, and onnxruntime cannot load
+    the result (``Type parameter (T) ... bound to different types``): an initializer or ``Constant`` shared by a
+    node kept in float32 and a converted one, a source ``Cast(to=float)`` inside the converted part, a node in a
+    subgraph reading an outer value. So each node's float inputs are checked against its precision (float32 for
+    a blocked node, one the converter never converts, and everything in a blocked node's subgraphs; float16 for
+    the rest) and a Cast is put in front where they differ, one per tensor and precision, in every kind of input:
+    initializers, ``Constant`` outputs, graph inputs, other nodes' outputs, outer values read by a subgraph.
+    """
+    import onnx
+    from onnx import AttributeProto, TensorProto, helper
+    from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    inferred = onnx.shape_inference.infer_shapes(original).graph
+    source_types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.input, *inferred.value_info,
+                                                                   *inferred.output)}
+    source_nodes = {node.name: node for node in _all_nodes(original.graph)}
+    kept = set(DEFAULT_OP_BLOCK_LIST)
+
+    def output_type(node, index: int, precision: int) -> int | None:
+        if node.op_type == "Cast":
+            return next(a.i for a in node.attribute if a.name == "to")
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return value.data_type if value is not None else None
+        source = source_nodes.get(node.name)  # the converter renames a blocked node's outputs, never the node
+        name = source.output[index] if source is not None and index < len(source.output) else node.output[index]
+        kind = source_types.get(name)
+        return precision if kind in floats else kind
+
+    def repair(graph, outer: dict[str, int], inherited_fp32: bool) -> dict[str, int]:
+        _sort_topologically(graph)
+        types = dict(outer)
+        types.update({init.name: init.data_type for init in graph.initializer})
+        types.update({v.name: v.type.tensor_type.elem_type for v in graph.input})
+        casts: dict[tuple[str, int], str] = {}
+        nodes = []
+        for node in graph.node:
+            fp32 = inherited_fp32 or node.name in block or node.op_type in kept
+            precision = TensorProto.FLOAT if fp32 else TensorProto.FLOAT16
+            if node.op_type == "Cast" and node.name in source_nodes and not fp32:
+                for attribute in node.attribute:  # a source Cast to float32 inside the converted part casts to half
+                    if attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                        attribute.i = TensorProto.FLOAT16
+            elif node.op_type not in ("Cast", "Shape", "Size"):  # those take any type as it is
+                for index, name in enumerate(node.input):
+                    if name and types.get(name) in floats and types[name] != precision:
+                        if (name, precision) not in casts:
+                            casts[name, precision] = f"{name}__as_{'fp32' if fp32 else 'fp16'}"
+                            nodes.append(helper.make_node("Cast", [name], [casts[name, precision]], to=precision,
+                                                          name=f"{casts[name, precision]}__cast"))
+                        node.input[index] = casts[name, precision]
+            for attribute in node.attribute:
+                for subgraph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
+                                 attribute.graphs if attribute.type == AttributeProto.GRAPHS else []):
+                    repair(subgraph, types, fp32)
+                    for value in subgraph.output:  # what the subgraph yields is what the node outputs
+                        if value.type.tensor_type.elem_type in floats:
+                            value.type.tensor_type.elem_type = precision
+            for index, name in enumerate(node.output):
+                if name and (kind := output_type(node, index, precision)) is not None:
+                    types[name] = kind
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.value_info[:]  # the converter's guesses; onnx's inference writes them again from the repaired graph
+        return types
+
+    types = repair(half.graph, {}, False)
+    _float32_outputs_of_float32_nodes(half.graph, types)
+
+
+def _float32_outputs_of_float32_nodes(graph, types: dict[str, int]) -> None:
+    """A graph output computed in float32 (by a node kept there) leaves in float32, not through the float16 Cast
+    the converter puts after it: a value beyond half precision's range would come out as infinity."""
+    from onnx import TensorProto, helper
+
+    producers = {name: node for node in graph.node for name in node.output}
+    for value in graph.output:
+        cast = producers.get(value.name)
+        if (cast is None or cast.op_type != "Cast" or types.get(cast.input[0]) != TensorProto.FLOAT
+                or value.type.tensor_type.elem_type != TensorProto.FLOAT16):
+            continue
+        internal = f"{value.name}__fp16"
+        _rename_uses(graph, value.name, internal)  # other readers keep the half-precision copy
+        cast.output[:] = [internal]
+        graph.node.append(helper.make_node("Identity", [cast.input[0]], [value.name], name=f"{value.name}__fp32"))
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+
+
+def _sort_topologically(graph) -> None:
+    """Order ``graph``'s nodes so each comes after what it reads, the outer values its subgraphs read included
+    (onnxconverter-common, placing its Casts, can move a node with a subgraph before what the subgraph reads);
+    otherwise as they were."""
+    produced = {name for node in graph.node for name in node.output}
+    pending = list(graph.node)
+    ready = {init.name for init in graph.initializer} | {v.name for v in graph.input}
+    ordered = []
+    while pending:
+        index = next((i for i, node in enumerate(pending)
+                      if all(name in ready or name not in produced for name in _reads(node))), 0)
+        node = pending.pop(index)  # a cycle (never in a valid graph) keeps its order
+        ordered.append(node)
+        ready.update(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _reads(node) -> set[str]:
+    """What ``node`` reads: its inputs, and the outer values its subgraphs read."""
+    from onnx import AttributeProto
+
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for subgraph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
+                         attribute.graphs if attribute.type == AttributeProto.GRAPHS else []):
+            inner = {name for n in subgraph.node for name in n.output} | {v.name for v in subgraph.input} | {
+                init.name for init in subgraph.initializer}
+            names |= {name for n in subgraph.node for name in _reads(n) if name not in inner}
+    return names
+
+
+def _all_nodes(graph):
+    """Every node of ``graph`` and of its subgraphs."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
+                             attribute.graphs if attribute.type == AttributeProto.GRAPHS else []):
+                yield from _all_nodes(subgraph)
 
 
 def _float32_io(model) -> None:
