@@ -186,8 +186,11 @@ def check_end(tar: tarfile.TarFile) -> None:
         stream.seek(tar.offset)
     # else tarfile already read past the end-of-archive blocks (zeros, by definition); a compressed stream would
     # only seek back by decompressing again from the start
-    padding = 0
+    padding, data = 0, False
     for block in iter(lambda: stream.read(_CHUNK), b""):
         padding += len(block)
-        if block.count(0) != len(block) or padding > MAX_PADDING:
+        data = data or block.count(0) != len(block)
+        if padding > MAX_PADDING:
             raise UnsafeMember("has data after the end of the archive (another archive appended to it?)")
+    if data:  # said once the stream has ended: a damaged checksum, found there, is the truer cause
+        raise UnsafeMember("has data after the end of the archive (another archive appended to it?)")

@@ -474,6 +474,24 @@ def _open(path: Path) -> Iterator[tarfile.TarFile]:
         try:
             tar = open_tar(fileobj=stream, mode="r:")
         except tarfile.TarError as exc:
+            _decompress_on(stream)
             raise VerificationError(f"{path.name} is not a bundle archive ({exc})") from exc
         with tar, stream:
-            yield tar
+            try:
+                yield tar
+            except (tarfile.TarError, UnsafeMember, VerificationError):
+                _decompress_on(stream)
+                raise
+
+
+_DAMAGE_WINDOW = 64 << 20
+"""Decompressed bytes read past a malformed header to learn whether the compressed stream itself is damaged."""
+
+
+def _decompress_on(stream: IO[bytes]) -> None:
+    """Read on (``_DAMAGE_WINDOW`` bytes at most) so that a damaged stream says so: zstd checks a frame's content
+    at its end, while the bytes it produced before, garbled by the damage, already failed to parse as tar. Raises
+    the decompressor's error when it finds one; else returns, and the parse error stands."""
+    left = _DAMAGE_WINDOW
+    while left > 0 and (block := stream.read(min(left, 1 << 20))):
+        left -= len(block)

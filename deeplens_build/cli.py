@@ -30,6 +30,8 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 BROKEN_PIPE = 128 + 13
 """The exit status of a Unix tool that SIGPIPE ended, as a shell reports it."""
+INTERRUPTED = 128 + 2
+"""The exit status of a command that SIGINT (Ctrl-C) stopped before it did what it was asked."""
 
 
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -320,6 +322,8 @@ def keygen(out: Path) -> None:
               help="Serve the project stream (frames and results in a browser) on 127.0.0.1:PORT.")
 @click.option("--kvs-record", type=click.Path(path_type=Path, dir_okay=False),
               help="Record what DeepLens_Kinesis_Video would stream to Kinesis Video to this video file (.avi).")
+@click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              help="Seconds without a new result before the Lambda counts as stuck (stopped, then restarted).")
 @click.option("--device-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".deeplens/device"),
               show_default=True)
 @click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=_SIGNER_HELP)
@@ -327,8 +331,9 @@ def keygen(out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @_handle_errors
 def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_frames: int | None,
-                fps: float | None, buffer: int, stream_port: int | None, kvs_record: Path | None, device_dir: Path,
-                public_key: Path | None, allow_any_signer: bool, as_json: bool) -> None:
+                fps: float | None, buffer: int, stream_port: int | None, kvs_record: Path | None,
+                stall_timeout: float, device_dir: Path, public_key: Path | None, allow_any_signer: bool,
+                as_json: bool) -> None:
     """Run the bundle as a device would: the Lambda's loop over frames, results on MQTT."""
     from deeplens_build.device.mqtt import parse_broker
     from deeplens_build.device.run import DeviceOptions, run_device
@@ -337,8 +342,9 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
     host, port = parse_broker(broker)
     options = DeviceOptions(device_dir=device_dir, mqtt_host=host, mqtt_port=port, thing=thing, frames=frames,
                             max_frames=max_frames, frame_interval=1 / fps if fps else 0.0, buffer=buffer,
-                            stream_port=stream_port, kvs_record=kvs_record)
-    summary = run_device(bundle, options, reporter=Reporter(), stop=_stop_on_signals(), public_key=public_key,
+                            stream_port=stream_port, kvs_record=kvs_record, stall_seconds=stall_timeout)
+    stop = _stop_on_signals()
+    summary = run_device(bundle, options, reporter=Reporter(), stop=stop, public_key=public_key,
                          allow_any_signer=allow_any_signer)
     if as_json:
         click.echo(json.dumps({"frames": summary.frames, "published": summary.published,
@@ -347,6 +353,9 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
     else:
         click.echo(f"{summary.frames} inferences, {summary.published} published to {summary.topic}, "
                    f"{summary.dropped} dropped, {summary.reconnects} reconnects")
+    if stop.is_set() and max_frames is not None and summary.published < max_frames:
+        click.echo(f"error: interrupted after {summary.published} of the {max_frames} results asked for", err=True)
+        raise click.exceptions.Exit(INTERRUPTED)
 
 
 @main.command("watch")

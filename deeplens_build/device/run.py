@@ -32,7 +32,7 @@ from deeplens_build.cache import tool_cache_environment
 from deeplens_build.device import support
 from deeplens_build.device.mqtt import CONNECT_TIMEOUT, client, connect
 from deeplens_build.device.watch import watch
-from deeplens_build.errors import BundleError, DeviceError
+from deeplens_build.errors import BundleError, DeviceError, UsageError
 from deeplens_build.manifest import (
     DEVICE_BUILD,
     MODEL_DIR,
@@ -52,6 +52,10 @@ RUN_SUPPORT = "run-support"
 RESTARTS = 2
 """How often a Lambda that exits with an error is started again: a Greengrass nucleus restarts a failing
 component and marks it broken after its third failure."""
+STALL_SECONDS = 120.0
+"""How long a Lambda may go without a new result before ``run`` takes it for stuck (its first result included:
+a model loads, and an engine may compile on the device, first)."""
+FRAMES_EXHAUSTED = support.FRAMES_EXHAUSTED
 FLUSH_SECONDS = 5.0
 """How long the Lambda's publisher may take to hand waiting results to the broker when it stops."""
 PASSED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -73,6 +77,8 @@ class DeviceOptions:
     """Serve the project stream (frames and results in a browser) on 127.0.0.1 at this port."""
     kvs_record: Path | None = None
     """Record what DeepLens_Kinesis_Video would stream to Kinesis Video to this video file."""
+    stall_seconds: float = STALL_SECONDS
+    """A Lambda whose publisher counts no new result for this long is stuck: stopped, and restarted."""
 
 
 @dataclass(frozen=True)
@@ -120,22 +126,32 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
     command = [python, str(code / support.RUNNER.name), manifest.lambda_.module, str(code)]
     environment = _lambda_environment(root, device_dir, manifest, options, stats)
+    environment.update(_device_frames(options, python, root, reporter))
     _compile_on_device(python, root, environment, manifest, reporter)
     totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
     with _project_stream(options, root / "home" / STREAM_FILE, f"{manifest.name} {manifest.version}", reporter):
         for attempt in range(1, RESTARTS + 2):
             wanted = None if options.max_frames is None else options.max_frames - totals["published"]
-            ended, counts = _run_once(command, code, environment, stats, wanted, stop)
+            ended, counts = _run_once(command, code, environment, stats, wanted, stop, options.stall_seconds)
             totals = {name: totals[name] + counts[name] for name in totals}
-            if ended in (None, 0) or attempt > RESTARTS:
+            if ended in (None, 0, FRAMES_EXHAUSTED) or attempt > RESTARTS:
                 break
-            reporter.warn(f"the Lambda {manifest.lambda_.module} exited with code {ended}; restarting it as the "
-                          f"nucleus would ({attempt} of {RESTARTS} restarts)")
+            what = (f"made no progress for {options.stall_seconds:g} s (no new result)" if ended == STALLED
+                    else f"exited with code {ended}")
+            reporter.warn(f"the Lambda {manifest.lambda_.module} {what}; restarting it as the nucleus would "
+                          f"({attempt} of {RESTARTS} restarts)")
     summary = DeviceSummary(frames=totals["results"], published=totals["published"], dropped=totals["dropped"],
                             reconnects=totals["reconnects"], topic=topic)
-    if ended not in (None, 0):
+    if ended == STALLED:
+        raise DeviceRunError(f"the Lambda {manifest.lambda_.module} made no progress for {options.stall_seconds:g} s "
+                             f"{RESTARTS + 1} times (no new result; its output is above): stuck, so stopped "
+                             "(raise --stall-timeout if its results are that far apart)", summary)
+    if ended not in (None, 0, FRAMES_EXHAUSTED):
         raise DeviceRunError(f"the Lambda {manifest.lambda_.module} exited with code {ended} {RESTARTS + 1} times "
                              f"(its output is above): broken, as a core would mark it", summary)
+    if ended == FRAMES_EXHAUSTED and options.max_frames is not None and summary.frames < options.max_frames:
+        raise DeviceRunError(f"the frames ran out after {summary.frames} of the {options.max_frames} results asked "
+                             f"for: --frames {options.frames} holds fewer frames than --max-frames", summary)
     if stop.is_set():
         return summary  # stopped by the user: a result in flight at that moment may be lost, and is counted
     if options.max_frames is not None and summary.frames < options.max_frames:
@@ -170,21 +186,35 @@ def _project_stream(options: DeviceOptions, frames: Path, title: str, reporter: 
         listener.join(timeout=5)
 
 
-def _run_once(command: list[str], code: Path, environment: dict[str, str], stats: Path, wanted: int | None,
-              stop: threading.Event) -> tuple[int | None, dict[str, int]]:
-    """Run the Lambda's process until it exits, ``wanted`` results reached the broker, or ``stop``.
+STALLED = -1000
+"""What :func:`_run_once` answers for a Lambda it stopped because it made no progress (no exit code is negative
+beyond a signal's number)."""
 
-    :return: its exit code (None when stopped here), and what its publisher counted.
+
+def _run_once(command: list[str], code: Path, environment: dict[str, str], stats: Path, wanted: int | None,
+              stop: threading.Event, stall_seconds: float) -> tuple[int | None, dict[str, int]]:
+    """Run the Lambda's process until it exits, ``wanted`` results reached the broker, it makes no progress for
+    ``stall_seconds``, or ``stop``.
+
+    :return: its exit code (None when stopped here, STALLED when stuck), and what its publisher counted.
     """
     stats.unlink(missing_ok=True)
     child = subprocess.Popen(command, cwd=code, env=environment)
+    stalled = False
     try:
+        results, progressed = 0, time.monotonic()
         while not stop.is_set() and child.poll() is None:
-            if wanted is not None and _counts(stats)["published"] >= wanted:
+            counts = _counts(stats)
+            if wanted is not None and counts["published"] >= wanted:
                 break
-            time.sleep(0.1)
+            if counts["results"] != results:
+                results, progressed = counts["results"], time.monotonic()
+            elif time.monotonic() - progressed > stall_seconds:
+                stalled = True
+                break
+            stop.wait(0.1)
     finally:
-        ended = child.poll()
+        ended = STALLED if stalled else child.poll()
         if ended is None:
             child.terminate()  # SIGTERM, as a core stops a component: the runner flushes what waits, then exits
             try:
@@ -266,11 +296,55 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
         env["DEEPLENS_KVS_RECORD"] = str(options.kvs_record.resolve())
     if (root / RUN_SUPPORT).is_dir():
         env["PYTHONPATH"] = str(root / RUN_SUPPORT)
-    if options.frames:
-        env["DEEPLENS_FRAMES"] = str(Path(options.frames).resolve())
     if options.max_frames:
         env["DEEPLENS_MAX_FRAMES"] = str(options.max_frames)
     return env
+
+
+def _device_frames(options: DeviceOptions, python: str, root: Path, reporter: Reporter) -> dict[str, str]:
+    """Where the Lambda finds ``--frames``, as variables: as given when the device's interpreter can decode them
+    (``.npy`` files, or OpenCV at hand), else decoded here, once, into ``.npy`` files (no runtime ships OpenCV, so
+    a bundle that vendors its runtime has none). A recorded video ends (``DEEPLENS_FRAMES_ONCE``); a folder is
+    shown again and again, as a camera never runs out.
+
+    :raises UsageError: for frames that do not exist. :raises DeviceError: when nothing here decodes them.
+    """
+    if not options.frames:
+        return {}
+    source = Path(options.frames).resolve()
+    if not source.exists():
+        raise UsageError(f"--frames {options.frames} does not exist; give a folder of .npy or image files, or a "
+                         "video")
+    variables = {"DEEPLENS_FRAMES": str(source), "DEEPLENS_FRAMES_EXHAUSTED": str(FRAMES_EXHAUSTED)}
+    if source.is_dir() and all(p.suffix == ".npy" for p in source.iterdir() if p.is_file()) or \
+            subprocess.run([python, "-c", "import cv2"], capture_output=True).returncode == 0:
+        return variables
+    try:
+        import cv2
+        import numpy as np
+    except ImportError as exc:
+        raise DeviceError(f"the bundle's runtime has no OpenCV to decode --frames {options.frames}, and neither has "
+                          "this machine: pip install opencv-python-headless here, or give a folder of .npy "
+                          "frames") from exc
+    target = root / "frames"
+    target.mkdir()
+    if source.is_dir():
+        frames = (cv2.imread(str(path)) for path in sorted(source.iterdir()) if path.is_file())
+    else:
+        video = cv2.VideoCapture(str(source))
+        frames = iter(lambda: video.read()[1], None)
+    count = 0
+    for frame in frames:
+        if frame is not None and (options.max_frames is None or count < options.max_frames):
+            np.save(target / f"{count:06d}.npy", frame)
+            count += 1
+        elif not source.is_dir():
+            break
+    if count == 0:
+        raise UsageError(f"--frames {options.frames} holds no frame OpenCV can read")
+    reporter.note(f"device: the runtime has no OpenCV; {count} frame(s) of {options.frames} decoded here into "
+                  f"{target}")
+    return {**variables, "DEEPLENS_FRAMES": str(target), **({} if source.is_dir() else {"DEEPLENS_FRAMES_ONCE": "1"})}
 
 
 def _mkdir(path: Path) -> Path:

@@ -257,3 +257,78 @@ def test_sigterm_stops_the_device_cleanly(broker: Broker, example_bundle: Path, 
     summary = json.loads(out)
     assert summary["frames"] >= 3 and summary["published"] >= 3
     assert summary["published"] + summary["dropped"] == summary["frames"], "a result in flight at the stop is counted"
+
+
+@pytest.mark.slow
+def test_a_lambda_that_stops_making_progress_is_restarted_then_reported(broker: Broker, tmp_path: Path,
+                                                                         onnx_model_dir: Path) -> None:
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
+deeplens_publish.publish({"frame": 1})
+threading.Event().wait()  # a camera read that never returns
+""")
+    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=5,
+                            stall_seconds=1.0)
+    with pytest.raises(DeviceRunError, match="made no progress for 1 s 3 times .*stuck") as error:
+        _run(bundle, options)
+    assert error.value.summary.frames == 3, "one result per start: restarted twice, as for a crash"
+
+
+def test_a_video_shorter_than_max_frames_ends_the_run_with_an_error(broker: Broker, tmp_path: Path,
+                                                                     onnx_model_dir: Path) -> None:
+    """A DeepLens Lambda asks awscam for the next frame forever; a recorded video's end is the device's end."""
+    import cv2
+
+    video = tmp_path / "short.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 60))
+    for value in (0, 100, 200):
+        writer.write(np.full((60, 80, 3), value, dtype=np.uint8))
+    writer.release()
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
+import awscam
+count = 0
+while True:
+    ok, frame = awscam.getLastFrame()
+    if not ok:
+        continue
+    count += 1
+    deeplens_publish.publish({"frame": count})
+""", deeplens_compat=True)
+    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=10,
+                            frames=str(video))
+    with pytest.raises(DeviceRunError, match="the frames ran out after 3 of the 10 results asked for") as error:
+        _run(bundle, options)
+    assert error.value.summary.published == 3
+
+
+def test_ctrl_c_before_max_frames_is_not_success(broker: Broker, example_bundle: Path, tmp_path: Path) -> None:
+    received, thread, _ = _subscribe(broker.port, 1)
+    command = [sys.executable, "-m", "deeplens_build.cli", "run", str(example_bundle), "--mqtt",
+               f"127.0.0.1:{broker.port}", "--thing", THING, "--fps", "5", "--max-frames", "1000",
+               "--device-dir", str(tmp_path / "d"), "--public-key", str(_key(example_bundle))]
+    device = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    thread.join(timeout=60)
+    assert received, "the device published before it was interrupted"
+    device.send_signal(signal.SIGINT)
+    out, err = device.communicate(timeout=30)
+    assert device.returncode == 130, err
+    assert "error: interrupted after" in err and "of the 1000 results asked for" in err
+
+
+@pytest.mark.slow
+def test_image_frames_run_on_a_vendored_runtime_without_opencv(broker: Broker, tmp_path: Path) -> None:
+    """The example Lambda reads image files with OpenCV, which no runtime vendors: run decodes them here."""
+    import cv2
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for index in range(3):
+        cv2.imwrite(str(frames / f"{index}.jpg"), np.full((60, 80, 3), 60 * index, dtype=np.uint8))
+    config = example_project(tmp_path / "p")
+    config.write_text(config.read_text() + "\n[runtime]\nvendor = true\n")
+    bundle = testing.build(config).bundle
+    received, thread, _ = _subscribe(broker.port, 3)
+    summary = _run(bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING,
+                                         max_frames=3, frames=str(frames)))
+    thread.join(timeout=30)
+    assert summary.published == 3 and [r["frame"] for r in received] == [1, 2, 3]
+    assert not list((tmp_path / "device").rglob("cv2")), "the device's environment has no OpenCV: decoded here"

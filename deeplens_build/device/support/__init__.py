@@ -19,6 +19,9 @@ ONNXRUNTIME_MODEL = FOLDER / "deeplens_model_onnxruntime.py"
 COMPAT = FOLDER / "deeplens_compat"
 """The DeepLens device modules (awscam, mo, greengrasssdk, DeepLens_Kinesis_Video)."""
 COMPAT_DIR = COMPAT.name
+FRAMES_EXHAUSTED = 75
+"""The exit status of a Lambda whose emulated camera ran out of frames (a recorded video came to its end; a real
+camera never does), given to it as ``DEEPLENS_FRAMES_EXHAUSTED``: ``run`` ends there, restarting nothing."""
 """Where they ship in the Lambda zip, apart from its own modules, so that real ones win."""
 
 

@@ -7,7 +7,8 @@ module wins on a DeepLens. A DeepLens-era Lambda keeps its code:
     model = awscam.Model(model_path, {"GPU": 1})      # whatever the path: the bundle's artifact is loaded
     inference = model.parseResult("ssd", model.doInference(cv2.resize(frame, (300, 300))))
 
-Frames come from ``DEEPLENS_FRAMES`` (a folder of ``.npy`` or image files, shown in a loop, or a video file),
+Frames come from ``DEEPLENS_FRAMES`` (a folder of ``.npy`` or image files, shown in a loop unless
+``DEEPLENS_FRAMES_ONCE`` is set, or a video file, whose end ends the Lambda),
 else the first camera (``/dev/video0``), else generated frames; ``DEEPLENS_FRAME_INTERVAL`` paces them like a
 camera, and after ``DEEPLENS_MAX_FRAMES`` frames (``deeplens-build run --max-frames``) the camera has no newer frame
 and ``getLastFrame`` waits, as on a device, until the Lambda is stopped. The model is the bundle's artifact in
@@ -29,12 +30,24 @@ _frames_lock = threading.Lock()
 
 
 def getLastFrame():  # noqa: N802  (DeepLens's name)
-    """The newest frame as ``(True, frame)`` (HxWx3 uint8, BGR), or ``(False, None)`` when there is none."""
+    """The newest frame as ``(True, frame)`` (HxWx3 uint8, BGR), or ``(False, None)`` when there is none.
+
+    A recorded video that comes to its end is the end of the emulated device: a DeepLens Lambda's loop would ask
+    for the next frame forever, so the process ends there, with ``DEEPLENS_FRAMES_EXHAUSTED`` as its status (after
+    the exit hooks, so the results waiting for the broker are handed over).
+    """
     global _frames
     with _frames_lock:
         if _frames is None:
             _frames = _limited(_frame_source(os.environ.get("DEEPLENS_FRAMES")))
         ok, frame = next(_frames, (False, None))
+        if not ok and os.environ.get("DEEPLENS_FRAMES_EXHAUSTED"):
+            import atexit
+            import sys
+
+            print("awscam: the video has no more frames", file=sys.stderr)
+            atexit._run_exitfuncs()
+            os._exit(int(os.environ["DEEPLENS_FRAMES_EXHAUSTED"]))
     if ok:
         for listener in list(frame_listeners):
             listener(frame)
@@ -58,11 +71,13 @@ def _frame_source(source):
 
     if source and os.path.isdir(source):
         paths = sorted(glob.glob(os.path.join(source, "*")))
-        while paths:  # a camera never runs out: show the folder again and again
+        while paths:  # a camera never runs out: show the folder again and again (a video decoded into it: once)
             for path in paths:
                 frame = np.load(path) if path.endswith(".npy") else _imread(path)
                 if frame is not None:
                     yield True, frame
+            if os.environ.get("DEEPLENS_FRAMES_ONCE"):
+                return
         return
     if source or os.path.exists("/dev/video0"):
         import cv2
