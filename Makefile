@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_device.py
 	$(BIN)/python bench/bench_io.py
 	$(BIN)/python bench/bench_targets.py
+	$(BIN)/python bench/bench_fp16.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens
