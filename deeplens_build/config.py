@@ -27,6 +27,8 @@ from deeplens_build import names
 from deeplens_build.errors import ConfigError
 from deeplens_build.layout import CONFIG_NAME, WORK_DIR, config_file, read_document
 
+V1_LAMBDA_RUNTIME = "python3.8"
+"""The newest Lambda runtime a Greengrass v1 core runs (DeepLens's software included)."""
 MAX_RANDOM_SAMPLES = 1000
 """Each sample is a full input tensor held in memory: 1000 camera frames is already a generous check."""
 
@@ -117,6 +119,8 @@ class LambdaConfig(_Strict):
     version: Annotated[str, AfterValidator(names.check_version)] = "1.0.0"
     role: str | None = None
     runtime: str = "python3.11"
+    """The Lambda's runtime when it is published: a v1 core (DeepLens included) runs Python 3.7 and 3.8 Lambdas,
+    so a v1 format defaults to ``python3.8``."""
     memory_size: Annotated[int, Strict(), Field(ge=128, le=10240)] = 1536
     timeout: Annotated[int, Strict(), Field(ge=1, le=900)] = 900
     alias: Annotated[str, AfterValidator(names.check_lambda_name)] = "live"
@@ -212,7 +216,11 @@ class ProjectConfig(_Strict):
     def _sections_default_to_empty(cls, data: Any) -> Any:
         # validated from {} rather than given as instances, so their relative paths resolve against the project
         if isinstance(data, dict):
-            return {section: {} for section in _OPTIONAL_SECTIONS} | data
+            data = {section: {} for section in _OPTIONAL_SECTIONS} | data
+            lambda_, greengrass = data.get("lambda"), data.get("greengrass")
+            if isinstance(lambda_, dict) and "runtime" not in lambda_ and isinstance(greengrass, dict) and \
+                    greengrass.get("format") in ("v1", "both"):
+                data["lambda"] = {**lambda_, "runtime": V1_LAMBDA_RUNTIME}
         return data
 
 

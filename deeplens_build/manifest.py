@@ -40,7 +40,6 @@ WHEELS_DIR = f"{RUNTIME_DIR}/wheels"
 IMAGE = f"{RUNTIME_DIR}/image.tar"
 GREENGRASS_DIR = "greengrass"
 RECIPE = f"{GREENGRASS_DIR}/recipe.json"
-LAMBDA_COMPONENT = f"{GREENGRASS_DIR}/lambda-component.json"
 V1_DIR = f"{GREENGRASS_DIR}/v1"
 V1_MODEL_ARCHIVE = f"{V1_DIR}/model.zip"
 V1_DEFINITIONS = ("function-definition", "resource-definition", "subscription-definition")

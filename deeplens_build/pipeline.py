@@ -79,8 +79,8 @@ def _sequence(b: Build, output: Path) -> BuildResult:
     runtime_image = image.run(b, payload, device_runtime)
     published = publish_lambda(lambda_pkg, b.config.lambda_, environment=greengrass.lambda_environment(b.config),
                                reporter=b.reporter) if b.options.publish else None
-    written = documents.run(b, payload, runtime=device_runtime, vendored=bool(wheelhouse.wheels), image=runtime_image,
-                            lambda_pkg=lambda_pkg, published=published)
+    written = documents.run(b, payload, runtime=device_runtime, opset=optimized.opset, vendored=bool(wheelhouse.wheels),
+                            image=runtime_image, lambda_pkg=lambda_pkg, published=published)
     manifest = record.run(b, training=training, detection=detection, optimized=optimized, compiled=compiled,
                           parity=report, profile=latencies, runtime=device_runtime, wheelhouse=wheelhouse,
                           image=runtime_image, lambda_pkg=lambda_pkg, published=published,

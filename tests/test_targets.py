@@ -143,7 +143,7 @@ def test_tensorrt_target_ships_onnx_at_opset_17_and_builds_the_engine_at_install
     folder = _unpack(result.bundle, tmp_path / "bundle")
     lifecycle = json.loads((folder / "greengrass" / "recipe.json").read_text())["Manifests"][0]["Lifecycle"]
     assert lifecycle["Install"]["Script"].endswith(
-        "&& python3.10 {artifacts:path}/deeplens_compile.py {artifacts:path} {work:path} 0.01")
+        "\n{work:path}/venv/bin/python {artifacts:path}/deeplens_compile.py {artifacts:path} {work:path} 0.01\n")
     assert lifecycle["Setenv"]["DEEPLENS_WORK_DIR"] == "{work:path}"
     model = onnx.load(str(folder / "model" / "model.onnx"))
     from deeplens_build_tensorrt import OPERATORS

@@ -192,7 +192,8 @@ def _target_arn(iot: Any, target: Target) -> str:
             return iot.describe_thing(thingName=target.name)["thingArn"]
         return iot.describe_thing_group(thingGroupName=target.name)["thingGroupArn"]
     except ClientError as exc:
-        raise AwsError(f"{target.kind} {target.name!r} was not found in AWS IoT ({reason(exc)}); check --target") from exc
+        raise AwsError(f"{target.kind} {target.name!r} was not found in AWS IoT ({reason(exc)}); "
+                       "check --target") from exc
 
 
 def _deploy_v2(clients: Clients, recipe: Mapping[str, Any], recipe_file: Path, target: Target, rollout: Rollout,

@@ -1,8 +1,8 @@
 """The Greengrass documents a bundle carries: what a core needs to run the model, its runtime and the Lambda.
 
 - v2: a component recipe (RecipeFormatVersion 2020-01-25) whose artifacts carry the sha256 (base64) of the
-  bundle's files, plus, when the Lambda was published, the ``create_component_version(lambdaFunction=...)``
-  request that turns the versioned Lambda into a pinned component.
+  bundle's files, and whose lifecycle (:mod:`.lifecycle`) installs the runtime in a virtual environment of the
+  component's work folder and runs the Lambda's loop there.
 - v1 (DeepLens-era cores): function, resource (the model as an S3 machine-learning resource) and subscription
   definitions, which :func:`create_v1_group_version` registers and ties into a group version.
 """
@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import base64
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deeplens_build.aws import lifecycle
 from deeplens_build.aws import recipe as recipe_format
 from deeplens_build.config import ProjectConfig
 from deeplens_build.device import support
@@ -48,35 +48,32 @@ def artifact_uri(config: ProjectConfig, name: str) -> str:
     return f"s3://{g.bucket}/{g.prefix}/{component_name(config)}/{config.model.version}/{name}"
 
 
-def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Runtime, vendored: bool,
-           image: RuntimeImage | None, lambda_pkg: LambdaPackage, environment: Mapping[str, str]) -> dict[str, Any]:
+def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Runtime,
+           pins: Mapping[str, tuple[str, ...]], vendored: bool, image: RuntimeImage | None, lambda_pkg: LambdaPackage,
+           environment: Mapping[str, str]) -> dict[str, Any]:
     """A v2 component recipe running the inference Lambda's code as a plain, long-lived component.
 
     :param artifacts: file name on the device → file, for every artifact (names are flat on the device).
+    :param pins: the runtime's exact requirements per device Python the bundle supports (see :mod:`lifecycle`).
     """
     name = component_name(config)
     topic = infer_topic("{iot:thingName}")
-    module = lambda_pkg.handler.rsplit(".", 1)[0]
-    code_dir = "{artifacts:decompressedPath}/" + lambda_pkg.path.stem
-    requirements = " ".join(shlex.quote(r) for r in runtime.requirements[config.target.platform])
-    python = f"python{runtime.python}"  # the device's own Python, for which the wheels were chosen
-    install = (f"{python} -m pip install --no-index --find-links {{artifacts:path}} {requirements}" if vendored
-               else f"{python} -m pip install {requirements}")
-    if image is not None:
-        install = f"docker load -i {{artifacts:path}}/{image.path.name} && {install}"
     device_build = DEVICE_BUILD.rsplit("/", 1)[-1]
     compiles = device_build in artifacts
-    if compiles:  # the target backend compiles on the device, into the work folder that outlives deployments
-        tolerance = config.parity.tolerance_for(config.model.precision)
-        install += f" && {python} {{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {tolerance!r}"
-    run = f"{python} -u {code_dir}/{support.RUNNER.name} {module} {code_dir}"
+    # the target backend compiles on the device, into the work folder that outlives deployments
+    tolerance = config.parity.tolerance_for(config.model.precision)
+    steps = lifecycle.scripts(
+        pins=pins, vendored=vendored, code_dir="{artifacts:decompressedPath}/" + lambda_pkg.path.stem,
+        module=lambda_pkg.handler.rsplit(".", 1)[0], runner=support.RUNNER.name,
+        compile_step=f"{{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {tolerance!r}"
+        if compiles else None, kvs_stream=config.device.kinesis_video_stream)
+    install = steps.install
+    if image is not None:
+        install = f"docker load -i {{artifacts:path}}/{image.path.name}\n{install}"
     setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}
-    stream = config.device.kinesis_video_stream
-    if stream:
+    if stream := config.device.kinesis_video_stream:
         # DeepLens_Kinesis_Video streams through the KVS producer's GStreamer element, with the core's credentials
-        install = (f"gst-inspect-1.0 kvssink >/dev/null 2>&1 || {{ echo 'streaming to Kinesis Video stream {stream} "
-                   "needs the KVS producer GStreamer plugin kvssink on this device' >&2; exit 1; }} && " + install)
         setenv["DEEPLENS_KVS_STREAM"] = stream
         dependencies[TOKEN_EXCHANGE] = {"VersionRequirement": ">=2.0.0", "DependencyType": "HARD"}
     return recipe_format.checked({
@@ -99,7 +96,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
             "Lifecycle": {
                 "Setenv": setenv,
                 "Install": {"Script": install, "Timeout": 3600 if compiles else 900},
-                "Run": {"Script": run},
+                "Run": {"Script": steps.run},
             },
             "Artifacts": [{
                 "Uri": artifact_uri(config, file_name),
@@ -109,27 +106,6 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
             } for file_name, path in sorted(artifacts.items())],
         }],
     })
-
-
-def lambda_component_request(config: ProjectConfig, published: PublishedLambda) -> dict[str, Any]:
-    """The ``create_component_version`` request that imports the published Lambda as a pinned component."""
-    return {"lambdaFunction": {
-        "lambdaArn": published.arn,
-        "componentName": f"{component_name(config)}.lambda",
-        "componentVersion": config.model.version,
-        "componentPlatforms": [{"name": "Linux", "attributes": {
-            "os": "linux", "architecture": ARCHITECTURES[config.target.platform]}}],
-        "componentDependencies": {component_name(config): {
-            "versionRequirement": f"={config.model.version}", "dependencyType": "HARD"}},
-        "componentLambdaParameters": {
-            "eventSources": [],
-            "maxInstancesCount": 1,
-            "pinned": True,  # long-lived: started with the core, kept running, its loop never times out
-            "timeoutInSeconds": config.lambda_.timeout,
-            "environmentVariables": lambda_environment(config),
-            "linuxProcessParams": {"isolationMode": "NoContainer"},
-        },
-    }}
 
 
 def v1_definitions(config: ProjectConfig, published: PublishedLambda, *,

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from deeplens_build.aws import greengrass
 from deeplens_build.digest import file_sha256
 from deeplens_build.manifest import (
-    LAMBDA_COMPONENT,
     RECIPE,
     V1_MODEL_ARCHIVE,
     v1_definition,
@@ -30,11 +29,11 @@ if TYPE_CHECKING:
     from deeplens_build.build import Build
 
 
-def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, vendored: bool,
-                          image: RuntimeImage | None, lambda_pkg: LambdaPackage,
-                          published: PublishedLambda | None) -> dict[str, Path]:
+def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, opset: int | None, vendored: bool,
+        image: RuntimeImage | None, lambda_pkg: LambdaPackage, published: PublishedLambda | None) -> dict[str, Path]:
     """Write the Greengrass documents for ``config.greengrass.format``; return bundle path → file."""
     config = b.config
+    pins = device_pins(b, runtime, opset=opset, vendored=vendored)
     fmt = config.greengrass.format
     # what the device needs, by file name (Greengrass puts artifacts side by side); not the runtime definition
     device_files = {arc.rsplit("/", 1)[-1]: path for arc, path in payload.items() if not arc.endswith(DEFINITION)}
@@ -44,10 +43,8 @@ def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, vendored: bo
         documents: dict[str, Any] = {}
         if fmt in ("v2", "both"):
             documents[RECIPE] = greengrass.recipe(
-                config, artifacts=device_files, runtime=runtime, vendored=vendored, image=image,
+                config, artifacts=device_files, runtime=runtime, pins=pins, vendored=vendored, image=image,
                 lambda_pkg=lambda_pkg, environment=environment)
-            if published is not None:
-                documents[LAMBDA_COMPONENT] = greengrass.lambda_component_request(config, published)
         files = {}
         if fmt in ("v1", "both"):
             archive = write_zip({name: path for name, path in device_files.items() if path != lambda_pkg.path
@@ -62,7 +59,25 @@ def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, vendored: bo
         return GreengrassDocuments(files=files)
 
     key = {"payload": {arc: file_sha256(p) for arc, p in payload.items()}, "published": published and published.arn,
+           "pins": pins,
            # no local path in the key, so another machine's entry (a shared cache) is found
            "config": config.model_dump(mode="json", include={"greengrass", "lambda_", "target", "model", "device"},
                                        exclude={"lambda_": {"source"}, "model": {"source", "labels"}})}
     return dict(b.stage("greengrass", key, GreengrassDocuments, write).files)
+
+
+def device_pins(b: Build, runtime: Runtime, *, opset: int | None, vendored: bool) -> dict[str, tuple[str, ...]]:
+    """The runtime's exact requirements for each device Python the recipe may install it on, ``target.python``
+    (the runtime's default) first: with vendored wheels only that one, whose wheels the bundle carries; else every
+    Python the runtime definition pins whose runtime still loads the artifact's ONNX opset."""
+    platform = b.config.target.platform
+    if vendored:
+        return {runtime.python: tuple(runtime.requirements[platform])}
+    definition = next(r for r in b.runtimes if r.name == runtime.name)
+    pins = {runtime.python: tuple(runtime.requirements[platform])}
+    for python in reversed(definition.supported_pythons):  # newest first: a device's python3 is likelier new
+        other = definition.for_python(python)
+        if python not in pins and platform in other.requirements and (
+                opset is None or other.onnx_opset is None or opset <= other.onnx_opset):
+            pins[python] = tuple(other.requirements[platform])
+    return pins

@@ -16,7 +16,6 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.stub import Stubber
 from helpers import open_bundle, package_json
 
 from deeplens_build import testing
@@ -179,26 +178,6 @@ def test_v1_without_a_published_lambda_is_a_clear_error(tmp_path: Path, onnx_mod
     assert "Greengrass v1 documents reference a published Lambda version" in package_json(config, expect=3)
 
 
-def test_lambda_component_request_matches_the_greengrassv2_api(aws: str, tmp_path: Path,
-                                                                onnx_model_dir: Path) -> None:
-    config = _project(tmp_path, onnx_model_dir)
-    config.write_text(config.read_text().replace('handler = "inference.handler"',
-                                                 f'handler = "inference.handler"\nrole = "{_role()}"'))
-    files = _bundle_files(Path(package_json(config, "--publish")["bundle"]))
-    request = json.loads(files["greengrass/lambda-component.json"])
-    parameters = request["lambdaFunction"]["componentLambdaParameters"]
-    assert parameters["pinned"] is True and request["lambdaFunction"]["lambdaArn"].endswith(":1")
-
-    client = boto3.client("greengrassv2", region_name="us-east-1")
-    with Stubber(client) as stub:  # moto has no greengrassv2; the Stubber checks the request against the model
-        stub.add_response("create_component_version", {
-            "componentName": "com.deeplens.deeplens-test-model.lambda", "componentVersion": "1.0.0",
-            "creationTimestamp": "2026-11-28T00:00:00Z",
-            "status": {"componentState": "DEPLOYABLE"}}, request)
-        answer = client.create_component_version(**request)
-    assert answer["status"]["componentState"] == "DEPLOYABLE"
-
-
 @pytest.mark.parametrize(("loop", "code"), [("pass", 0), ("raise RuntimeError('camera unplugged')", 1)])
 def test_the_recipe_run_script_runs_the_lambda_as_a_nucleus_would(tmp_path: Path, onnx_model_dir: Path,
                                                                    loop: str, code: int) -> None:
@@ -215,8 +194,9 @@ def test_the_recipe_run_script_runs_the_lambda_as_a_nucleus_would(tmp_path: Path
     with zipfile.ZipFile(io.BytesIO(files["lambda/deeplens-test-model.zip"])) as archive:
         archive.extractall(artifacts / "deeplens-test-model")  # what Unarchive: ZIP leaves on the device
     script = recipe["Manifests"][0]["Lifecycle"]["Run"]["Script"]
-    assert script.startswith("python3.11 -u "), "the device's Python, as the runtime definition names it"
-    script = script.replace("{artifacts:decompressedPath}", str(artifacts)).replace("python3.11", sys.executable, 1)
+    assert script.startswith("exec {work:path}/venv/bin/python -u "), "the runtime's environment's interpreter"
+    script = script.replace("{artifacts:decompressedPath}", str(artifacts)).replace(
+        "{work:path}/venv/bin/python", sys.executable, 1)
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ["PATH"], "AWS_IOT_THING_NAME": "deeplens_abc"})
     assert done.returncode == code, done.stderr

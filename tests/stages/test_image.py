@@ -43,7 +43,7 @@ def test_image_round_trip_build_save_load_files(engine, tmp_path: Path, onnx_mod
         saved = tar.extractfile("runtime/image.tar").read()
         recipe = json.loads(tar.extractfile("greengrass/recipe.json").read())
     assert recipe["Manifests"][0]["Lifecycle"]["Install"]["Script"].startswith(
-        "docker load -i {artifacts:path}/image.tar && ")
+        "docker load -i {artifacts:path}/image.tar\n")
 
     engine.images.remove(image["tag"], force=True)
     [loaded] = engine.images.load(saved)

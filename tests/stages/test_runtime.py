@@ -99,8 +99,10 @@ def test_vendors_the_device_pythons_wheels_and_installs_them_with_it(tmp_path: P
     with open_bundle(report["bundle"]) as bundle:
         recipe = json.loads(bundle.extractfile("greengrass/recipe.json").read())
     lifecycle = recipe["Manifests"][0]["Lifecycle"]
-    assert lifecycle["Install"]["Script"].startswith(f"python{python} -m pip install --no-index")
-    assert lifecycle["Run"]["Script"].startswith(f"python{python} -u ")
+    install = lifecycle["Install"]["Script"]
+    assert "--no-index --find-links {artifacts:path} $requirements" in install
+    assert f"case \"$version\" in {python}) python=$candidate" in install, "only the Python the wheels are for"
+    assert lifecycle["Run"]["Script"].startswith("exec {work:path}/venv/bin/python -u ")
 
 
 def test_a_python_without_pins_or_wheels_is_a_clear_error(tmp_path: Path, onnx_model_dir: Path) -> None:
