@@ -313,7 +313,7 @@ def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:
             return None
         result = adapter.validate_python(_absolute(recorded["result"], entry))
         held = {entry / rel for rel in files}
-        folders = {folder for path in held for folder in path.parents}
+        folders = {folder for path in held for folder in path.parents if folder.is_relative_to(entry)}
         if not all(".." not in path.parts and (path in held or path in folders) for path in _paths(result)):
             return None
         os.utime(entry / _RESULT)

@@ -19,6 +19,7 @@ import pluggy
 from pydantic import ValidationError
 
 from deeplens_build import NAME, hookspecs
+from deeplens_build.digest import code_sha256
 from deeplens_build.errors import (
     CompileError,
     ConfigError,
@@ -27,7 +28,6 @@ from deeplens_build.errors import (
     SourceError,
     reworded,
 )
-from deeplens_build.digest import code_sha256
 from deeplens_build.names import PLUGIN_NAME, first_problem
 from deeplens_build.types import (
     Artifact,
@@ -80,11 +80,15 @@ class PluginManager:
         self.sources = sources
         self.targets = targets
         self.failures = failures
+        self._code: dict[str, str] = {}
 
     def code(self, plugin: str) -> str:
         """The digest of the code plugin ``plugin`` (its registered name) runs, for cache keys: a plugin edited
-        under development, its version unchanged, must not get its old results back."""
-        return code_sha256(self._pm.get_plugin(plugin))
+        under development, its version unchanged, must not get its old results back. Hashed once per build: every
+        stage's key asks."""
+        if plugin not in self._code:
+            self._code[plugin] = code_sha256(self._pm.get_plugin(plugin))
+        return self._code[plugin]
 
     @property
     def plugins(self) -> tuple[PluginInfo, ...]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deeplens_build import onnxtools
 from deeplens_build.digest import file_sha256
@@ -42,12 +44,13 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
 
     model = onnx.load(str(optimized.artifact.path))
     named = _name_nodes(model)  # onnxconverter-common blocks nodes by name
+    source = _Source.of(model)  # what each trial's casts are checked against: one inference, not one per trial
     target = workdir / optimized.artifact.path.name
     outputs = optimized.artifact.outputs
     clamped = []
 
     def trial(block: tuple[str, ...]) -> ParityReport:
-        half, values = _half(model, block)
+        half, values = _half(model, block, source)
         clamped.append(values)
         try:
             onnxtools.save(half, target)
@@ -144,9 +147,29 @@ def _name_nodes(model) -> int:
     return count
 
 
-def _half(model, block: tuple[str, ...]):
+@dataclass(frozen=True)
+class _Source:
+    """The float32 model as the casts of a trial graph are decided from: each value's element type, inferred, and
+    each node by name (the converter renames a blocked node's outputs, never the node)."""
+
+    types: Mapping[str, int]
+    nodes: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, model: Any) -> _Source:
+        import onnx
+
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        return cls(types={v.name: v.type.tensor_type.elem_type
+                          for v in (*inferred.input, *inferred.value_info, *inferred.output)},
+                   nodes={node.name: node for node in _all_nodes(model.graph)})
+
+
+def _half(model, block: tuple[str, ...], source: _Source | None = None):
     """A float16 copy of ``model`` with ``block`` kept in float32 and float32 inputs and outputs, and how many
-    weight values the conversion clamped to half precision's range."""
+    weight values the conversion clamped to half precision's range.
+
+    :param source: ``_Source.of(model)``, when the caller has it already (a search makes many trials)."""
     import onnx
     from onnxconverter_common import float16
 
@@ -154,14 +177,14 @@ def _half(model, block: tuple[str, ...]):
         warnings.simplefilter("always")
         half = float16.convert_float_to_float16(onnx.ModelProto.FromString(model.SerializeToString()),
                                                 keep_io_types=False, node_block_list=list(block))
-    _cast_where_needed(half, model, set(block))
+    _cast_where_needed(half, source or _Source.of(model), set(block))
     _float32_io(half)
     onnxtools.trim_domains(half)
     onnxtools.oldest_ir_version(half)
     return half, len(clamped)
 
 
-def _cast_where_needed(half, original, block: set[str]) -> None:
+def _cast_where_needed(half, source: _Source, block: set[str]) -> None:
     """Give every node of the converted graph inputs of the precision it computes in.
 
     onnxconverter-common leaves some edges between the two precisions without a Cast, and onnxruntime cannot load
@@ -172,15 +195,11 @@ def _cast_where_needed(half, original, block: set[str]) -> None:
     the rest) and a Cast is put in front where they differ, one per tensor and precision, in every kind of input:
     initializers, ``Constant`` outputs, graph inputs, other nodes' outputs, outer values read by a subgraph.
     """
-    import onnx
-    from onnx import AttributeProto, TensorProto, helper
+    from onnx import TensorProto, helper
     from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
 
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
-    inferred = onnx.shape_inference.infer_shapes(original).graph
-    source_types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.input, *inferred.value_info,
-                                                                   *inferred.output)}
-    source_nodes = {node.name: node for node in _all_nodes(original.graph)}
+    source_types, source_nodes = source.types, source.nodes
     kept = set(DEFAULT_OP_BLOCK_LIST)
 
     def output_type(node, index: int, precision: int) -> int | None:
@@ -216,13 +235,11 @@ def _cast_where_needed(half, original, block: set[str]) -> None:
                             nodes.append(helper.make_node("Cast", [name], [casts[name, precision]], to=precision,
                                                           name=f"{casts[name, precision]}__cast"))
                         node.input[index] = casts[name, precision]
-            for attribute in node.attribute:
-                for subgraph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
-                                 attribute.graphs if attribute.type == AttributeProto.GRAPHS else []):
-                    repair(subgraph, types, fp32)
-                    for value in subgraph.output:  # what the subgraph yields is what the node outputs
-                        if value.type.tensor_type.elem_type in floats:
-                            value.type.tensor_type.elem_type = precision
+            for subgraph in _subgraphs(node):
+                repair(subgraph, types, fp32)
+                for value in subgraph.output:  # what the subgraph yields is what the node outputs
+                    if value.type.tensor_type.elem_type in floats:
+                        value.type.tensor_type.elem_type = precision
             for index, name in enumerate(node.output):
                 if name and (kind := output_type(node, index, precision)) is not None:
                     types[name] = kind
@@ -274,28 +291,31 @@ def _sort_topologically(graph) -> None:
 
 def _reads(node) -> set[str]:
     """What ``node`` reads: its inputs, and the outer values its subgraphs read."""
-    from onnx import AttributeProto
-
     names = {name for name in node.input if name}
-    for attribute in node.attribute:
-        for subgraph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
-                         attribute.graphs if attribute.type == AttributeProto.GRAPHS else []):
-            inner = {name for n in subgraph.node for name in n.output} | {v.name for v in subgraph.input} | {
-                init.name for init in subgraph.initializer}
-            names |= {name for n in subgraph.node for name in _reads(n) if name not in inner}
+    for subgraph in _subgraphs(node):
+        inner = {name for n in subgraph.node for name in n.output} | {v.name for v in subgraph.input} | {
+            init.name for init in subgraph.initializer}
+        names |= {name for n in subgraph.node for name in _reads(n) if name not in inner}
     return names
 
 
 def _all_nodes(graph):
     """Every node of ``graph`` and of its subgraphs."""
-    from onnx import AttributeProto
-
     for node in graph.node:
         yield node
-        for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
-                             attribute.graphs if attribute.type == AttributeProto.GRAPHS else []):
-                yield from _all_nodes(subgraph)
+        for subgraph in _subgraphs(node):
+            yield from _all_nodes(subgraph)
+
+
+def _subgraphs(node):
+    """The graphs ``node`` holds in its attributes (an If's branches, a Loop's or Scan's body)."""
+    from onnx import AttributeProto
+
+    for attribute in node.attribute:
+        if attribute.type == AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == AttributeProto.GRAPHS:
+            yield from attribute.graphs
 
 
 def _float32_io(model) -> None:
@@ -333,16 +353,10 @@ def _float32_io(model) -> None:
 
 def _rename_uses(graph, old: str, new: str) -> None:
     """Make every node that reads ``old`` (in subgraphs too, which may read outer names) read ``new``."""
-    from onnx import AttributeProto
-
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
-        for attribute in node.attribute:
-            if attribute.type == AttributeProto.GRAPH:
-                _rename_uses(attribute.g, old, new)
-            elif attribute.type == AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    _rename_uses(subgraph, old, new)
+        for subgraph in _subgraphs(node):
+            _rename_uses(subgraph, old, new)
 
 
 def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optimized:
