@@ -3,8 +3,10 @@ there, then keep reconnecting."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from deeplens_build.errors import DeviceError, UsageError
@@ -46,3 +48,27 @@ def connect(client: Any, host: str, port: int, ready: threading.Event) -> None:
         raise DeviceError(f"the MQTT broker at {host}:{port} did not accept the connection within "
                           f"{CONNECT_TIMEOUT:.0f} s")
 
+
+
+@contextlib.contextmanager
+def publisher(host: str, port: int) -> Iterator[Callable[[str, bytes], None]]:
+    """A function publishing ``(topic, payload)`` to the broker with QoS 1, returning once it acknowledged.
+
+    :raises DeviceError: when the broker cannot be reached, or does not acknowledge within ``CONNECT_TIMEOUT``.
+    """
+    ready = threading.Event()
+    sender = client("deeplens-ipc")
+    sender.on_connect = lambda client, userdata, flags, reason, properties: reason.is_failure or ready.set()
+    connect(sender, host, port, ready)
+
+    def publish(topic: str, payload: bytes) -> None:
+        sent = sender.publish(topic, payload, qos=1)
+        sent.wait_for_publish(CONNECT_TIMEOUT)
+        if not sent.is_published():
+            raise DeviceError(f"the MQTT broker at {host}:{port} did not acknowledge a result on {topic}")
+
+    try:
+        yield publish
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
