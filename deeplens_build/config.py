@@ -20,6 +20,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -137,8 +138,22 @@ class FetchConfig(_Strict):
 class TargetConfig(_Strict):
     platform: Literal["linux-x86_64", "linux-aarch64"] = "linux-x86_64"
     accelerator: Literal["cpu", "gpu"] = "cpu"
-    python: Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)] | None = None
-    """The device's Python (``"3.10"``); the runtime definition's default when unset."""
+    python: tuple[Annotated[str, StringConstraints(pattern=names.PYTHON_VERSION)], ...] | None = None
+    """The device's Python (``"3.10"``), or several (``["3.11", "3.13"]``: a vendored bundle then carries wheels
+    for each, and the device installs those of the Python it has); the runtime definition's default when unset."""
+
+    @field_validator("python", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: object) -> object:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list | tuple) and (not value or len(set(value)) != len(value)):
+            raise ValueError("lists each device Python once, at least one")
+        return value
+
+    def pythons(self, default: str) -> tuple[str, ...]:
+        """The device Pythons the bundle is for, the first one preferred."""
+        return self.python or (default,)
     backend: Annotated[str, StringConstraints(pattern=names.PLUGIN_NAME)] = "onnxruntime"
     """The target backend (``deeplens-build plugins`` lists them): ``onnxruntime``, ``openvino``, ``tensorrt``."""
     opset: Annotated[int, Strict(), Field(ge=7, le=40)] | None = None
@@ -149,16 +164,17 @@ class RuntimeConfig(_Strict):
     name: str = "auto"
     definitions: ProjectPath | None = None
     vendor: bool = False
-    image: bool = False
     find_links: tuple[ProjectPath, ...] = ()
     index: bool = True
 
-    @model_validator(mode="after")
-    def _image_needs_wheels(self) -> RuntimeConfig:
-        if self.image and not self.vendor:
-            raise ValueError("`runtime.image = true` puts the vendored wheels into the image: set "
-                             "`runtime.vendor = true`")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_image(cls, data: object) -> object:
+        # runtime.image shipped a data-only image that nothing ran; it went rather than stay half-built
+        if isinstance(data, dict) and "image" in data:
+            raise ValueError("`runtime.image` is gone: the image it built held data only and no device ran it; "
+                             "remove it (the recipe installs the runtime in a virtual environment on the device)")
+        return data
 
 
 class GreengrassConfig(_Strict):

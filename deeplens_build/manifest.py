@@ -37,7 +37,6 @@ LABELS = f"{MODEL_DIR}/labels.txt"
 LAMBDA_DIR = "lambda"
 RUNTIME_DIR = "runtime"
 WHEELS_DIR = f"{RUNTIME_DIR}/wheels"
-IMAGE = f"{RUNTIME_DIR}/image.tar"
 GREENGRASS_DIR = "greengrass"
 RECIPE = f"{GREENGRASS_DIR}/recipe.json"
 V1_DIR = f"{GREENGRASS_DIR}/v1"
@@ -131,12 +130,6 @@ class WheelRecord(_Record):
     sha256: Sha256
 
 
-class ImageRecord(_Record):
-    file: BundlePath
-    tag: ShortText
-    id: ShortText
-
-
 class RuntimeRecord(_Record):
     name: Annotated[str, AfterValidator(names.check_runtime_name)]
     summary: ShortText
@@ -146,7 +139,9 @@ class RuntimeRecord(_Record):
     requirements: tuple[ShortText, ...]
     definition: BundlePath
     wheels: tuple[WheelRecord, ...]
-    image: ImageRecord | None = None
+
+    image: dict[str, ShortText] | None = Field(default=None, exclude=True)
+    """Read, never written: bundles built while ``runtime.image`` existed record their image (or null) here."""
 
 
 class LambdaRecord(_Record):

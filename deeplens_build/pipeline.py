@@ -1,5 +1,5 @@
 """The build: fetch → detect → convert → optimize → reference → precision → compile → parity → profile →
-runtime → lambda → image → greengrass → bundle, signed.
+runtime → lambda → greengrass → bundle, signed.
 
 The core owns the order, the cache and the errors; plugins fill the source, framework and target slots. This
 module is only the order: each stage is a module of :mod:`deeplens_build.stages` whose ``run`` states, beside its
@@ -25,7 +25,6 @@ from deeplens_build.stages import (
     convert,
     detect,
     fetch,
-    image,
     lambda_package,
     optimize,
     parity,
@@ -76,14 +75,13 @@ def _sequence(b: Build, output: Path) -> BuildResult:
     device_runtime, wheelhouse = runtime.run(b, detection, converted, compiled, optimized.opset)
     lambda_pkg = lambda_package.run(b)
     payload = bundle.payload(b, converted, compiled, reference, device_runtime, wheelhouse, lambda_pkg)
-    runtime_image = image.run(b, payload, device_runtime)
     published = publish_lambda(lambda_pkg, b.config.lambda_, environment=greengrass.lambda_environment(b.config),
                                reporter=b.reporter) if b.options.publish else None
     written = documents.run(b, payload, runtime=device_runtime, opset=optimized.opset, vendored=bool(wheelhouse.wheels),
-                            image=runtime_image, lambda_pkg=lambda_pkg, published=published)
+                            lambda_pkg=lambda_pkg, published=published)
     manifest = record.run(b, training=training, detection=detection, optimized=optimized, compiled=compiled,
                           parity=report, profile=latencies, runtime=device_runtime, wheelhouse=wheelhouse,
-                          image=runtime_image, lambda_pkg=lambda_pkg, published=published,
+                          lambda_pkg=lambda_pkg, published=published,
                           documents=sorted(written), labels=LABELS in payload)
     return bundle.run(b, {**payload, **written}, manifest, training=training, compiled=compiled, parity=report,
                       output=output)

@@ -168,15 +168,6 @@ class PublishedLambda:
 
 
 @dataclass(frozen=True)
-class RuntimeImage:
-    """A runtime image built by a Docker engine and saved with ``docker save`` (``runtime.image = true``)."""
-
-    path: Path
-    tag: str
-    image_id: str
-
-
-@dataclass(frozen=True)
 class GreengrassDocuments:
     """The Greengrass documents (and the v1 model archive) written for a bundle: bundle path → file."""
 

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import BUILTIN_PLUGINS
 
 from deeplens_build import testing
-
-BUILTIN_PLUGINS = "deeplens-sources,deeplens-targets,onnx,mxnet,tensorflow,caffe,openvino,tensorrt"
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "classifier"
 """The embedded example `make package` builds."""
 
 
+BUILTIN_PLUGINS = "deeplens-sources,deeplens-targets,onnx,mxnet,tensorflow,caffe,openvino,tensorrt"
+"""The plugins every test sees: the built-in ones only, not whatever else this environment has installed."""
+
 def example_project(root: Path, **target: object) -> Path:
     """A copy of the example under ``root`` (without its build outputs), ``[target]`` settings added; its
     deeplens.toml."""

@@ -150,6 +150,9 @@ REFUSED_SETTINGS = {
     "environment variable with a space": ({"lambda": {"source": "lambda", "environment": {"A B": "1"}}},
                                           "Field `lambda.environment"),
     "fetch limit as a string": ({"fetch": {"max_bytes": "100"}}, "Field `fetch.max_bytes`"),
+    "a device Python listed twice": ({"target": {"python": ["3.11", "3.11"]}}, "Field `target.python`"),
+    "the removed runtime image": ({"runtime": {"vendor": True, "image": True}},
+                                  "`runtime.image` is gone: the image it built held data only and no device ran it"),
 }
 
 

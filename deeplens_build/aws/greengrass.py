@@ -25,7 +25,7 @@ from deeplens_build.manifest import (
     WORK_DIR_VARIABLE,
     infer_topic,
 )
-from deeplens_build.values import LambdaPackage, PublishedLambda, Runtime, RuntimeImage
+from deeplens_build.values import LambdaPackage, PublishedLambda, Runtime
 
 ARCHITECTURES = {"linux-x86_64": "amd64", "linux-aarch64": "aarch64"}
 MODEL_RESOURCE_ID = "deeplens-model"
@@ -49,7 +49,7 @@ def artifact_uri(config: ProjectConfig, name: str) -> str:
 
 
 def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Runtime,
-           pins: Mapping[str, tuple[str, ...]], vendored: bool, image: RuntimeImage | None, lambda_pkg: LambdaPackage,
+           pins: Mapping[str, tuple[str, ...]], vendored: bool, lambda_pkg: LambdaPackage,
            environment: Mapping[str, str]) -> dict[str, Any]:
     """A v2 component recipe running the inference Lambda's code as a plain, long-lived component.
 
@@ -67,9 +67,6 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
         module=lambda_pkg.handler.rsplit(".", 1)[0], runner=support.RUNNER.name,
         compile_step=f"{{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {tolerance!r}"
         if compiles else None, kvs_stream=config.device.kinesis_video_stream)
-    install = steps.install
-    if image is not None:
-        install = f"docker load -i {{artifacts:path}}/{image.path.name}\n{install}"
     setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}
     if stream := config.device.kinesis_video_stream:
@@ -95,7 +92,7 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
             "Platform": {"os": "linux", "architecture": ARCHITECTURES[config.target.platform]},
             "Lifecycle": {
                 "Setenv": setenv,
-                "Install": {"Script": install, "Timeout": 3600 if compiles else 900},
+                "Install": {"Script": steps.install, "Timeout": 3600 if compiles else 900},
                 "Run": {"Script": steps.run},
             },
             "Artifacts": [{

@@ -131,7 +131,13 @@ class IpcServer:
     def _serve(self, connection: socket.socket) -> None:
         messages = EventStreamBuffer()
         accepted = False
-        while chunk := connection.recv(65536):
+        while True:
+            try:
+                chunk = connection.recv(65536)
+            except OSError:  # the component went away (stopped, restarted) mid-stream
+                return
+            if not chunk:
+                return
             messages.add_data(chunk)
             try:
                 for message in messages:

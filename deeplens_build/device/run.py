@@ -110,7 +110,7 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
     """
     require_signer("run executes the bundle's code on this machine", public_key, allow_any_signer, reporter)
     device_dir = options.device_dir.resolve()
-    root, manifest = _install(bundle, device_dir, public_key)
+    root, manifest = install_bundle(bundle, device_dir, public_key)
     code = root / "code"
     with zipfile.ZipFile(root / manifest.lambda_.file) as archive:
         archive.extractall(code)
@@ -242,7 +242,7 @@ def _probe_broker(host: str, port: int) -> None:
     probe.loop_stop()
 
 
-def _install(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[Path, Manifest]:
+def install_bundle(bundle: Path, device_dir: Path, public_key: Path | None) -> tuple[Path, Manifest]:
     """Verify and unpack the bundle into ``<device_dir>/<name>-<version>``, replacing an earlier install."""
     device_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".install-", dir=device_dir))

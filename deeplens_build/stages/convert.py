@@ -25,8 +25,10 @@ def opset_ceiling(b: Build) -> int | None:
     try:
         runtime = select_runtime("onnx", target.platform, target.accelerator, wanted=wanted, suggested=None,
                                  available=b.runtimes)
-        b.onnx_runtime = runtime.for_python(target.python or runtime.python)
-        runtime_opset = b.onnx_runtime.onnx_opset
+        each = [runtime.for_python(python) for python in target.pythons(runtime.python)]
+        b.onnx_runtime = each[0]
+        # the artifact must load on every device Python the bundle is for
+        runtime_opset = min((r.onnx_opset for r in each if r.onnx_opset is not None), default=None)
     except DeepLensBuildError:  # no single ONNX runtime fits yet: the runtime stage says why, with the format known
         runtime_opset = None
     limits = [limit for limit in (backend.max_opset, target.opset, runtime_opset) if limit is not None]

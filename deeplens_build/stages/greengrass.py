@@ -16,13 +16,12 @@ from deeplens_build.manifest import (
     v1_definition,
 )
 from deeplens_build.stages.lambda_package import write_zip
-from deeplens_build.stages.runtime import DEFINITION
+from deeplens_build.stages.runtime import DEFINITION, device_runtimes
 from deeplens_build.values import (
     GreengrassDocuments,
     LambdaPackage,
     PublishedLambda,
     Runtime,
-    RuntimeImage,
 )
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, opset: int | None, vendored: bool,
-        image: RuntimeImage | None, lambda_pkg: LambdaPackage, published: PublishedLambda | None) -> dict[str, Path]:
+        lambda_pkg: LambdaPackage, published: PublishedLambda | None) -> dict[str, Path]:
     """Write the Greengrass documents for ``config.greengrass.format``; return bundle path → file."""
     config = b.config
     pins = device_pins(b, runtime, opset=opset, vendored=vendored)
@@ -43,7 +42,7 @@ def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, opset: int |
         documents: dict[str, Any] = {}
         if fmt in ("v2", "both"):
             documents[RECIPE] = greengrass.recipe(
-                config, artifacts=device_files, runtime=runtime, pins=pins, vendored=vendored, image=image,
+                config, artifacts=device_files, runtime=runtime, pins=pins, vendored=vendored,
                 lambda_pkg=lambda_pkg, environment=environment)
         files = {}
         if fmt in ("v1", "both"):
@@ -68,11 +67,11 @@ def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, opset: int |
 
 def device_pins(b: Build, runtime: Runtime, *, opset: int | None, vendored: bool) -> dict[str, tuple[str, ...]]:
     """The runtime's exact requirements for each device Python the recipe may install it on, ``target.python``
-    (the runtime's default) first: with vendored wheels only that one, whose wheels the bundle carries; else every
-    Python the runtime definition pins whose runtime still loads the artifact's ONNX opset."""
+    (the runtime's default) first: with vendored wheels those ``target.python`` lists, whose wheels the bundle
+    carries; else every Python the runtime definition pins whose runtime still loads the artifact's ONNX opset."""
     platform = b.config.target.platform
     if vendored:
-        return {runtime.python: tuple(runtime.requirements[platform])}
+        return {other.python: tuple(other.requirements[platform]) for other in device_runtimes(b, runtime)}
     definition = next(r for r in b.runtimes if r.name == runtime.name)
     pins = {runtime.python: tuple(runtime.requirements[platform])}
     for python in reversed(definition.supported_pythons):  # newest first: a device's python3 is likelier new

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from deeplens_build.aws import greengrass
 from deeplens_build.digest import file_sha256
 from deeplens_build.manifest import (
-    IMAGE,
     LABELS,
     LAMBDA_DIR,
     MODEL_DIR,
@@ -15,7 +14,6 @@ from deeplens_build.manifest import (
     WHEELS_DIR,
     BuildRecord,
     GreengrassRecord,
-    ImageRecord,
     KinesisRecord,
     LambdaRecord,
     ModelRecord,
@@ -36,7 +34,6 @@ from deeplens_build.values import (
     Optimized,
     PublishedLambda,
     Runtime,
-    RuntimeImage,
     Wheelhouse,
 )
 
@@ -46,7 +43,7 @@ if TYPE_CHECKING:
 
 def run(b: Build, *, training: TrainingOutput, detection: Detection, optimized: Optimized,
               compiled: Artifact, parity: ParityReport | None, profile: tuple[Latency, ...], runtime: Runtime,
-              wheelhouse: Wheelhouse, image: RuntimeImage | None, lambda_pkg: LambdaPackage,
+              wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage,
               published: PublishedLambda | None, documents: list[str], labels: bool) -> BuildRecord:
     """Everything the bundle was built from and what it holds; no absolute path, so two folders agree."""
     config, backend = b.config, b.target.backend
@@ -77,8 +74,7 @@ def run(b: Build, *, training: TrainingOutput, detection: Detection, optimized: 
             name=runtime.name, summary=runtime.summary, accelerator=runtime.accelerator, python=runtime.python,
             platform=platform_name, requirements=runtime.requirements[platform_name],
             definition=f"{RUNTIME_DIR}/{runtime.name}/{DEFINITION}",
-            wheels=tuple(WheelRecord(file=f"{WHEELS_DIR}/{w.name}", sha256=file_sha256(w)) for w in wheelhouse.wheels),
-            image=ImageRecord(file=IMAGE, tag=image.tag, id=image.image_id) if image else None),
+            wheels=tuple(WheelRecord(file=f"{WHEELS_DIR}/{w.name}", sha256=file_sha256(w)) for w in wheelhouse.wheels)),
         lambda_=LambdaRecord(
             name=lambda_pkg.name, handler=lambda_pkg.handler, version=lambda_pkg.version,
             file=f"{LAMBDA_DIR}/{lambda_pkg.path.name}", sha256=lambda_pkg.sha256,

@@ -185,6 +185,12 @@ def _names(runtimes: list[Runtime]) -> str:
     return ", ".join(r.name for r in runtimes) or "none"
 
 
+def device_runtimes(b: Build, runtime: Runtime) -> list[Runtime]:
+    """``runtime`` as installed on each device Python ``target.python`` lists (the first one is ``runtime``)."""
+    definition = next((r for r in b.runtimes if r.name == runtime.name), runtime)
+    return [runtime, *(definition.for_python(python) for python in b.config.target.pythons(runtime.python)[1:])]
+
+
 def run(b: Build, detection: Detection, converted: Artifact, compiled: Artifact,
         opset: int | None) -> tuple[Runtime, Wheelhouse]:
     """The runtime the device installs for ``compiled`` (the convert stage's match, for an ONNX artifact no plugin
@@ -196,13 +202,18 @@ def run(b: Build, detection: Detection, converted: Artifact, compiled: Artifact,
     else:
         runtime = select_runtime(compiled.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
                                  suggested=suggested, available=b.runtimes)
-        runtime = runtime.for_python(target.python or runtime.python)
-    if compiled.format == "onnx" and runtime.onnx_opset and opset and opset > runtime.onnx_opset:
-        raise BundleError(f"the artifact is ONNX opset {opset}, but runtime {runtime.name} on Python "
-                          f"{runtime.python} ({', '.join(runtime.requirements[target.platform])}) loads opset "
-                          f"{runtime.onnx_opset} at most; choose a newer `target.python`")
-    b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator}), Python {runtime.python}")
+        runtime = runtime.for_python(target.pythons(runtime.python)[0])
+    each = device_runtimes(b, runtime)
+    for other in each:
+        if compiled.format == "onnx" and other.onnx_opset and opset and opset > other.onnx_opset:
+            raise BundleError(f"the artifact is ONNX opset {opset}, but runtime {other.name} on Python "
+                              f"{other.python} ({', '.join(other.requirements[target.platform])}) loads opset "
+                              f"{other.onnx_opset} at most; choose a newer `target.python`")
+    b.reporter.step(f"runtime: {runtime.name} for {target.platform} ({target.accelerator}), Python "
+                    f"{', '.join(r.python for r in each)}")
     if not b.config.runtime.vendor:
         return runtime, Wheelhouse(wheels=())
-    return runtime, vendor_wheels(runtime, target.platform, config=b.config.runtime, cache=b.cache,
-                                  reporter=b.reporter)
+    # one wheelhouse for every device Python: a pure-Python wheel serves them all, a binary one has its Python's tag
+    wheels = {wheel.name: wheel for other in each for wheel in vendor_wheels(
+        other, target.platform, config=b.config.runtime, cache=b.cache, reporter=b.reporter).wheels}
+    return runtime, Wheelhouse(wheels=tuple(wheels[name] for name in sorted(wheels)))

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from helpers import example_project, open_bundle
+from helpers import EXAMPLE, example_project, open_bundle
 
 from deeplens_build import onnxtools, testing
 
@@ -46,3 +46,19 @@ def test_template_publishes_one_prediction_per_frame_matching_onnxruntime(tmp_pa
         scores = session.run(None, {"data": to_tensor(np.load(path), [1, 3, 32, 32])})[0][0]
         assert result["index"] == int(scores.argmax()) and result["label"] == labels[result["index"]]
         assert abs(result["score"] - float(scores.max())) < 1e-6
+
+
+def test_what_ships_into_a_lambda_runs_on_python_3_8() -> None:
+    """Greengrass v1 cores (DeepLens included) run Python 3.7/3.8 Lambdas: the publishing module, the runner, the
+    DeepLens modules, every installed target backend's device files and the example Lambda need no newer Python
+    (checked by vermin, which reads the code: no 3.8 interpreter needed)."""
+    from deeplens_build.device import support
+    from deeplens_build.plugins import build_plugin_manager
+
+    backends = build_plugin_manager().targets
+    files = [*support.lambda_files(compat=True).values(), *sorted(EXAMPLE.glob("lambda/*.py")),
+             *(path for info in backends for path in (info.backend.device_module, info.backend.device_build) if path)]
+    assert {info.backend.name for info in backends} >= {"onnxruntime", "openvino", "tensorrt"}
+    done = subprocess.run([Path(sys.executable).parent / "vermin", "--no-tips", "--target=3.8-", "--violations",
+                           "--eval-annotations", *map(str, files)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
