@@ -63,8 +63,8 @@ def rootfs(request: pytest.FixtureRequest) -> tuple[str, Path]:
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The example vendoring onnxruntime for Python 3.11 and 3.13, and two variants sharing its cache: a Lambda
-    that publishes outside its policy, and a Kinesis Video stream."""
+    """The example vendoring onnxruntime for Python 3.11 and 3.13, and variants sharing its cache: the OpenVINO
+    backend, a Lambda that publishes outside its policy, and a Kinesis Video stream."""
     if os.geteuid() != 0:
         pytest.skip("the device box needs root")
     root = tmp_path_factory.mktemp("box-bundles")
@@ -73,6 +73,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (config.parent / "lambda-refused").mkdir()
     (config.parent / "lambda-refused" / "inference.py").write_text(REFUSING_LAMBDA)
     variants = {"example": config.read_text(),
+                "openvino": config.read_text().replace("[target]\n", '[target]\nbackend = "openvino"\n'),
                 "refused": config.read_text().replace('source = "lambda"', 'source = "lambda-refused"'),
                 "kvs": config.read_text() + '\n[device]\nkinesis_video_stream = "deeplens-box-stream"\n'}
     tool = Path(sys.executable).parent / "deeplens-build"
@@ -119,11 +120,12 @@ def _box(rootfs: Path, bundle: Path, scratch: Path, broker) -> Iterator[Box]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["example", "openvino"])
 def test_the_example_installs_offline_as_the_component_user_and_publishes_through_ipc(
-        rootfs: tuple[str, Path], bundles: dict[str, Path], tmp_path: Path, broker, results) -> None:
+        rootfs: tuple[str, Path], bundles: dict[str, Path], tmp_path: Path, broker, results, variant: str) -> None:
     suite, root = rootfs
     received, arrived = results
-    with _box(root, bundles["example"], tmp_path / "box", broker) as box:
+    with _box(root, bundles[variant], tmp_path / "box", broker) as box:
         first = box.install()
         assert first.returncode == 0, first.stdout
         python = device_box.SUITES[suite]
@@ -131,12 +133,14 @@ def test_the_example_installs_offline_as_the_component_user_and_publishes_throug
         assert "Successfully installed" in first.stdout and "externally-managed" not in first.stdout
         venv = box.greengrass / "work" / box.component / "venv"
         assert venv.stat().st_uid == UID  # made by ggc_user, not root
-        assert (venv / "lib" / f"python{python}" / "site-packages" / "onnxruntime").is_dir()
+        runtime = "onnxruntime" if variant == "example" else "openvino"
+        assert (venv / "lib" / f"python{python}" / "site-packages" / runtime).is_dir()
         again = box.install()  # a restart, or a redeploy of the same runtime
         assert again.returncode == 0 and "the runtime is installed already" in again.stdout
         assert "Successfully installed" not in again.stdout
         box.start(tmp_path / "run.log")
         assert arrived.wait(120), (tmp_path / "run.log").read_text()
+        assert f"model running on {runtime}" in (tmp_path / "run.log").read_text()
         assert box.stop() == 0  # SIGTERM: the runner hands over what waits and exits cleanly
     assert [r["frame"] for r in received[:3]] == [1, 2, 3] and all("label" in r for r in received)
     assert box.ipc.published[0][0] == infer_topic(THING) and box.ipc.refused == []
