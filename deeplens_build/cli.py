@@ -65,6 +65,13 @@ _SIGNER_HELP = ("The signer's trusted public key (PEM). Without it the bundle is
 _ANY_SIGNER_HELP = "Accept a bundle verified against its own embedded key only (anyone could have signed it)."
 
 
+def _signer_options(command: Any) -> Any:
+    """``--public-key`` and ``--allow-any-signer``, for the commands that execute or deploy a bundle's code."""
+    command = click.option("--allow-any-signer", is_flag=True, help=_ANY_SIGNER_HELP)(command)
+    return click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                        help=_SIGNER_HELP)(command)
+
+
 class _Main(click.Group):
     """Usage errors (a bad option value, a missing argument) are one ``error:`` line too, like every other."""
 
@@ -213,8 +220,7 @@ def verify(bundle: Path, public_key: Path | None) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--target", "target_text", required=True, help="thing:NAME or thing-group:NAME.")
 @click.option("--format", "fmt", type=click.Choice(["v2", "v1"]), default="v2", show_default=True)
-@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=_SIGNER_HELP)
-@click.option("--allow-any-signer", is_flag=True, help=_ANY_SIGNER_HELP)
+@_signer_options
 @click.option("--rollout-rate", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="v2: devices per minute the IoT job rolls out to.")
 @click.option("--abort-percent", type=click.FloatRange(0, 100), default=10.0, show_default=True,
@@ -326,8 +332,7 @@ def keygen(out: Path) -> None:
               help="Seconds without a new result before the Lambda counts as stuck (stopped, then restarted).")
 @click.option("--device-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".deeplens/device"),
               show_default=True)
-@click.option("--public-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help=_SIGNER_HELP)
-@click.option("--allow-any-signer", is_flag=True, help=_ANY_SIGNER_HELP)
+@_signer_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 @_handle_errors
 def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_frames: int | None,
@@ -356,6 +361,43 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
     if stop.is_set() and max_frames is not None and summary.published < max_frames:
         click.echo(f"error: interrupted after {summary.published} of the {max_frames} results asked for", err=True)
         raise click.exceptions.Exit(INTERRUPTED)
+
+
+@main.command("box")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--distribution", type=click.Choice(["bookworm", "trixie"]), default="bookworm", show_default=True,
+              help="The Debian root file system: bookworm (Python 3.11, Raspberry Pi OS's base) or trixie (3.13).")
+@click.option("--mqtt", "broker", default="127.0.0.1:1883", show_default=True,
+              help="The MQTT broker the IPC stand-in forwards results to, HOST:PORT.")
+@click.option("--thing", default="deeplens-box", show_default=True, help="The thing name ({iot:thingName}).")
+@click.option("--results", type=click.IntRange(1), default=3, show_default=True,
+              help="Stop once this many results were published.")
+@click.option("--network", is_flag=True, help="Give the box this machine's network (an Install from an index).")
+@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False), default=Path(".deeplens/box"),
+              show_default=True)
+@_signer_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+@_handle_errors
+def box_command(bundle: Path, distribution: str, broker: str, thing: str, results: int, network: bool,
+                work_dir: Path, public_key: Path | None, allow_any_signer: bool, as_json: bool) -> None:
+    """Install and run the bundle's recipe as a Greengrass nucleus would, as ggc_user in a Debian root file
+    system (needs root; debootstrap builds it once)."""
+    from deeplens_build.bundle import require_signer
+    from deeplens_build.device.box import run_box
+    from deeplens_build.device.mqtt import parse_broker
+    from deeplens_build.report import Reporter
+
+    reporter = Reporter()
+    require_signer("box executes the bundle's code on this machine", public_key, allow_any_signer, reporter)
+    host, port = parse_broker(broker)
+    summary = run_box(bundle, suite=distribution, work=work_dir, host=host, port=port, thing=thing, results=results,
+                      public_key=public_key, network=network, stop=_stop_on_signals(), reporter=reporter)
+    if as_json:
+        click.echo(json.dumps({"distribution": summary.suite, "installed": summary.installed.splitlines(),
+                               "published": summary.published, "topic": summary.topic}, indent=2))
+    else:
+        click.echo(f"{summary.suite}: installed and ran as ggc_user; {summary.published} results published to "
+                   f"{summary.topic} through IPC")
 
 
 @main.command("watch")

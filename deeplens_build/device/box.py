@@ -36,14 +36,21 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deeplens_build.device.ipc import MQTT_PROXY, IpcServer, policies
+from deeplens_build.device.mqtt import publisher
+from deeplens_build.device.run import install_bundle
 from deeplens_build.errors import DeviceError
-from deeplens_build.manifest import RECIPE
+from deeplens_build.manifest import RECIPE, infer_topic
+from deeplens_build.report import Reporter
 
 SUITES = {"bookworm": "3.11", "trixie": "3.13"}
 """The Debian releases a box is built from, and their Python."""
@@ -156,7 +163,10 @@ class Box:
                           "iot:thingName": thing}
         self._layout(bundle_dir, manifest.get("Artifacts", ()), artifacts, unarchived, work)
         access = json.loads(interpolate(json.dumps(self.configuration.get("accessControl", {})), self.variables, {}))
-        self.ipc = IpcServer(self.greengrass / "ipc.socket", self.component, policies(access, MQTT_PROXY), forward)
+        # a Unix socket's path has at most 107 bytes: the server's is short, and mounted where the nucleus has it
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="deeplens-ipc-"))
+        (self.greengrass / "ipc.socket").touch()
+        self.ipc = IpcServer(self._socket_dir / "ipc.socket", self.component, policies(access, MQTT_PROXY), forward)
         self._running: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Box:
@@ -166,6 +176,7 @@ class Box:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self.ipc.__exit__(*exc)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _layout(self, bundle_dir: Path, artifacts: Any, artifact_dir: str, unarchived_dir: str, work: str) -> None:
         files = {path.name: path for path in bundle_dir.rglob("*") if path.is_file()}
@@ -229,7 +240,7 @@ class Box:
             f"mount -t overlay overlay -o lowerdir={self.rootfs},upperdir={self.scratch / 'upper'},"
             f"workdir={self.scratch / 'overlay-work'} {root}",
             f"mount -t proc proc {root}/proc", f"mkdir -p {greengrass}",
-            f"mount --bind {self.greengrass} {greengrass}"])
+            f"mount --bind {self.greengrass} {greengrass}", f"mount --bind {self.ipc.path} {greengrass}/ipc.socket"])
         # the nucleus starts every step in the component's work folder
         chroot = ["chroot", f"--userspec={user}", f"--groups={user.split(':')[1]}", str(root), "/usr/bin/env", "-i",
                   f"--chdir={self.variables['work:path']}", *(f"{k}={v}" for k, v in environment.items()),
@@ -293,3 +304,62 @@ def _own(path: Path, mode: int) -> None:
     if not path.is_symlink():
         path.chmod(mode)
 
+
+
+@dataclass(frozen=True)
+class BoxSummary:
+    suite: str
+    installed: str
+    """The Install step's own account of what it found and did (its ``deeplens:`` lines)."""
+    published: int
+    topic: str
+
+
+def run_box(bundle: Path, *, suite: str, work: Path, host: str, port: int, thing: str, results: int,
+            public_key: Path | None, network: bool, stop: threading.Event, reporter: Reporter,
+            stall_seconds: float = 120.0) -> BoxSummary:
+    """``deeplens-build box``: verify ``bundle``, then install and run it in the ``suite`` box until ``results``
+    results reached the broker at ``host:port``.
+
+    :raises DeviceError: when the Install fails, the component exits or stalls first, or a publish is refused.
+    """
+    if os.geteuid() != 0:
+        raise BoxError("the device box needs root: a mount namespace, an overlay and chroot (sudo, or a CI job)")
+    rootfs = root_filesystem(suite, reporter.step)
+    work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"box-{suite}-", dir=work))
+    try:
+        root, manifest = install_bundle(bundle, scratch / "device", public_key)
+        topic = infer_topic(thing)
+        with publisher(host, port) as forward, \
+                Box(rootfs, root, scratch / "box", forward=forward, thing=thing, network=network) as box:
+            reporter.step(f"box: {manifest.name} {manifest.version} in {suite} as {USER}, "
+                          f"{'with' if network else 'without'} network, publishing to {host}:{port} {topic}")
+            done = box.install()
+            said = "\n".join(line for line in done.stdout.splitlines() if line.startswith("deeplens:"))
+            if done.returncode != 0:
+                raise DeviceError(f"the recipe's Install failed in the {suite} box (exit {done.returncode}): "
+                                  + " | ".join(done.stdout.strip().splitlines()[-6:]))
+            for line in said.splitlines():
+                reporter.step(f"  {line}")
+            log = scratch / "run.log"
+            process = box.start(log)
+            seen, last = 0, time.monotonic()
+            while len(box.ipc.published) < results and not stop.is_set():
+                if box.ipc.refused:
+                    raise DeviceError(f"a publish was refused in the {suite} box: {box.ipc.refused[0][1]} (the "
+                                      "recipe's accessControl allows the thing's infer topic only)")
+                if process.poll() is not None:
+                    raise DeviceError(f"the component's Run exited with code {process.returncode} after "
+                                      f"{len(box.ipc.published)} of {results} results: "
+                                      + " | ".join(log.read_text(errors="replace").strip().splitlines()[-6:]))
+                if len(box.ipc.published) > seen:
+                    seen, last = len(box.ipc.published), time.monotonic()
+                elif time.monotonic() - last > stall_seconds:
+                    raise DeviceError(f"the component published nothing new for {stall_seconds:g} s: "
+                                      + " | ".join(log.read_text(errors="replace").strip().splitlines()[-6:]))
+                stop.wait(0.2)
+            box.stop()
+            return BoxSummary(suite=suite, installed=said, published=len(box.ipc.published), topic=topic)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -17,9 +17,10 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from helpers import BUILTIN_PLUGINS, example_project
+from helpers import BUILTIN_PLUGINS, cli, example_project
 
 from deeplens_build.device import box as device_box
 from deeplens_build.device.box import UID, Box
@@ -61,8 +62,15 @@ def rootfs(request: pytest.FixtureRequest) -> tuple[str, Path]:
     return request.param, _root_filesystem(request.param)
 
 
+class Built(NamedTuple):
+    bundle: Path
+    unpacked: Path
+    """Verified and unpacked, as the box takes it."""
+    public_key: Path
+
+
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     """The example vendoring onnxruntime for Python 3.11 and 3.13, and variants sharing its cache: the OpenVINO
     backend, a Lambda that publishes outside its policy, and a Kinesis Video stream."""
     if os.geteuid() != 0:
@@ -86,8 +94,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                root / "key.pem", "--output", root / name, "--json"], capture_output=True, text=True,
                               env=environment)
         assert done.returncode == 0, done.stderr
-        built[name] = install_bundle(Path(json.loads(done.stdout)["bundle"]), root / "devices" / name,
-                                     root / "key.pub.pem")[0]
+        bundle = Path(json.loads(done.stdout)["bundle"])
+        built[name] = Built(bundle, install_bundle(bundle, root / "devices" / name, root / "key.pub.pem")[0],
+                            root / "key.pub.pem")
     return built
 
 
@@ -122,10 +131,10 @@ def _box(rootfs: Path, bundle: Path, scratch: Path, broker) -> Iterator[Box]:
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["example", "openvino"])
 def test_the_example_installs_offline_as_the_component_user_and_publishes_through_ipc(
-        rootfs: tuple[str, Path], bundles: dict[str, Path], tmp_path: Path, broker, results, variant: str) -> None:
+        rootfs: tuple[str, Path], bundles: dict[str, Built], tmp_path: Path, broker, results, variant: str) -> None:
     suite, root = rootfs
     received, arrived = results
-    with _box(root, bundles[variant], tmp_path / "box", broker) as box:
+    with _box(root, bundles[variant].unpacked, tmp_path / "box", broker) as box:
         first = box.install()
         assert first.returncode == 0, first.stdout
         python = device_box.SUITES[suite]
@@ -148,9 +157,9 @@ def test_the_example_installs_offline_as_the_component_user_and_publishes_throug
 
 @pytest.mark.slow
 def test_a_publish_outside_the_access_control_policy_is_refused_in_the_box(
-        bundles: dict[str, Path], tmp_path: Path, broker, results) -> None:
+        bundles: dict[str, Built], tmp_path: Path, broker, results) -> None:
     received, arrived = results
-    with _box(_root_filesystem("bookworm"), bundles["refused"], tmp_path / "box", broker) as box:
+    with _box(_root_filesystem("bookworm"), bundles["refused"].unpacked, tmp_path / "box", broker) as box:
         assert box.install().returncode == 0
         box.start(tmp_path / "run.log")
         assert arrived.wait(120), (tmp_path / "run.log").read_text()
@@ -163,9 +172,9 @@ def test_a_publish_outside_the_access_control_policy_is_refused_in_the_box(
 
 @pytest.mark.slow
 def test_a_kinesis_video_bundle_installs_where_kvssink_is_and_says_so_where_it_is_not(
-        bundles: dict[str, Path], tmp_path: Path, broker, results) -> None:
+        bundles: dict[str, Built], tmp_path: Path, broker, results) -> None:
     received, arrived = results
-    with _box(_root_filesystem("bookworm"), bundles["kvs"], tmp_path / "box", broker) as box:
+    with _box(_root_filesystem("bookworm"), bundles["kvs"].unpacked, tmp_path / "box", broker) as box:
         missing = box.install()
         assert missing.returncode == 1
         assert ("deeplens: streaming to Kinesis Video stream deeplens-box-stream needs the KVS producer GStreamer "
@@ -175,6 +184,25 @@ def test_a_kinesis_video_bundle_installs_where_kvssink_is_and_says_so_where_it_i
         box.start(tmp_path / "run.log")
         assert arrived.wait(120), (tmp_path / "run.log").read_text()
     assert len(received) >= 3
+
+
+@pytest.mark.slow
+def test_the_box_command_installs_and_runs_a_bundle_and_names_a_refused_publish(
+        bundles: dict[str, Built], tmp_path: Path, broker) -> None:
+    _root_filesystem("bookworm")
+    common = ("--mqtt", f"127.0.0.1:{broker.port}", "--thing", THING, "--work-dir", tmp_path / "work")
+    example = bundles["example"]
+    done = cli("box", example.bundle, "--public-key", example.public_key, "--results", "2", "--json", *common)
+    summary = json.loads(done.output[done.output.index("{"):])
+    assert summary["distribution"] == "bookworm" and summary["published"] >= 2
+    assert summary["topic"] == infer_topic(THING)
+    assert summary["installed"][0] == "deeplens: Python 3.11 (/usr/bin/python3); the bundle supports 3.11, 3.13"
+    refused = bundles["refused"]
+    output = cli("box", refused.bundle, "--public-key", refused.public_key, *common, expect=11).output
+    line = output.strip().splitlines()[-1]
+    assert "Traceback" not in output and [x for x in output.splitlines() if x.startswith("error:")] == [line]
+    assert line.startswith("error: a publish was refused in the bookworm box: Principal "), line
+    assert list((tmp_path / "work").iterdir()) == []  # nothing left behind
 
 
 def test_the_box_takes_its_archive_from_the_apt_configuration(tmp_path: Path) -> None:
