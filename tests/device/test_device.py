@@ -208,6 +208,28 @@ raise RuntimeError("camera unplugged")
     assert error.value.summary.frames == error.value.summary.published == 9, "restarted twice, as a nucleus would"
 
 
+def test_an_import_that_raises_while_a_thread_lives_is_restarted_not_a_hang(broker: Broker, tmp_path: Path,
+                                                                            onnx_model_dir: Path) -> None:
+    """A DeepLens display thread blocks opening its FIFO (nobody reads it) while the import goes on and raises:
+    the interpreter would wait for that thread forever."""
+    code = tmp_path / "lambda-src"
+    code.mkdir()
+    (code / "inference.py").write_text(
+        "import threading\n\nimport deeplens_publish\n\n"
+        "threading.Thread(target=threading.Event().wait).start()  # not a daemon, never ends\n"
+        "deeplens_publish.publish({'frame': 1})\n"
+        "raise RuntimeError('model not found')\n\n\n"
+        "def handler(event, context):\n    return None\n")
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, **{"lambda": {
+        "source": str(code), "handler": "inference.handler"}})
+    bundle = testing.build(config).bundle
+    options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=10,
+                            stall_seconds=60)
+    with pytest.raises(DeviceRunError, match="exited with code 1 3 times") as error:
+        _run(bundle, options)
+    assert error.value.summary.published == 3
+
+
 def test_fewer_results_than_asked_for_is_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
     bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
 for frame in range(1, 3):
