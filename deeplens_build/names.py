@@ -19,6 +19,7 @@ _SEMVER = re.compile(r"^\d{1,9}\.\d{1,9}\.\d{1,9}(?:-[0-9A-Za-z.-]{1,64})?$")
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _LAMBDA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MODULE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 _RUNTIME_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_BUNDLE_PATH = 1024
@@ -57,11 +58,12 @@ def check_lambda_name(name: str) -> str:
 
 
 def check_handler(handler: str) -> str:
-    parts = handler.split(".")
-    if len(parts) < 2 or len(handler) > 256 or not all(_IDENTIFIER.match(p) and not keyword.iskeyword(p)
-                                                       for p in parts):
-        raise ValueError(f"{handler[:80]!r} is not MODULE.FUNCTION made of Python identifiers, e.g. "
-                         "inference.handler")
+    # the module is a file name Lambda and importlib take (``inference-lambda``); the function an identifier
+    *module, function = handler.split(".")
+    if not module or len(handler) > 256 or not all(_MODULE_FILE.match(p) for p in module) or not (
+            _IDENTIFIER.match(function) and not keyword.iskeyword(function)):
+        raise ValueError(f"{handler[:80]!r} is not MODULE.FUNCTION (a module file name of letters, digits, '_' "
+                         "and '-', then a Python identifier), e.g. inference.handler")
     return handler
 
 

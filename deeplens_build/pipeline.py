@@ -62,6 +62,7 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
 
 def _sequence(b: Build, output: Path) -> BuildResult:
     """The pipeline's sequence."""
+    lambda_package.check_code(b.config.lambda_, lambda_package.oldest_python(b.config))  # before any model work
     training = fetch.run(b)
     detection = detect.run(b, training)
     opset = convert.opset_ceiling(b)

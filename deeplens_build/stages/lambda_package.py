@@ -6,6 +6,7 @@ Files that look like secrets are refused, never silently dropped: the user must 
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import zipfile
 from collections import Counter
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deeplens_build.config import LambdaConfig
+from deeplens_build.config import LambdaConfig, ProjectConfig
 from deeplens_build.device import support
 from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.errors import ConfigError
@@ -160,6 +161,57 @@ def write_zip(entries: Mapping[str, Path], target: Path) -> Path:
             info.create_system = 3  # unix, whatever the build machine is
             archive.writestr(info, entries[name].read_bytes(), compresslevel=9)
     return target
+
+
+def check_code(config: LambdaConfig, python: tuple[int, int] | None) -> None:
+    """Parse every ``.py`` of the Lambda folder as the device's Python would, and find the handler's function at
+    its module's top level, without running anything: a DeepLens-era file (a print statement, tabs and spaces
+    mixed) fails the build here, naming its file and line, not the device three restarts later.
+
+    :param python: the oldest device Python the Lambda runs on (``(3, 8)`` for a v1 core); None: this one's.
+    :raises ConfigError: naming the file and line, or the missing function.
+    """
+    source = config.source
+    if not source.is_dir():
+        return  # package_lambda says what is wrong with the folder
+    *module, function = config.handler.split(".")
+    handler_file = "/".join(module) + ".py"
+    for rel in lambda_files(source):
+        if not rel.endswith(".py"):
+            continue
+        try:
+            tree = ast.parse((source / rel).read_bytes(), filename=rel, feature_version=python)
+        except SyntaxError as exc:  # TabError, IndentationError included
+            version = f"Python {python[0]}.{python[1]}" if python else "Python 3"
+            raise ConfigError(f"{source / rel}:{exc.lineno}: {exc.msg} (the Lambda's code must be {version}, "
+                              "which the device runs)") from exc
+        except ValueError as exc:  # a NUL byte
+            raise ConfigError(f"{source / rel}: {exc}; the Lambda's code must be Python source") from exc
+        if rel == handler_file and function not in _top_level_names(tree):
+            raise ConfigError(f"Field `lambda.handler` is {config.handler!r}, but {rel} defines no {function} at its "
+                              "top level; name the function Lambda calls (def handler(event, context))")
+
+
+def oldest_python(config: ProjectConfig) -> tuple[int, int] | None:
+    """The oldest Python the Lambda's code runs on: the v1 Lambda runtime's (``python3.8``) with a v1 format, else
+    the oldest of ``target.python`` (None when unset: the runtime definition's, known only later)."""
+    versions = [config.lambda_.runtime.removeprefix("python")] if config.greengrass.format != "v2" else []
+    versions += list(config.target.python or ())
+    parsed = [(int(v.split(".")[0]), int(v.split(".")[1])) for v in versions if v.count(".") == 1]
+    return min(parsed, default=None)
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return found
 
 
 def run(b: Build) -> LambdaPackage:

@@ -230,6 +230,21 @@ def test_an_import_that_raises_while_a_thread_lives_is_restarted_not_a_hang(brok
     assert error.value.summary.published == 3
 
 
+def test_a_handler_module_with_a_dash_in_its_name_runs(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
+    code = tmp_path / "lambda-src"
+    code.mkdir()
+    (code / "inference-lambda.py").write_text(
+        "import deeplens_publish\n\ndeeplens_publish.publish({'frame': 1})\n\n\n"
+        "def handler(event, context):\n    return None\n")
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, **{"lambda": {
+        "source": str(code), "handler": "inference-lambda.handler"}})
+    received, thread, _ = _subscribe(broker.port, 1)
+    _run(testing.build(config).bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port,
+                                                     thing=THING, max_frames=1))
+    thread.join(timeout=20)
+    assert received == [{"frame": 1}]
+
+
 def test_fewer_results_than_asked_for_is_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
     bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
 for frame in range(1, 3):

@@ -109,3 +109,48 @@ def test_refuses_a_link_to_a_file_outside_the_source(tmp_path: Path) -> None:
     (source / "settings.json").symlink_to(outside)
     with pytest.raises(ConfigError, match=r"settings.json \(a link to .*home-config\)"):
         package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "out"))
+
+
+DEEPLENS_ERA = {
+    "a Python 2 print statement": ("helpers/log.py", "def log(x):\n    print 'frame', x\n", "helpers/log.py:2:"),
+    "tabs and spaces mixed": ("inference.py", "def handler(event, context):\n    x = 1\n\treturn x\n",
+                              "inference.py:3: inconsistent use of tabs and spaces in indentation"),
+    "a handler that is not there": ("inference.py", "def lambda_handler(event, context):\n    return None\n",
+                                    "inference.py defines no handler at its top level"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEEPLENS_ERA))
+def test_lambda_code_the_device_cannot_run_fails_the_build_before_any_model_work(
+        tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import package_json
+
+    from deeplens_build import testing
+
+    rel, text, expected = DEEPLENS_ERA[case]
+    code = _source(tmp_path / "lambda")
+    (code / rel).parent.mkdir(parents=True, exist_ok=True)
+    (code / rel).write_text(text)
+    # a source that does not exist: the error must come before fetching it
+    config = testing.write_project(tmp_path / "p", source=tmp_path / "no-model-yet", **{"lambda": {
+        "source": str(code), "handler": "inference.handler"}})
+    assert expected in package_json(config, expect=3)
+
+
+def test_a_v1_lambda_is_parsed_as_python_3_8(tmp_path: Path) -> None:
+    from deeplens_build.stages.lambda_package import check_code
+
+    code = _source(tmp_path / "lambda")
+    (code / "util.py").write_text("def first(xs):\n    if (n := len(xs)) > 0:\n        return xs[0]\n"
+                                  "    match xs:\n        case _:\n            return None\n")
+    with pytest.raises(ConfigError, match=r"util.py:6: Pattern matching is only supported in Python 3.10 .*Python 3.8"):
+        check_code(LambdaConfig(source=code), (3, 8))
+    check_code(LambdaConfig(source=code), (3, 11))
+
+
+def test_a_handler_module_with_a_dash_in_its_file_name_is_accepted(tmp_path: Path) -> None:
+    code = _source(tmp_path / "lambda")
+    (code / "inference-lambda.py").write_text("def handler(event, context):\n    return None\n")
+    package = package_lambda(LambdaConfig(source=code, handler="inference-lambda.handler"), default_name="x",
+                             workdir=tmp_path)
+    assert package.handler == "inference-lambda.handler"
