@@ -403,13 +403,15 @@ def box_command(bundle: Path, distribution: str, broker: str, thing: str, result
 @main.command("watch")
 @click.option("--mqtt", "broker", default="127.0.0.1:1883", show_default=True, help="MQTT broker HOST:PORT.")
 @click.option("--thing", default="deeplens", show_default=True)
-@click.option("--count", type=click.IntRange(1), help="Exit after this many results.")
+@click.option("--count", type=click.IntRange(1),
+              help="Exit after this many inference results (status messages are shown, not counted).")
 @click.option("--json", "as_json", is_flag=True, help="Print each result as a JSON line.")
 @_handle_errors
 def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> None:
-    """Print results live as they arrive (top label, score, latency), like the DeepLens project output."""
+    """Print results live as they arrive (top label, score, latency; DeepLens's {label: probability} maps and
+    status messages too), like the DeepLens project output."""
     from deeplens_build.device.mqtt import parse_broker
-    from deeplens_build.device.watch import watch
+    from deeplens_build.device.watch import describe, watch
     from deeplens_build.manifest import infer_topic
 
     host, port = parse_broker(broker)
@@ -418,8 +420,7 @@ def watch_command(broker: str, thing: str, count: int | None, as_json: bool) -> 
         if as_json:
             click.echo(json.dumps(result))
         else:
-            click.echo(f"{result.get('frame', ''):>6} {result.get('label', '?'):<20} "
-                       f"{result.get('score', float('nan')):.3f} {result.get('latency_ms', float('nan')):.1f} ms")
+            click.echo(describe(result))
 
     if not as_json:
         click.echo(f"watching {infer_topic(thing)} on {host}:{port}", err=True)

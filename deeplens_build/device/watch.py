@@ -11,9 +11,34 @@ from deeplens_build.device.mqtt import client, connect
 from deeplens_build.manifest import infer_topic
 
 
+def is_inference(result: Any) -> bool:
+    """An inference result (a JSON object), not a status message: DeepLens Lambdas also publish strings such as
+    ``"Model loaded"``, and text that is not JSON."""
+    return isinstance(result, dict) and set(result) != {"raw"}
+
+
+def describe(result: Any) -> str:
+    """One line a person reads: ``frame label score latency`` for deeplens-build's own results, the top label
+    and the next ones for a DeepLens ``{label: probability}`` map, ``status:`` for a message."""
+    if not is_inference(result):
+        return f"status: {result['raw'] if isinstance(result, dict) else result}"
+    if "label" in result:
+        score, latency = result.get("score"), result.get("latency_ms")
+        return (f"{result.get('frame', ''):>6} {str(result['label']):<20} "
+                f"{score if isinstance(score, (int, float)) else float('nan'):.3f} "
+                f"{latency if isinstance(latency, (int, float)) else float('nan'):.1f} ms")
+    scores = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if scores and len(scores) == len(result):
+        ranked = sorted(scores.items(), key=lambda item: -item[1])
+        rest = ", ".join(f"{label} {p:.3f}" for label, p in ranked[1:4])
+        return f"{'':>6} {ranked[0][0]:<20} {ranked[0][1]:.3f}" + (f"  (then {rest})" if rest else "")
+    return json.dumps(result, sort_keys=True)
+
+
 def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, stop: threading.Event,
           subscribed: threading.Event | None = None) -> int:
-    """Subscribe to the thing's infer topic and hand every result to ``emit``; return how many arrived.
+    """Subscribe to the thing's infer topic and hand every message to ``emit``; return how many inference results
+    arrived (``count`` counts those: a status message is shown, never counted).
 
     :param subscribed: set once the broker confirmed the subscription, so a caller can start publishing.
     :raises DeviceError: when the broker cannot be reached.
@@ -35,8 +60,10 @@ def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, sto
             result = json.loads(message.payload)
         except ValueError:
             result = {"raw": message.payload.decode(errors="replace")}
-        received += 1
         emit(result)
+        if not is_inference(result):
+            return
+        received += 1
         if count is not None and received >= count:
             done.set()
 
