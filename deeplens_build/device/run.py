@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from deeplens_build.bundle import require_signer, unpack_bundle
 from deeplens_build.cache import tool_cache_environment
 from deeplens_build.device import support
+from deeplens_build.device.display import local_display
 from deeplens_build.device.mqtt import CONNECT_TIMEOUT, client, connect
 from deeplens_build.device.watch import watch
 from deeplens_build.errors import BundleError, DeviceError, UsageError
@@ -124,12 +126,17 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
     stats = root / STATS_FILE
     reporter.step(f"device: {manifest.name} {manifest.version} in {root}, the Lambda publishing to "
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
-    command = [python, str(code / support.RUNNER.name), manifest.lambda_.module, str(code)]
     environment = _lambda_environment(root, device_dir, manifest, options, stats)
     environment.update(_device_frames(options, python, root, reporter))
+    tmp, isolation = _private_tmp(root, [device_dir, Path(python).parent,
+                                         *(Path(environment[v]) for v in ("DEEPLENS_FRAMES", "DEEPLENS_KVS_RECORD")
+                                           if v in environment)], reporter)
+    command = [*isolation, python, str(code / support.RUNNER.name), manifest.lambda_.module, str(code)]
     _compile_on_device(python, root, environment, manifest, reporter)
     totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
-    with _project_stream(options, root / "home" / STREAM_FILE, f"{manifest.name} {manifest.version}", reporter):
+    frame_file = root / "home" / STREAM_FILE
+    with _project_stream(options, frame_file, f"{manifest.name} {manifest.version}", reporter), \
+            local_display(tmp, frame_file):
         for attempt in range(1, RESTARTS + 2):
             wanted = None if options.max_frames is None else options.max_frames - totals["published"]
             ended, counts = _run_once(command, code, environment, stats, wanted, stop, options.stall_seconds)
@@ -271,6 +278,37 @@ def _compile_on_device(python: str, root: Path, environment: dict[str, str], man
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         raise DeviceError(f"the bundle's on-device compile step failed (exit {done.returncode}): {output[-1]}")
+
+
+def _private_tmp(root: Path, keep: list[Path], reporter: Reporter) -> tuple[Path, list[str]]:
+    """The device's own ``/tmp`` (``root/tmp``) and the command prefix that mounts it there for the Lambda alone.
+
+    A private mount namespace (``unshare``: as root, else as the user namespace's root where the kernel allows
+    one) binds ``root/tmp`` over ``/tmp``; the paths in ``keep`` that live under this machine's ``/tmp`` (the device
+    folder, the frames) are bound at the same place inside it first, so the Lambda still finds them. Where no
+    namespace can be made, the Lambda shares this machine's ``/tmp`` and ``run`` says so.
+    """
+    tmp = _mkdir(root / "tmp")
+    tmp.chmod(0o1777)
+    unshare = shutil.which("unshare")
+    for how in (["--mount", "--propagation", "private"],
+                ["--user", "--map-root-user", "--mount", "--propagation", "private"]):
+        if unshare and subprocess.run([unshare, *how, "true"], capture_output=True).returncode == 0:
+            break
+    else:
+        reporter.warn("device: no private mount namespace here (unshare is missing or not allowed): the Lambda's "
+                      "/tmp is this machine's, so two runs share /tmp/results.mjpeg")
+        return Path("/tmp"), []
+    binds = []
+    outside = sorted({(p if p.is_dir() else p.parent).resolve() for p in keep})
+    for path in outside:
+        if path.is_relative_to("/tmp") and not any(path != o and path.is_relative_to(o) for o in outside):
+            inner = tmp / path.relative_to("/tmp")
+            inner.mkdir(parents=True, exist_ok=True)
+            binds.append(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(inner))}")
+    script = " && ".join([*binds, f"mount --rbind {shlex.quote(str(tmp))} /tmp", 'exec "$@"'])
+    reporter.step(f"device: the Lambda's /tmp is {tmp} (a private mount namespace)")
+    return tmp, [unshare, *how, "sh", "-c", script, "sh"]
 
 
 def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions,

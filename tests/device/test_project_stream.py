@@ -81,3 +81,92 @@ def test_the_project_stream_shows_live_frames_and_the_latest_label(broker: Broke
         device.send_signal(signal.SIGTERM)
         out, err = device.communicate(timeout=60)
     assert device.returncode == 0, err
+
+
+LOCAL_DISPLAY_LAMBDA = '''
+import os
+import threading
+import time
+
+import deeplens_publish
+
+FRAME = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "frame.jpg"), "rb").read()
+
+
+class LocalDisplay(threading.Thread):
+    """As the DeepLens samples have it: a FIFO at /tmp/results.mjpeg, opened in text mode, JPEG bytes written."""
+
+    def run(self):
+        path = "/tmp/results.mjpeg"
+        if not os.path.exists(path):
+            os.mkfifo(path)
+        with open(path, "w") as fifo:
+            while True:
+                fifo.write(FRAME)
+                time.sleep(0.1)
+
+
+def infinite_infer_run():
+    frame = 0
+    while True:
+        frame += 1
+        deeplens_publish.publish({"frame": frame, "label": "red", "score": 1.0})
+        time.sleep(0.1)
+
+
+LocalDisplay().start()
+threading.Thread(target=infinite_infer_run).start()
+
+
+def handler(event, context):
+    return None
+'''
+
+
+@pytest.mark.slow
+def test_a_deeplens_local_display_fifo_reaches_the_project_stream_in_a_tmp_of_its_own(
+        broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
+    import cv2
+
+    from deeplens_build import testing
+
+    code = tmp_path / "lambda"
+    code.mkdir()
+    (code / "inference.py").write_text(LOCAL_DISPLAY_LAMBDA)
+    red = np.zeros((480, 640, 3), np.uint8)
+    red[:, :, 2] = 255
+    (code / "frame.jpg").write_bytes(cv2.imencode(".jpg", red)[1].tobytes())
+    config = testing.write_project(tmp_path / "project", source=onnx_model_dir, **{"lambda": {
+        "source": str(code), "handler": "inference.handler", "deeplens_compat": True}})
+    bundle = testing.build(config).bundle
+    shared = Path("/tmp/results.mjpeg")
+    was_there = shared.exists()
+    port = _free_port()
+    command = [sys.executable, "-m", "deeplens_build.cli", "run", str(bundle), "--allow-any-signer", "--mqtt",
+               f"127.0.0.1:{broker.port}", "--thing", THING, "--stream", str(port), "--device-dir",
+               str(tmp_path / "device")]
+    device = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, frame = time.monotonic() + 60, b""
+        while time.monotonic() < deadline and not frame:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/stream.mjpeg", timeout=5) as stream:
+                    head = stream.read(200_000)
+                frame = head[head.find(b"\xff\xd8"):head.find(b"\xff\xd9") + 2] if b"\xff\xd9" in head else b""
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert frame == (code / "frame.jpg").read_bytes(), "the FIFO's JPEG, whole, is the stream's frame"
+        shot = tmp_path / "shot.png"
+        _chromium(f"http://127.0.0.1:{port}/", tmp_path / "profile", f"--screenshot={shot}")
+        shown = _stream_region(shot).reshape(-1, 3).mean(axis=0)
+        assert shown[2] > 200 and shown[0] < 60 and shown[1] < 60, f"the page shows the red frame: {shown}"
+        fifos = list((tmp_path / "device").rglob("results.mjpeg"))
+        assert any(p.parent.name == "tmp" and p.is_fifo() for p in fifos), "the FIFO is in the device's /tmp"
+        assert shared.exists() == was_there, "nothing was made in this machine's /tmp"
+    finally:
+        device.send_signal(signal.SIGTERM)
+        out, err = device.communicate(timeout=60)
+    assert device.returncode == 0, err
+    assert "the Lambda's /tmp is" in err and "(a private mount namespace)" in err
+    assert "TypeError" not in err, "bytes through a text-mode handle did not kill the display thread"

@@ -10,9 +10,11 @@ broker. Runs on the device's Python, 3.8 and up, with the standard library only.
 """
 
 import atexit
+import builtins
 import importlib
 import os
 import signal
+import stat
 import sys
 import threading
 import traceback
@@ -29,7 +31,44 @@ def _stop(*_):
     os._exit(0)
 
 
+class _FifoWriter:
+    """A FIFO opened for writing in text mode that takes bytes too: DeepLens samples were Python 2, where the
+    JPEG bytes they write to the display FIFO were a str; Python 3 would raise TypeError and kill the thread."""
+
+    def __init__(self, raw):
+        self._raw = raw
+
+    def write(self, data):
+        return self._raw.write(data.encode("latin-1") if isinstance(data, str) else data)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._raw.close()
+
+
+def _fifo_writes_take_bytes():
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and "w" in mode and "b" not in mode:
+            try:
+                fifo = stat.S_ISFIFO(os.stat(file).st_mode)
+            except OSError:
+                fifo = False
+            if fifo:
+                return _FifoWriter(real_open(file, mode.replace("t", "") + "b", buffering=0))
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = open_
+
+
 def main(module, code_dir):
+    _fifo_writes_take_bytes()
     threading.excepthook = _died
     signal.signal(signal.SIGTERM, _stop)
     sys.path.insert(0, code_dir)
