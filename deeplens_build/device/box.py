@@ -86,8 +86,12 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeplens-build" / "rootfs"
 
 
+def _cache_entry(suite: str) -> Path:
+    return cache_folder() / f"{suite}-{ARCHITECTURES.get(platform.machine(), platform.machine())}"
+
+
 def cached_root_filesystem(suite: str) -> Path | None:
-    root = cache_folder() / f"{suite}-{ARCHITECTURES.get(platform.machine(), platform.machine())}"
+    root = _cache_entry(suite)
     return root if (root / "usr" / "bin" / "python3").exists() else None
 
 
@@ -103,7 +107,7 @@ def root_filesystem(suite: str, log: Callable[[str], None] = print) -> Path:
     if os.geteuid() != 0 or shutil.which("debootstrap") is None:
         raise BoxError(f"the {suite} root file system is not in {cache_folder()} and cannot be built here: that "
                        "needs root and debootstrap (apt install debootstrap; .ci/run installs it)")
-    target = cache_folder() / f"{suite}-{ARCHITECTURES.get(platform.machine(), platform.machine())}"
+    target = _cache_entry(suite)
     scratch = target.with_name(f".{target.name}.{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +117,14 @@ def root_filesystem(suite: str, log: Callable[[str], None] = print) -> Path:
     if done.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
         raise BoxError(f"debootstrap could not build {suite}: {(done.stdout + done.stderr).strip()[-400:]}")
-    os.replace(scratch, target)  # whole or not at all: a half-built tree is never taken for the cache
-    return target
+    try:
+        os.replace(scratch, target)  # whole or not at all: a half-built tree is never taken for the cache
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if cached_root_filesystem(suite) is None:
+            raise BoxError(f"cannot keep the {suite} root file system in {target}: something else is there; "
+                           "remove it") from None
+    return target  # built here, or by a concurrent build that finished first
 
 
 def interpolate(text: str, variables: Mapping[str, str], configuration: Mapping[str, Any]) -> str:
@@ -179,18 +189,21 @@ class Box:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _layout(self, bundle_dir: Path, artifacts: Any, artifact_dir: str, unarchived_dir: str, work: str) -> None:
-        files = {path.name: path for path in bundle_dir.rglob("*") if path.is_file()}
+        files: dict[str, list[Path]] = {}
+        for path in sorted(bundle_dir.rglob("*")):
+            if path.is_file():
+                files.setdefault(path.name, []).append(path)
         (self.greengrass / artifact_dir).mkdir(parents=True)
         for artifact in artifacts:
             name = artifact["Uri"].rsplit("/", 1)[-1]
-            if name not in files:
-                raise DeviceError(f"the recipe's artifact {name} is not in the bundle")
-            digest = base64.b64encode(hashlib.sha256(files[name].read_bytes()).digest()).decode()
-            if digest != artifact["Digest"]:
-                raise DeviceError(f"the artifact {name} does not match the recipe's digest; the nucleus would refuse "
+            # as the nucleus checks a download: the file of that name whose digest is the recipe's
+            found = next((path for path in files.get(name, ()) if base64.b64encode(
+                hashlib.sha256(path.read_bytes()).digest()).decode() == artifact["Digest"]), None)
+            if found is None:
+                raise DeviceError(f"the bundle holds no {name} with the recipe's digest; the nucleus would refuse "
                                   "the deployment")
             target = self.greengrass / artifact_dir / name
-            shutil.copyfile(files[name], target)
+            shutil.copyfile(found, target)
             mode = _mode(artifact.get("Permission") or {})
             _own(target, mode)
             if artifact.get("Unarchive") == "ZIP":
@@ -236,11 +249,13 @@ class Box:
         environment = self.environment(step)
         user = "0:0" if step.get("RequiresPrivilege") else f"{UID}:{UID}"
         root, greengrass = self.scratch / "root", self.scratch / "root" / NUCLEUS_ROOT.lstrip("/")
+        q = shlex.quote
         mounts = " && ".join([
-            f"mount -t overlay overlay -o lowerdir={self.rootfs},upperdir={self.scratch / 'upper'},"
-            f"workdir={self.scratch / 'overlay-work'} {root}",
-            f"mount -t proc proc {root}/proc", f"mkdir -p {greengrass}",
-            f"mount --bind {self.greengrass} {greengrass}", f"mount --bind {self.ipc.path} {greengrass}/ipc.socket"])
+            "mount -t overlay overlay -o " + q(f"lowerdir={self.rootfs},upperdir={self.scratch / 'upper'},"
+                                               f"workdir={self.scratch / 'overlay-work'}") + f" {q(str(root))}",
+            f"mount -t proc proc {q(str(root / 'proc'))}", f"mkdir -p {q(str(greengrass))}",
+            f"mount --bind {q(str(self.greengrass))} {q(str(greengrass))}",
+            f"mount --bind {q(str(self.ipc.path))} {q(str(greengrass / 'ipc.socket'))}"])
         # the nucleus starts every step in the component's work folder
         chroot = ["chroot", f"--userspec={user}", f"--groups={user.split(':')[1]}", str(root), "/usr/bin/env", "-i",
                   f"--chdir={self.variables['work:path']}", *(f"{k}={v}" for k, v in environment.items()),
