@@ -3,6 +3,10 @@ under `run` and publish to a real broker (mosquitto)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +216,25 @@ def test_off_a_device_the_kinesis_pipeline_is_what_a_device_would_run(monkeypatc
     assert dkv.pipeline("deeplens-stream", "eu-west-1", credentials=("AKID", "SECRET", "")).endswith(
         "kvssink stream-name=deeplens-stream aws-region=eu-west-1 access-key=AKID secret-key=SECRET")
     assert "v4l2src device=/dev/video0" in dkv.pipeline("s", "us-east-1")
+
+
+def test_mo_optimize_names_what_the_bundle_ships_and_outputs_are_reachable_by_position(tmp_path: Path) -> None:
+    """mo.optimize answers model.xml for an OpenVINO bundle, model.onnx otherwise; doInference's results are
+    keyed by the model's output names and also by position."""
+    from deeplens_build.device import support
+
+    model_dir = testing.onnx_classifier(tmp_path / "model" / "model.onnx").parent
+    shutil.copyfile(support.ONNXRUNTIME_MODEL, model_dir / "deeplens_model.py")
+    probe = ("import mo, awscam, numpy as np\n"
+             "print(mo.optimize('m', 32, 32)[1])\n"
+             "out = awscam.Model('ignored', {'GPU': 1}).doInference(np.zeros((32, 32, 3), np.uint8))\n"
+             "name = next(iter(out))\n"
+             "print((out[0] == out[name]).all(), out[-1] is out[name], len(out))\n")
+    environment = {**os.environ, "DEEPLENS_MODEL_DIR": str(model_dir), "PYTHONPATH": str(support.COMPAT)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(model_dir / "model.onnx"), "True True 1"]
+    (model_dir / "model.xml").write_text("<net/>")
+    done = subprocess.run([sys.executable, "-c", "import mo; print(mo.optimize('m', 32, 32)[1])"],
+                          capture_output=True, text=True, env=environment)
+    assert done.stdout.strip() == str(model_dir / "model.xml")

@@ -99,6 +99,16 @@ def _imread(path):
     return cv2.imread(path)
 
 
+class _Outputs(dict):
+    """``{output name: flat array}``, in the model's output order, also indexed by position (``results[0]``):
+    DeepLens Lambdas named the outputs of the MXNet symbol they were written for, not the ONNX names."""
+
+    def __missing__(self, key):
+        if isinstance(key, int) and not isinstance(key, bool):
+            return list(self.values())[key]
+        raise KeyError(key)
+
+
 class Model:
     """A model loaded for inference. ``model_path`` and ``loading_config`` are accepted as DeepLens took them;
     the bundle's artifact is what runs."""
@@ -116,7 +126,8 @@ class Model:
         self.height, self.width = (shape[2], shape[3]) if self._channels_first else (shape[1], shape[2])
 
     def doInference(self, frame):  # noqa: N802
-        """``{output name: flat float array}`` for one frame, resized to the model's input first."""
+        """``{output name: flat float array}`` for one frame (also by position: ``[0]``), resized to the model's
+        input first."""
         import numpy as np
 
         if frame.shape[:2] != (self.height, self.width):
@@ -126,7 +137,7 @@ class Model:
         tensor = frame.astype(np.float32)
         tensor = (tensor.transpose(2, 0, 1) if self._channels_first else tensor)[np.newaxis]
         outputs = self._model.run({self._input: tensor})
-        return {name: value.ravel() for name, value in zip(self._model.outputs, outputs)}
+        return _Outputs((name, value.ravel()) for name, value in zip(self._model.outputs, outputs))
 
     def parseResult(self, model_type, raw_results):  # noqa: N802
         """DeepLens's result shape: ``{model_type: [{"label": i, "prob": p}, ...]}``, most probable first; for

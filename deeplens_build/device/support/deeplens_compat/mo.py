@@ -5,6 +5,9 @@ import os
 import sys
 
 DEEPLENS_COMPAT = True
+ARTIFACTS = ("model.xml", "model.onnx")
+"""What a bundle's model folder holds for its backend: OpenVINO IR, else ONNX (a TensorRT engine is built from it
+on the device)."""
 _said = False
 
 
@@ -15,4 +18,6 @@ def optimize(model_name, input_width, input_height, platform=None, aux_inputs=No
         print("mo: {} was optimized when its bundle was built; using the bundle's artifact".format(model_name),
               file=sys.stderr)
         _said = True
-    return 0, os.path.join(os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model"), "model.onnx")
+    folder = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
+    found = [name for name in ARTIFACTS if os.path.exists(os.path.join(folder, name))]
+    return 0, os.path.join(folder, (found or ARTIFACTS[-1:])[0])
