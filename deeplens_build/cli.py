@@ -354,9 +354,10 @@ def run_command(bundle: Path, frames: str | None, broker: str, thing: str, max_f
     if as_json:
         click.echo(json.dumps({"frames": summary.frames, "published": summary.published,
                                "dropped": summary.dropped, "reconnects": summary.reconnects,
-                               "topic": summary.topic}, indent=2))
+                               "messages": summary.messages, "topic": summary.topic}, indent=2))
     else:
         click.echo(f"{summary.frames} inferences, {summary.published} published to {summary.topic}, "
+                   f"{summary.messages} status messages, "
                    f"{summary.dropped} dropped, {summary.reconnects} reconnects")
     if stop.is_set() and max_frames is not None and summary.published < max_frames:
         click.echo(f"error: interrupted after {summary.published} of the {max_frames} results asked for", err=True)

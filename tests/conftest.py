@@ -10,11 +10,15 @@ import pytest
 from helpers import BUILTIN_PLUGINS
 
 from deeplens_build import testing
+from deeplens_build.cache import TOOL_CACHE_VARIABLES
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No stray plugins, no real AWS account, no key from the developer's shell."""
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No stray plugins, no real AWS account, no key from the developer's shell; the tool cache variables a
+    build sets (``testing.build`` points them into its project) put back afterwards, so no later test (the device
+    box's root file system cache) follows them."""
+    tool_caches = {name: os.environ.get(name) for name in TOOL_CACHE_VARIABLES}
     monkeypatch.setenv("DEEPLENS_BUILD_PLUGINS", BUILTIN_PLUGINS)
     monkeypatch.delenv("DEEPLENS_BUILD_DISABLE_PLUGINS", raising=False)
     monkeypatch.delenv("DEEPLENS_SIGNING_KEY", raising=False)
@@ -28,6 +32,12 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: no call leaves the machine
+    yield
+    for name, value in tool_caches.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import os
 import select
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 FIFO_NAME = "results.mjpeg"
@@ -41,12 +41,12 @@ def frames(data: bytearray) -> Iterator[bytes]:
 
 
 @contextlib.contextmanager
-def local_display(tmp: Path, frame_file: Path) -> Iterator[None]:
-    """While the block runs, read the FIFO ``tmp/results.mjpeg`` (whenever the Lambda makes it, again after it
-    makes a new one) and replace ``frame_file`` with each whole frame."""
+def local_display(tmp: Callable[[], Path | None], frame_file: Path) -> Iterator[None]:
+    """While the block runs, read the FIFO ``results.mjpeg`` in the Lambda's /tmp (``tmp()``, None while no Lambda
+    runs; it is asked again after the FIFO closes: a restarted Lambda makes a new one) and replace
+    ``frame_file`` with each whole frame."""
     done = threading.Event()
-    reader = threading.Thread(target=_read, args=(tmp / FIFO_NAME, frame_file, done), name="local-display",
-                              daemon=True)
+    reader = threading.Thread(target=_read, args=(tmp, frame_file, done), name="local-display", daemon=True)
     reader.start()
     try:
         yield
@@ -55,17 +55,22 @@ def local_display(tmp: Path, frame_file: Path) -> Iterator[None]:
         reader.join(timeout=5)
 
 
-def _read(fifo: Path, frame_file: Path, done: threading.Event) -> None:
+def _read(tmp: Callable[[], Path | None], frame_file: Path, done: threading.Event) -> None:
     while not done.is_set():
+        folder = tmp()
+        fifo = folder / FIFO_NAME if folder else None
         try:
-            is_fifo = stat.S_ISFIFO(fifo.stat().st_mode)
+            is_fifo = fifo is not None and stat.S_ISFIFO(fifo.stat().st_mode)
         except OSError:
             is_fifo = False
         if not is_fifo:
             done.wait(0.1)
             continue
         # non-blocking, so the reader can stop: an open for reading never waits for a writer this way
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:  # the Lambda ended meanwhile
+            continue
         try:
             _pump(fd, frame_file, done)
         finally:

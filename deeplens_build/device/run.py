@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,8 @@ class DeviceSummary:
     published: int
     dropped: int
     reconnects: int
+    messages: int
+    """Status messages published (``"Model loaded"``): shown by watch, never counted as inferences."""
     topic: str
 
 
@@ -128,27 +130,32 @@ def run_device(bundle: Path, options: DeviceOptions, *, reporter: Reporter, stop
                   f"{options.mqtt_host}:{options.mqtt_port} {topic}")
     environment = _lambda_environment(root, device_dir, manifest, options, stats)
     environment.update(_device_frames(options, python, root, reporter))
-    tmp, isolation = _private_tmp(root, [device_dir, Path(python).parent,
-                                         *(Path(environment[v]) for v in ("DEEPLENS_FRAMES", "DEEPLENS_KVS_RECORD")
-                                           if v in environment)], reporter)
+    isolation = _private_tmp(root, [device_dir, *([options.kvs_record.parent] if options.kvs_record else [])],
+                             reporter)
     command = [*isolation, python, str(code / support.RUNNER.name), manifest.lambda_.module, str(code)]
     _compile_on_device(python, root, environment, manifest, reporter)
-    totals = dict.fromkeys(("results", "published", "dropped", "reconnects"), 0)
+    totals = dict.fromkeys(("results", "published", "dropped", "reconnects", "messages"), 0)
+    topics: set[str] = set()
     frame_file = root / "home" / STREAM_FILE
+    running: list[int | None] = [None]  # the Lambda's process, while one runs
     with _project_stream(options, frame_file, f"{manifest.name} {manifest.version}", reporter), \
-            local_display(tmp, frame_file):
+            local_display(lambda: _lambda_tmp(running[0], isolated=bool(isolation)), frame_file):
         for attempt in range(1, RESTARTS + 2):
             wanted = None if options.max_frames is None else options.max_frames - totals["published"]
-            ended, counts = _run_once(command, code, environment, stats, wanted, stop, options.stall_seconds)
+            ended, counts = _run_once(command, code, environment, stats, wanted, stop, options.stall_seconds,
+                                      started=lambda pid: running.__setitem__(0, pid))
             totals = {name: totals[name] + counts[name] for name in totals}
+            topics.update(counts["topics"])
             if ended in (None, 0, FRAMES_EXHAUSTED) or attempt > RESTARTS:
                 break
             what = (f"made no progress for {options.stall_seconds:g} s (no new result)" if ended == STALLED
                     else f"exited with code {ended}")
             reporter.warn(f"the Lambda {manifest.lambda_.module} {what}; restarting it as the nucleus would "
                           f"({attempt} of {RESTARTS} restarts)")
+    # the topic the Lambda published to (the thing's, unless it names another)
     summary = DeviceSummary(frames=totals["results"], published=totals["published"], dropped=totals["dropped"],
-                            reconnects=totals["reconnects"], topic=topic)
+                            reconnects=totals["reconnects"], messages=totals["messages"],
+                            topic=", ".join(sorted(topics)) or topic)
     if ended == STALLED:
         raise DeviceRunError(f"the Lambda {manifest.lambda_.module} made no progress for {options.stall_seconds:g} s "
                              f"{RESTARTS + 1} times (no new result; its output is above): stuck, so stopped "
@@ -198,8 +205,17 @@ STALLED = -1000
 beyond a signal's number)."""
 
 
+def _lambda_tmp(pid: int | None, *, isolated: bool) -> Path | None:
+    """The Lambda's /tmp as this process reaches it: through ``/proc/PID/root`` when it has a mount namespace of its
+    own (a FIFO on an overlay is a pipe of the overlay's, not of the file under it)."""
+    if not isolated:
+        return Path("/tmp")
+    return Path(f"/proc/{pid}/root/tmp") if pid else None
+
+
 def _run_once(command: list[str], code: Path, environment: dict[str, str], stats: Path, wanted: int | None,
-              stop: threading.Event, stall_seconds: float) -> tuple[int | None, dict[str, int]]:
+              stop: threading.Event, stall_seconds: float,
+              started: Callable[[int | None], None]) -> tuple[int | None, dict[str, int]]:
     """Run the Lambda's process until it exits, ``wanted`` results reached the broker, it makes no progress for
     ``stall_seconds``, or ``stop``.
 
@@ -207,6 +223,7 @@ def _run_once(command: list[str], code: Path, environment: dict[str, str], stats
     """
     stats.unlink(missing_ok=True)
     child = subprocess.Popen(command, cwd=code, env=environment)
+    started(child.pid)
     stalled = False
     try:
         results, progressed = 0, time.monotonic()
@@ -222,22 +239,24 @@ def _run_once(command: list[str], code: Path, environment: dict[str, str], stats
             stop.wait(0.1)
     finally:
         ended = STALLED if stalled else child.poll()
-        if ended is None:
+        if child.poll() is None:  # stopped here, or stuck: a stuck Lambda is stopped too, never left running
             child.terminate()  # SIGTERM, as a core stops a component: the runner flushes what waits, then exits
             try:
                 child.wait(timeout=FLUSH_SECONDS + 5)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        started(None)
     return ended, _counts(stats)
 
 
 def _counts(stats: Path) -> dict[str, int]:
     """What the Lambda's publisher counted (``deeplens_publish`` writes it after every change)."""
+    counts = {"results": 0, "published": 0, "dropped": 0, "reconnects": 0, "messages": 0, "topics": []}
     try:
-        return json.loads(stats.read_text())
+        return {**counts, **json.loads(stats.read_text())}  # a bundle's older publisher counts fewer things
     except (OSError, ValueError):
-        return {"results": 0, "published": 0, "dropped": 0, "reconnects": 0}
+        return counts
 
 
 def _probe_broker(host: str, port: int) -> None:
@@ -280,35 +299,41 @@ def _compile_on_device(python: str, root: Path, environment: dict[str, str], man
         raise DeviceError(f"the bundle's on-device compile step failed (exit {done.returncode}): {output[-1]}")
 
 
-def _private_tmp(root: Path, keep: list[Path], reporter: Reporter) -> tuple[Path, list[str]]:
-    """The device's own ``/tmp`` (``root/tmp``) and the command prefix that mounts it there for the Lambda alone.
+def _private_tmp(root: Path, writable: list[Path], reporter: Reporter) -> list[str]:
+    """The command prefix that gives the Lambda a /tmp of its own, whose writes land in ``root/tmp``.
 
-    A private mount namespace (``unshare``: as root, else as the user namespace's root where the kernel allows
-    one) binds ``root/tmp`` over ``/tmp``; the paths in ``keep`` that live under this machine's ``/tmp`` (the device
-    folder, the frames) are bound at the same place inside it first, so the Lambda still finds them. Where no
-    namespace can be made, the Lambda shares this machine's ``/tmp`` and ``run`` says so.
+    In a private mount namespace (``unshare``: as root, else as the user namespace's root where the kernel allows
+    one) an overlay goes over ``/tmp``: the Lambda still reads what is there (its frames and interpreter may live
+    under this machine's /tmp), but what it writes, the display FIFO included, lands in ``root/tmp``, never in this
+    machine's /tmp. The ``writable`` folders under /tmp (the device folder: its counts, its work folder) are bound
+    back over the overlay, reached through descriptors opened before it covered them.
+    Where no such mount can be made, the Lambda shares this machine's /tmp and ``run`` says so.
     """
-    tmp = _mkdir(root / "tmp")
-    tmp.chmod(0o1777)
+    upper, work = _mkdir(root / "tmp"), _mkdir(root / "tmp-overlay-work")
+    q = shlex.quote
+    binds = [p.resolve() for p in writable if p.resolve().is_relative_to("/tmp")]
+    steps = ["here=$(pwd)"]
+    for index, folder in enumerate(sorted(set(binds))):
+        # a descriptor per folder, opened before the overlay covers /tmp: /proc/self/fd/N is the real one after
+        steps.append(f"exec {index + 3}<{q(str(folder))}")
+    steps.append("mount -t overlay overlay -o " + q(f"lowerdir=/tmp,upperdir={upper},workdir={work}") + " /tmp")
+    for index, folder in enumerate(sorted(set(binds))):
+        # as given: canonicalised, /proc/self/fd/N would name the covered path again
+        fd = index + 3
+        steps.append(f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(str(folder))} && exec {fd}<&-")
+    steps.append('cd "$here" && exec "$@"')
+    script = " && ".join(steps)
     unshare = shutil.which("unshare")
     for how in (["--mount", "--propagation", "private"],
                 ["--user", "--map-root-user", "--mount", "--propagation", "private"]):
-        if unshare and subprocess.run([unshare, *how, "true"], capture_output=True).returncode == 0:
-            break
-    else:
-        reporter.warn("device: no private mount namespace here (unshare is missing or not allowed): the Lambda's "
-                      "/tmp is this machine's, so two runs share /tmp/results.mjpeg")
-        return Path("/tmp"), []
-    binds = []
-    outside = sorted({(p if p.is_dir() else p.parent).resolve() for p in keep})
-    for path in outside:
-        if path.is_relative_to("/tmp") and not any(path != o and path.is_relative_to(o) for o in outside):
-            inner = tmp / path.relative_to("/tmp")
-            inner.mkdir(parents=True, exist_ok=True)
-            binds.append(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(inner))}")
-    script = " && ".join([*binds, f"mount --rbind {shlex.quote(str(tmp))} /tmp", 'exec "$@"'])
-    reporter.step(f"device: the Lambda's /tmp is {tmp} (a private mount namespace)")
-    return tmp, [unshare, *how, "sh", "-c", script, "sh"]
+        prefix = [unshare, *how, "sh", "-c", script, "sh"] if unshare else []
+        if prefix and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            reporter.step(f"device: the Lambda's /tmp is its own: what it writes there lands in {upper} (an overlay "
+                          "in a private mount namespace)")
+            return prefix
+    reporter.warn("device: no private mount namespace here (unshare is missing or not allowed): the Lambda's /tmp "
+                  "is this machine's, so two runs share /tmp/results.mjpeg")
+    return []
 
 
 def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, options: DeviceOptions,

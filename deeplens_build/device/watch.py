@@ -12,9 +12,9 @@ from deeplens_build.manifest import infer_topic
 
 
 def is_inference(result: Any) -> bool:
-    """An inference result (a JSON object), not a status message: DeepLens Lambdas also publish strings such as
+    """An inference result (a JSON object or array), not a status message: DeepLens Lambdas also publish strings such as
     ``"Model loaded"``, and text that is not JSON."""
-    return isinstance(result, dict) and set(result) != {"raw"}
+    return isinstance(result, list) or (isinstance(result, dict) and set(result) != {"raw"})
 
 
 def describe(result: Any) -> str:
@@ -22,6 +22,8 @@ def describe(result: Any) -> str:
     and the next ones for a DeepLens ``{label: probability}`` map, ``status:`` for a message."""
     if not is_inference(result):
         return f"status: {result['raw'] if isinstance(result, dict) else result}"
+    if isinstance(result, list):
+        return json.dumps(result)
     if "label" in result:
         score, latency = result.get("score"), result.get("latency_ms")
         return (f"{result.get('frame', ''):>6} {str(result['label']):<20} "

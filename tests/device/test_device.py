@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -245,6 +246,23 @@ def test_a_handler_module_with_a_dash_in_its_name_runs(broker: Broker, tmp_path:
     assert received == [{"frame": 1}]
 
 
+def test_status_messages_are_not_inferences_and_the_topic_used_is_reported(broker: Broker, tmp_path: Path,
+                                                                            onnx_model_dir: Path) -> None:
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
+topic = "deeplens/elsewhere/infer"
+deeplens_publish.publish("Model loaded", topic)
+for frame in range(1, 4):
+    deeplens_publish.publish({"dog": 0.9, "frame": frame}, topic)
+    if frame == 2:
+        deeplens_publish.publish("still running", topic)
+threading.Event().wait()  # a camera loop goes on; run stops it at --max-frames inferences
+""")
+    summary = _run(bundle, DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING,
+                                         max_frames=3))
+    assert (summary.frames, summary.published, summary.messages) == (3, 3, 2)
+    assert summary.topic == "deeplens/elsewhere/infer"
+
+
 def test_fewer_results_than_asked_for_is_an_error(broker: Broker, tmp_path: Path, onnx_model_dir: Path) -> None:
     bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
 for frame in range(1, 3):
@@ -299,8 +317,10 @@ def test_sigterm_stops_the_device_cleanly(broker: Broker, example_bundle: Path, 
 @pytest.mark.slow
 def test_a_lambda_that_stops_making_progress_is_restarted_then_reported(broker: Broker, tmp_path: Path,
                                                                          onnx_model_dir: Path) -> None:
-    bundle = _lambda_bundle(tmp_path, onnx_model_dir, """
-deeplens_publish.publish({"frame": 1})
+    pids = tmp_path / "device" / "pids"  # the device folder: the Lambda sees it, /tmp is its own
+    bundle = _lambda_bundle(tmp_path, onnx_model_dir, f"""
+open({str(pids)!r}, "a").write("%d\\n" % os.getpid())
+deeplens_publish.publish({{"frame": 1}})
 threading.Event().wait()  # a camera read that never returns
 """)
     options = DeviceOptions(device_dir=tmp_path / "device", mqtt_port=broker.port, thing=THING, max_frames=5,
@@ -308,6 +328,9 @@ threading.Event().wait()  # a camera read that never returns
     with pytest.raises(DeviceRunError, match="made no progress for 1 s 3 times .*stuck") as error:
         _run(bundle, options)
     assert error.value.summary.frames == 3, "one result per start: restarted twice, as for a crash"
+    for pid in map(int, pids.read_text().split()):  # each stuck start was stopped, none left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_a_video_shorter_than_max_frames_ends_the_run_with_an_error(broker: Broker, tmp_path: Path,

@@ -168,5 +168,5 @@ def test_a_deeplens_local_display_fifo_reaches_the_project_stream_in_a_tmp_of_it
         device.send_signal(signal.SIGTERM)
         out, err = device.communicate(timeout=60)
     assert device.returncode == 0, err
-    assert "the Lambda's /tmp is" in err and "(a private mount namespace)" in err
+    assert "the Lambda's /tmp is its own" in err and "(an overlay in a private mount namespace)" in err
     assert "TypeError" not in err, "bytes through a text-mode handle did not kill the display thread"

@@ -99,4 +99,5 @@ def test_results_waiting_for_the_broker_are_not_dropped_while_they_are_handed_ov
     finally:
         broker.stop()
     counts = json.loads((tmp_path / "stats.json").read_text())
-    assert counts == {"results": 3, "published": 3, "dropped": 0, "reconnects": 0}
+    assert counts == {"results": 3, "published": 3, "dropped": 0, "reconnects": 0, "messages": 0,
+                      "topics": ["$aws/things/deeplens_abc/infer"]}

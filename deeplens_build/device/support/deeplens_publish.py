@@ -123,12 +123,25 @@ class StdoutPublisher:
         print(payload if isinstance(payload, str) else payload.decode(), flush=True)
 
 
+def is_status(payload):
+    """A status message (``"Model loaded"``, any text that is not a JSON object or array), not an inference
+    result: DeepLens Lambdas publish both to the same topic."""
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return True
+    return not isinstance(value, (dict, list))
+
+
 class MqttPublisher:
-    """MQTT to a broker (``deeplens-build run``), QoS 1: counts what the broker acknowledged, keeps up to
-    ``buffer`` results while it is down and reconnects; writes its counts to ``$DEEPLENS_PUBLISH_STATS``.
+    """MQTT to a broker (``deeplens-build run``), QoS 1: counts what the broker acknowledged, inference results
+    and status messages apart, keeps up to ``buffer`` of them while it is down and reconnects; writes its counts
+    and the topics it published to to ``$DEEPLENS_PUBLISH_STATS``.
 
     Our lock guards counters only and is never held while calling paho: paho's network thread holds its own
     locks while it runs our callbacks, so holding ours around a paho call would invert the order and deadlock.
+    Which kind a message id was is kept under a second lock, for an acknowledgement that may come back before
+    ``publish`` has returned its id.
     """
 
     def __init__(self, address, buffer):
@@ -137,6 +150,10 @@ class MqttPublisher:
         host, _, port = address.rpartition(":")
         self._pending = deque(maxlen=buffer)
         self._lock = threading.Lock()
+        self._ids = threading.Lock()
+        self._kinds, self._early = {}, set()
+        self.messages = self.acknowledged_messages = 0
+        self.topics = set()
         self._connected = threading.Event()
         self.results = self.sent = self.acknowledged = self.dropped = self.connects = 0
         self._stats = os.environ.get(STATS)
@@ -151,18 +168,23 @@ class MqttPublisher:
         atexit.register(self.close)
 
     def publish(self, topic_name, payload):
+        status = is_status(payload)
         with self._lock:
-            self.results += 1
+            if status:
+                self.messages += 1
+            else:
+                self.results += 1
+            self.topics.add(topic_name)
             online = self._connected.is_set()
             if online:
                 self.sent += 1
             else:
                 if len(self._pending) == self._pending.maxlen:
                     self.dropped += 1
-                self._pending.append((topic_name, payload))
+                self._pending.append((topic_name, payload, status))
             self._write_stats()
         if online:
-            self._send(topic_name, payload)
+            self._send(topic_name, payload, status)
 
     def close(self):
         """Give the broker a few seconds to take what is waiting, then record the counts and disconnect."""
@@ -180,13 +202,21 @@ class MqttPublisher:
 
     def _waiting(self):
         with self._lock:
-            return bool(self._pending) or self.sent > self.acknowledged
+            return bool(self._pending) or self.sent > self.acknowledged + self.acknowledged_messages
 
-    def _send(self, topic_name, payload):
+    def _send(self, topic_name, payload, status):
         """Hand a result to paho; it was counted as sent, under the lock, when it left ``_pending`` (or never
         entered it): close() must never find a result in neither place and stop waiting for it."""
         # paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect
-        self._client.publish(topic_name, payload, qos=1)
+        mid = self._client.publish(topic_name, payload, qos=1).mid
+        with self._ids:
+            acknowledged = mid in self._early
+            if acknowledged:
+                self._early.discard(mid)
+            else:
+                self._kinds[mid] = status
+        if acknowledged:
+            self._count_acknowledged(status)
 
     def _on_connect(self, client, userdata, flags, reason, properties):
         if reason.is_failure:
@@ -201,8 +231,19 @@ class MqttPublisher:
             self._send(*item)
 
     def _on_publish(self, client, userdata, mid, reason, properties):
+        with self._ids:
+            if mid not in self._kinds:
+                self._early.add(mid)
+                return
+            status = self._kinds.pop(mid)
+        self._count_acknowledged(status)
+
+    def _count_acknowledged(self, status):
         with self._lock:
-            self.acknowledged += 1
+            if status:
+                self.acknowledged_messages += 1
+            else:
+                self.acknowledged += 1
             self._write_stats()
 
     def _write_stats(self):
@@ -211,5 +252,6 @@ class MqttPublisher:
         temporary = self._stats + ".tmp"
         with open(temporary, "w") as f:
             json.dump({"results": self.results, "published": self.acknowledged, "dropped": self.dropped,
-                       "reconnects": max(0, self.connects - 1)}, f)
+                       "reconnects": max(0, self.connects - 1), "messages": self.acknowledged_messages,
+                       "topics": sorted(self.topics)}, f)
         os.replace(temporary, self._stats)
