@@ -3,7 +3,8 @@ on this machine.
 
 verify and unpack (one pass) into a device folder → the runtime environment (a virtual environment from the
 vendored wheels, with the device's Python, or this interpreter when the bundle vendors none) → the Lambda
-started as the recipe's Run script starts it, in a child process with a clean environment, its loop running
+started as the recipe's Run script starts it, in a child process with a clean environment and a /tmp of its own
+(its DeepLens display FIFO read into the project stream), its loop running
 over the frames → its own ``deeplens_publish`` calls sending results to ``$aws/things/<thing>/infer`` on an
 MQTT broker (buffering and reconnecting while it is down), their counts read back from the publisher.
 SIGINT/SIGTERM, or ``max_frames`` acknowledged results, stop the device cleanly. A Lambda that exits with an
