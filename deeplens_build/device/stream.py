@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from deeplens_build.device.watch import headline, is_inference, status_text
 from deeplens_build.errors import DeviceError
 
 PAGE = """<!doctype html>
@@ -23,26 +24,31 @@ PAGE = """<!doctype html>
 <style>
 body {{ font-family: sans-serif; background: #111; color: #eee; margin: 0; display: flex; gap: 16px; padding: 16px; }}
 #stream {{ width: 640px; height: 480px; background: #000; object-fit: contain; }}
-#results {{ min-width: 240px; }} .value {{ font-size: 28px; font-weight: bold; }} .name {{ color: #999; }}
+#results {{ min-width: 240px; max-width: 320px; overflow-wrap: anywhere; }}
+.value {{ font-size: 28px; font-weight: bold; }} .name {{ color: #999; }}
 </style></head>
 <body>
 <img id="stream" src="/stream.mjpeg" alt="project stream">
 <div id="results">
 <div class="name">label</div><div class="value" id="label">–</div>
+<div class="name" id="others"></div>
 <div class="name">score</div><div class="value" id="score">–</div>
 <div class="name">latency</div><div class="value" id="latency">–</div>
 <div class="name">frames/s</div><div class="value" id="fps">–</div>
 <div class="name">results</div><div class="value" id="count">0</div>
+<div class="name">status</div><div id="status">–</div>
 </div>
 <script>
 async function refresh() {{
   try {{
     const r = await (await fetch("/results.json", {{cache: "no-store"}})).json();
-    if (r.latest) {{
-      document.getElementById("label").textContent = r.latest.label ?? JSON.stringify(r.latest);
-      document.getElementById("score").textContent = r.latest.score?.toFixed?.(3) ?? "–";
+    if (r.shown) {{
+      document.getElementById("label").textContent = r.shown.label;
+      document.getElementById("others").textContent = r.shown.others ? "then " + r.shown.others : "";
+      document.getElementById("score").textContent = r.shown.score != null ? r.shown.score.toFixed(3) : "–";
       document.getElementById("latency").textContent = r.latest.latency_ms != null ? r.latest.latency_ms + " ms" : "–";
     }}
+    if (r.status) document.getElementById("status").textContent = r.status;
     document.getElementById("fps").textContent = r.fps.toFixed(1);
     document.getElementById("count").textContent = r.count;
   }} catch (e) {{}}
@@ -56,16 +62,21 @@ _BOUNDARY = "deeplensframe"
 
 
 class Results:
-    """The latest result and the rate results arrive at (over the last few seconds)."""
+    """The latest result, the latest status message (never counted as a result), and the rate results arrive at
+    (over the last few seconds)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._times: deque[float] = deque(maxlen=100)
         self.latest: Any = None
+        self.status: str | None = None
         self.count = 0
 
     def add(self, result: Any) -> None:
         with self._lock:
+            if not is_inference(result):
+                self.status = status_text(result)
+                return
             self.latest = result
             self.count += 1
             self._times.append(time.monotonic())
@@ -74,7 +85,11 @@ class Results:
         with self._lock:
             recent = [t for t in self._times if t > time.monotonic() - 5]
             fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
-            return {"latest": self.latest, "count": self.count, "fps": fps}
+            shown = None
+            if self.latest is not None:
+                label, score, others = headline(self.latest)
+                shown = {"label": label, "score": score, "others": others}
+            return {"latest": self.latest, "shown": shown, "status": self.status, "count": self.count, "fps": fps}
 
 
 class ProjectStream:

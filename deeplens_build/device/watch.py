@@ -12,29 +12,44 @@ from deeplens_build.manifest import infer_topic
 
 
 def is_inference(result: Any) -> bool:
-    """An inference result (a JSON object or array), not a status message: DeepLens Lambdas also publish strings such as
-    ``"Model loaded"``, and text that is not JSON."""
+    """An inference result (a JSON object or array), not a status message: DeepLens Lambdas also publish
+    strings such as ``"Model loaded"``, and text that is not JSON."""
     return isinstance(result, list) or (isinstance(result, dict) and set(result) != {"raw"})
+
+
+def status_text(result: Any) -> str:
+    return str(result["raw"] if isinstance(result, dict) else result)
+
+
+def headline(result: Any) -> tuple[str, float | None, str]:
+    """An inference result's label, score and runners-up: deeplens-build's ``label``/``score``, the top of a
+    DeepLens ``{label: probability}`` map and the next three, else the result as compact JSON."""
+    if isinstance(result, dict) and "label" in result:
+        score = result.get("score")
+        return str(result["label"]), score if _number(score) else None, ""
+    if isinstance(result, dict) and result and all(_number(v) for v in result.values()):
+        ranked = sorted(result.items(), key=lambda item: -item[1])
+        return str(ranked[0][0]), ranked[0][1], ", ".join(f"{label} {p:.3f}" for label, p in ranked[1:4])
+    return json.dumps(result, sort_keys=True), None, ""
 
 
 def describe(result: Any) -> str:
     """One line a person reads: ``frame label score latency`` for deeplens-build's own results, the top label
     and the next ones for a DeepLens ``{label: probability}`` map, ``status:`` for a message."""
     if not is_inference(result):
-        return f"status: {result['raw'] if isinstance(result, dict) else result}"
-    if isinstance(result, list):
-        return json.dumps(result)
-    if "label" in result:
-        score, latency = result.get("score"), result.get("latency_ms")
-        return (f"{result.get('frame', ''):>6} {str(result['label']):<20} "
-                f"{score if isinstance(score, (int, float)) else float('nan'):.3f} "
-                f"{latency if isinstance(latency, (int, float)) else float('nan'):.1f} ms")
-    scores = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if scores and len(scores) == len(result):
-        ranked = sorted(scores.items(), key=lambda item: -item[1])
-        rest = ", ".join(f"{label} {p:.3f}" for label, p in ranked[1:4])
-        return f"{'':>6} {ranked[0][0]:<20} {ranked[0][1]:.3f}" + (f"  (then {rest})" if rest else "")
-    return json.dumps(result, sort_keys=True)
+        return f"status: {status_text(result)}"
+    label, score, others = headline(result)
+    if isinstance(result, dict) and "label" in result:
+        latency = result.get("latency_ms")
+        return (f"{result.get('frame', ''):>6} {label:<20} {score if score is not None else float('nan'):.3f} "
+                f"{latency if _number(latency) else float('nan'):.1f} ms")
+    if score is None:
+        return label
+    return f"{'':>6} {label:<20} {score:.3f}" + (f"  (then {others})" if others else "")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def watch(host: str, port: int, thing: str, *, count: int | None, emit: Any, stop: threading.Event,

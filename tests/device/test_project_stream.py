@@ -107,10 +107,9 @@ class LocalDisplay(threading.Thread):
 
 
 def infinite_infer_run():
-    frame = 0
+    deeplens_publish.publish("Model loaded")
     while True:
-        frame += 1
-        deeplens_publish.publish({"frame": frame, "label": "red", "score": 1.0})
+        deeplens_publish.publish({"red": 0.9, "blue": 0.1})  # DeepLens's {label: probability}
         time.sleep(0.1)
 
 
@@ -161,6 +160,14 @@ def test_a_deeplens_local_display_fifo_reaches_the_project_stream_in_a_tmp_of_it
         _chromium(f"http://127.0.0.1:{port}/", tmp_path / "profile", f"--screenshot={shot}")
         shown = _stream_region(shot).reshape(-1, 3).mean(axis=0)
         assert shown[2] > 200 and shown[0] < 60 and shown[1] < 60, f"the page shows the red frame: {shown}"
+        dom = ""
+        for wait_ms in (2500, 5000, 10000):  # the page's first fetch may take a while on a loaded machine (CI)
+            dom = _chromium(f"http://127.0.0.1:{port}/", tmp_path / f"dom-{wait_ms}", "--dump-dom",
+                            wait_ms=wait_ms).stdout
+            if 'id="label">red<' in dom:
+                break
+        assert 'id="label">red<' in dom and 'id="others">then blue 0.100<' in dom, dom[-800:]
+        assert 'id="status">Model loaded<' in dom and 'id="score">0.900<' in dom, dom[-800:]
         fifos = list((tmp_path / "device").rglob("results.mjpeg"))
         assert any(p.parent.name == "tmp" and p.is_fifo() for p in fifos), "the FIFO is in the device's /tmp"
         assert shared.exists() == was_there, "nothing was made in this machine's /tmp"
