@@ -25,9 +25,7 @@ a root file system the cache does not hold yet.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -45,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deeplens_build.device.ipc import MQTT_PROXY, IpcServer, policies
+from deeplens_build.aws.greengrass import digest_b64
+from deeplens_build.device.ipc import MQTT_PROXY, IpcServer, Policy, policies
 from deeplens_build.device.mqtt import publisher
 from deeplens_build.device.run import install_bundle
 from deeplens_build.errors import DeviceError
@@ -86,8 +85,13 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeplens-build" / "rootfs"
 
 
+def _architecture() -> str:
+    """This machine's architecture as recipes name it."""
+    return ARCHITECTURES.get(platform.machine(), platform.machine())
+
+
 def _cache_entry(suite: str) -> Path:
-    return cache_folder() / f"{suite}-{ARCHITECTURES.get(platform.machine(), platform.machine())}"
+    return cache_folder() / f"{suite}-{_architecture()}"
 
 
 def cached_root_filesystem(suite: str) -> Path | None:
@@ -156,7 +160,7 @@ class Box:
         self.rootfs, self.scratch, self.thing, self.network = rootfs, scratch, thing, network
         recipe = json.loads((bundle_dir / RECIPE).read_text(encoding="utf-8"))
         self.component, version = recipe["ComponentName"], recipe["ComponentVersion"]
-        architecture = ARCHITECTURES.get(platform.machine(), platform.machine())
+        architecture = _architecture()
         manifest = next((m for m in recipe["Manifests"] if m["Platform"].get("os") == "linux"
                          and m["Platform"].get("architecture", architecture) == architecture), None)
         if manifest is None:
@@ -172,11 +176,13 @@ class Box:
                           "work:path": f"{NUCLEUS_ROOT}/{work}", "kernel:rootPath": NUCLEUS_ROOT,
                           "iot:thingName": thing}
         self._layout(bundle_dir, manifest.get("Artifacts", ()), artifacts, unarchived, work)
-        access = json.loads(interpolate(json.dumps(self.configuration.get("accessControl", {})), self.variables, {}))
+        # the nucleus replaces the recipe variables ({iot:thingName}) in a policy's resources
+        rules = [Policy(p.operations, tuple(interpolate(r, self.variables, {}) for r in p.resources))
+                 for p in policies(self.configuration.get("accessControl", {}), MQTT_PROXY)]
         # a Unix socket's path has at most 107 bytes: the server's is short, and mounted where the nucleus has it
         self._socket_dir = Path(tempfile.mkdtemp(prefix="deeplens-ipc-"))
         (self.greengrass / "ipc.socket").touch()
-        self.ipc = IpcServer(self._socket_dir / "ipc.socket", self.component, policies(access, MQTT_PROXY), forward)
+        self.ipc = IpcServer(self._socket_dir / "ipc.socket", self.component, rules, forward)
         self._running: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Box:
@@ -197,8 +203,7 @@ class Box:
         for artifact in artifacts:
             name = artifact["Uri"].rsplit("/", 1)[-1]
             # as the nucleus checks a download: the file of that name whose digest is the recipe's
-            found = next((path for path in files.get(name, ()) if base64.b64encode(
-                hashlib.sha256(path.read_bytes()).digest()).decode() == artifact["Digest"]), None)
+            found = next((path for path in files.get(name, ()) if digest_b64(path) == artifact["Digest"]), None)
             if found is None:
                 raise DeviceError(f"the bundle holds no {name} with the recipe's digest; the nucleus would refuse "
                                   "the deployment")
@@ -320,6 +325,10 @@ def _own(path: Path, mode: int) -> None:
         path.chmod(mode)
 
 
+def _tail(text: str, lines: int = 6) -> str:
+    """The last lines of a component's log, on one line for an error message."""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
 
 @dataclass(frozen=True)
 class BoxSummary:
@@ -354,7 +363,7 @@ def run_box(bundle: Path, *, suite: str, work: Path, host: str, port: int, thing
             said = "\n".join(line for line in done.stdout.splitlines() if line.startswith("deeplens:"))
             if done.returncode != 0:
                 raise DeviceError(f"the recipe's Install failed in the {suite} box (exit {done.returncode}): "
-                                  + " | ".join(done.stdout.strip().splitlines()[-6:]))
+                                  + _tail(done.stdout))
             for line in said.splitlines():
                 reporter.step(f"  {line}")
             log = scratch / "run.log"
@@ -367,12 +376,12 @@ def run_box(bundle: Path, *, suite: str, work: Path, host: str, port: int, thing
                 if process.poll() is not None:
                     raise DeviceError(f"the component's Run exited with code {process.returncode} after "
                                       f"{len(box.ipc.published)} of {results} results: "
-                                      + " | ".join(log.read_text(errors="replace").strip().splitlines()[-6:]))
+                                      + _tail(log.read_text(errors="replace")))
                 if len(box.ipc.published) > seen:
                     seen, last = len(box.ipc.published), time.monotonic()
                 elif time.monotonic() - last > stall_seconds:
                     raise DeviceError(f"the component published nothing new for {stall_seconds:g} s: "
-                                      + " | ".join(log.read_text(errors="replace").strip().splitlines()[-6:]))
+                                      + _tail(log.read_text(errors="replace")))
                 stop.wait(0.2)
             box.stop()
             return BoxSummary(suite=suite, installed=said, published=len(box.ipc.published), topic=topic)

@@ -312,16 +312,13 @@ def _private_tmp(root: Path, writable: list[Path], reporter: Reporter) -> list[s
     """
     upper, work = _mkdir(root / "tmp"), _mkdir(root / "tmp-overlay-work")
     q = shlex.quote
-    binds = [p.resolve() for p in writable if p.resolve().is_relative_to("/tmp")]
-    steps = ["here=$(pwd)"]
-    for index, folder in enumerate(sorted(set(binds))):
-        # a descriptor per folder, opened before the overlay covers /tmp: /proc/self/fd/N is the real one after
-        steps.append(f"exec {index + 3}<{q(str(folder))}")
-    steps.append("mount -t overlay overlay -o " + q(f"lowerdir=/tmp,upperdir={upper},workdir={work}") + " /tmp")
-    for index, folder in enumerate(sorted(set(binds))):
-        # as given: canonicalised, /proc/self/fd/N would name the covered path again
-        fd = index + 3
-        steps.append(f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(str(folder))} && exec {fd}<&-")
+    # a descriptor per folder (3, 4, ...), opened before the overlay covers /tmp: /proc/self/fd/N is the real one
+    binds = dict(enumerate(sorted({p.resolve() for p in writable if p.resolve().is_relative_to("/tmp")}), start=3))
+    steps = ["here=$(pwd)", *(f"exec {fd}<{q(str(folder))}" for fd, folder in binds.items()),
+             "mount -t overlay overlay -o " + q(f"lowerdir=/tmp,upperdir={upper},workdir={work}") + " /tmp",
+             # as given: canonicalised, /proc/self/fd/N would name the covered path again
+             *(f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(str(folder))} && exec {fd}<&-"
+               for fd, folder in binds.items())]
     steps.append('cd "$here" && exec "$@"')
     script = " && ".join(steps)
     unshare = shutil.which("unshare")

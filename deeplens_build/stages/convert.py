@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deeplens_build.errors import DeepLensBuildError
-from deeplens_build.stages.runtime import select_runtime
+from deeplens_build.stages.runtime import device_runtimes, select_runtime
 from deeplens_build.types import Artifact, TrainingOutput
 from deeplens_build.values import Detection
 
@@ -25,7 +25,7 @@ def opset_ceiling(b: Build) -> int | None:
     try:
         runtime = select_runtime("onnx", target.platform, target.accelerator, wanted=wanted, suggested=None,
                                  available=b.runtimes)
-        each = [runtime.for_python(python) for python in target.pythons(runtime.python)]
+        each = device_runtimes(b, runtime)
         b.onnx_runtime = each[0]
         # the artifact must load on every device Python the bundle is for
         runtime_opset = min((r.onnx_opset for r in each if r.onnx_opset is not None), default=None)

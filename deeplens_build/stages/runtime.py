@@ -186,9 +186,10 @@ def _names(runtimes: list[Runtime]) -> str:
 
 
 def device_runtimes(b: Build, runtime: Runtime) -> list[Runtime]:
-    """``runtime`` as installed on each device Python ``target.python`` lists (the first one is ``runtime``)."""
+    """``runtime`` as installed on each device Python ``target.python`` lists, the preferred one first (the
+    definition's default Python when it lists none)."""
     definition = next((r for r in b.runtimes if r.name == runtime.name), runtime)
-    return [runtime, *(definition.for_python(python) for python in b.config.target.pythons(runtime.python)[1:])]
+    return [definition.for_python(python) for python in b.config.target.pythons(definition.python)]
 
 
 def run(b: Build, detection: Detection, converted: Artifact, compiled: Artifact,
@@ -202,8 +203,8 @@ def run(b: Build, detection: Detection, converted: Artifact, compiled: Artifact,
     else:
         runtime = select_runtime(compiled.format, target.platform, target.accelerator, wanted=b.config.runtime.name,
                                  suggested=suggested, available=b.runtimes)
-        runtime = runtime.for_python(target.pythons(runtime.python)[0])
     each = device_runtimes(b, runtime)
+    runtime = each[0]
     for other in each:
         if compiled.format == "onnx" and other.onnx_opset and opset and opset > other.onnx_opset:
             raise BundleError(f"the artifact is ONNX opset {opset}, but runtime {other.name} on Python "
