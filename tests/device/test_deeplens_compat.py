@@ -220,7 +220,7 @@ def test_off_a_device_the_kinesis_pipeline_is_what_a_device_would_run(monkeypatc
 
 def test_mo_optimize_names_what_the_bundle_ships_and_outputs_are_reachable_by_position(tmp_path: Path) -> None:
     """mo.optimize answers model.xml for an OpenVINO bundle, model.onnx otherwise; doInference's results are
-    keyed by the model's output names and also by position."""
+    keyed by the model's output names and also by position; parseResult refuses a type with no documented shape."""
     from deeplens_build.device import support
 
     model_dir = testing.onnx_classifier(tmp_path / "model" / "model.onnx").parent
@@ -229,11 +229,16 @@ def test_mo_optimize_names_what_the_bundle_ships_and_outputs_are_reachable_by_po
              "print(mo.optimize('m', 32, 32)[1])\n"
              "out = awscam.Model('ignored', {'GPU': 1}).doInference(np.zeros((32, 32, 3), np.uint8))\n"
              "name = next(iter(out))\n"
-             "print((out[0] == out[name]).all(), out[-1] is out[name], len(out))\n")
+             "print((out[0] == out[name]).all(), out[-1] is out[name], len(out))\n"
+             "try:\n"
+             "    awscam.Model('ignored').parseResult('segmentation', out)\n"
+             "except ValueError as e:\n"
+             "    print(e)\n")
     environment = {**os.environ, "DEEPLENS_MODEL_DIR": str(model_dir), "PYTHONPATH": str(support.COMPAT)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [str(model_dir / "model.onnx"), "True True 1"]
+    assert done.stdout.splitlines()[:2] == [str(model_dir / "model.onnx"), "True True 1"]
+    assert "'segmentation' is not one whose result shape DeepLens documented" in done.stdout.splitlines()[2]
     (model_dir / "model.xml").write_text("<net/>")
     done = subprocess.run([sys.executable, "-c", "import mo; print(mo.optimize('m', 32, 32)[1])"],
                           capture_output=True, text=True, env=environment)

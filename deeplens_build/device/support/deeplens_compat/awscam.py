@@ -143,6 +143,12 @@ class Model:
         """DeepLens's result shape: ``{model_type: [{"label": i, "prob": p}, ...]}``, most probable first; for
         ``"ssd"`` each also has ``xmin``, ``ymin``, ``xmax``, ``ymax`` in pixels of the model's input (rows of the
         first output: class, probability, then box corners from 0 to 1; a negative class is padding)."""
+        if model_type not in ("classification", "ssd"):
+            # DeepLens also accepted "segmentation" but documented no result shape for it: guessing one would
+            # hand the Lambda plausible nonsense, so it is told to read doInference's output itself
+            raise ValueError("awscam.Model.parseResult: model_type {!r} is not one whose result shape DeepLens "
+                             "documented (classification, ssd); read model.doInference(frame)'s output "
+                             "directly".format(model_type))
         values = next(iter(raw_results.values()))
         if model_type == "ssd":
             parsed = [{"label": int(row[0]), "prob": float(row[1]),
