@@ -229,6 +229,7 @@ def deeplens_build_reference_run(
     converted: Artifact,
     inputs: Mapping[str, np.ndarray],
     settings: PluginSettings,
+    scratch: Path,
 ) -> Mapping[str, np.ndarray]:
     """Run the *original* model with your framework on one set of inputs.
 
@@ -242,6 +243,8 @@ def deeplens_build_reference_run(
     :param converted: what your ``deeplens_build_convert`` returned (its input and output names).
     :param inputs: one array per input of ``converted``, keyed by name, shaped as the optimized artifact's.
     :param settings: this plugin's validated settings (see ``deeplens_build_detect``).
+    :param scratch: an empty folder in the build's work folder, the same for every sample of one reference run,
+        for what the run needs on disk (a child process's current directory); it is removed when the run ends.
     :return: one array per output of ``converted``, keyed by output name.
 
     Example::

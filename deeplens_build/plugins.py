@@ -48,7 +48,7 @@ ONLY_ENV = "DEEPLENS_BUILD_PLUGINS"
 
 BUILTIN_DISTRIBUTIONS = frozenset(
     {"deeplens-build", "deeplens-build-onnx", "deeplens-build-mxnet", "deeplens-build-tensorflow",
-     "deeplens-build-caffe", "deeplens-build-openvino", "deeplens-build-tensorrt"}
+     "deeplens-build-caffe", "deeplens-build-openvino", "deeplens-build-tensorrt", "deeplens-build-pytorch"}
 )
 CORE_SOURCES = "deeplens-sources"
 """The entry point of the built-in source kinds (local paths, s3://, sagemaker-job:) in the core's distribution.
@@ -203,11 +203,11 @@ class PluginManager:
         return _check_converted(info, converted, workdir)
 
     def reference_run(self, detection: Detection, source: TrainingOutput, converted: Artifact,
-                      inputs: Mapping[str, Any], settings: PluginSettings) -> Mapping[str, Any]:
+                      inputs: Mapping[str, Any], settings: PluginSettings, scratch: Path) -> Mapping[str, Any]:
         info = detection.plugin
         outputs = self._call(info, "deeplens_build_reference_run", f"run the original {_files(detection)}",
                              source=source, model=detection.model, converted=converted, inputs=inputs,
-                             settings=settings)
+                             settings=settings, scratch=scratch)
         missing = [o.name for o in converted.outputs if not isinstance(outputs, Mapping) or o.name not in outputs]
         if missing:
             raise PluginError(f"plugin {info.name!r}: deeplens_build_reference_run returned no value for "

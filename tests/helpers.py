@@ -27,7 +27,7 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "classifier"
 """The embedded example `make package` builds."""
 
 
-BUILTIN_PLUGINS = "deeplens-sources,deeplens-targets,onnx,mxnet,tensorflow,caffe,openvino,tensorrt"
+BUILTIN_PLUGINS = "deeplens-sources,deeplens-targets,onnx,mxnet,tensorflow,caffe,openvino,tensorrt,pytorch"
 """The plugins every test sees: the built-in ones only, not whatever else this environment has installed."""
 
 def example_project(root: Path, **target: object) -> Path:

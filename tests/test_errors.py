@@ -66,9 +66,9 @@ def test_no_plugin_claims_the_files(tmp_path: Path) -> None:
 
 
 def test_unknown_explicit_framework_lists_the_installed_plugins(tmp_path: Path, onnx_model_dir: Path) -> None:
-    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "pytorch"})
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "jax"})
     message = package_json(config, expect=5)
-    assert "no plugin provides framework 'pytorch'; installed: caffe (deeplens-build-caffe 0.1.0), mxnet" in message
+    assert "no plugin provides framework 'jax'; installed: caffe (deeplens-build-caffe 0.1.0), mxnet" in message
 
 
 def test_missing_lambda_folder_names_the_key(tmp_path: Path, onnx_model_dir: Path) -> None:

@@ -47,7 +47,7 @@ def test_builtin_plugins_are_found_through_their_entry_points() -> None:
     found = {p.name: p for p in build_plugin_manager().plugins}
     assert [(p.name, p.distribution, p.builtin) for p in found.values()] == [
         ("caffe", "deeplens-build-caffe", True), ("mxnet", "deeplens-build-mxnet", True), ("onnx", "deeplens-build-onnx", True),
-        ("tensorflow", "deeplens-build-tensorflow", True)]
+        ("pytorch", "deeplens-build-pytorch", True), ("tensorflow", "deeplens-build-tensorflow", True)]
     assert found["onnx"].tool_versions["onnx"] != "not installed"
 
 
@@ -188,7 +188,7 @@ def test_plugins_verify_and_inspect_do_not_import_the_frameworks(project: Path) 
              "for args in (['plugins'], ['verify', sys.argv[1]], ['inspect', sys.argv[1]]):\n"
              "    try: main(args)\n"
              "    except SystemExit: pass\n"
-             "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'numpy', 'tensorflow', 'mxnet') if m in sys.modules)\n"
+             "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'numpy', 'tensorflow', 'mxnet', 'torch') if m in sys.modules)\n"
              "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", probe, bundle], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out

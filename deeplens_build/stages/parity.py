@@ -8,7 +8,10 @@ when any output differs by more than the tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -181,7 +184,7 @@ def reference(b: Build, training: TrainingOutput, detection: Detection, converte
         b.reporter.note(f"parity: not applicable, the {optimized.artifact.format} artifact is the original model "
                         "itself")
         return None
-    config, settings = b.config, b.settings[detection.plugin.framework.name]
+    config = b.config
     specs = optimized.artifact.inputs
     key = {"source": training.sha256, "files": detection.model.files, "plugin": b.plugin_identity(detection),
            "inputs": [dataclasses.asdict(s) for s in specs],
@@ -191,11 +194,25 @@ def reference(b: Build, training: TrainingOutput, detection: Detection, converte
 
     def build(workdir: Path) -> ReferenceRun:
         b.reporter.step(f"reference: the original model ({detection.plugin.framework.name}) on the parity samples")
-        return run_reference(lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
-                             samples_for(specs, config.parity), optimized.artifact.outputs, workdir=workdir,
-                             reporter=b.reporter)
+        with original(b, detection, training, converted, workdir) as reference_runner:
+            return run_reference(reference_runner, samples_for(specs, config.parity), optimized.artifact.outputs,
+                                 workdir=workdir, reporter=b.reporter)
 
     return b.stage("reference", key, ReferenceRun, build)
+
+
+@contextlib.contextmanager
+def original(b: Build, detection: Detection, training: TrainingOutput, converted: Artifact,
+             workdir: Path) -> Iterator[Runner]:
+    """The original model, run by its plugin, with a scratch folder in the stage's ``workdir`` that is removed
+    when the block ends (nothing of it enters the cache)."""
+    scratch = workdir / "scratch"
+    scratch.mkdir()
+    settings = b.settings[detection.plugin.framework.name]
+    try:
+        yield lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings, scratch)
+    finally:
+        shutil.rmtree(scratch)
 
 
 def runner(b: Build, optimized: Optimized, compiled: Artifact) -> tuple[str, Runner]:

@@ -53,20 +53,18 @@ def run(b: Build, training: TrainingOutput, detection: Detection, converted: Art
     runs = b.config.profile.runs
     if not runs or reference is None:
         return ()
-    settings = b.settings[detection.plugin.framework.name]
     key = {"artifact": [file_sha256(p) for p in compiled.files],
            "onnx": [file_sha256(p) for p in optimized.artifact.files], "source": training.sha256,
            "plugin": b.plugin_identity(detection), "target": b.target_identity, "runs": runs, "tools": b.tools}
 
-    def build(_: Path) -> tuple[Latency, ...]:
+    def build(workdir: Path) -> tuple[Latency, ...]:
         b.reporter.step(f"profile: {runs} runs per runtime, batch 1")
         samples, _ = parity.load_reference(reference)
-        runners: dict[str, Runner] = {
-            f"original ({detection.plugin.framework.name})":
-                lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings),
-            "onnxruntime": onnxtools.runner(optimized.artifact.path)}
-        if b.target.backend.load is not None and b.target.backend.name != "onnxruntime":
-            runners[b.target.backend.name] = parity.runner(b, optimized, compiled)[1]
-        return profile(runners, samples[0], runs=runs, reporter=b.reporter)
+        with parity.original(b, detection, training, converted, workdir) as reference_runner:
+            runners: dict[str, Runner] = {f"original ({detection.plugin.framework.name})": reference_runner,
+                                          "onnxruntime": onnxtools.runner(optimized.artifact.path)}
+            if b.target.backend.load is not None and b.target.backend.name != "onnxruntime":
+                runners[b.target.backend.name] = parity.runner(b, optimized, compiled)[1]
+            return profile(runners, samples[0], runs=runs, reporter=b.reporter)
 
     return b.stage("profile", key, tuple[Latency, ...], build)  # type: ignore[arg-type]
