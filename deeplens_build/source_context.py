@@ -57,18 +57,20 @@ class SourceContext:
         """
         return self.cache.stage(name, key, Path, download)
 
-    def from_file(self, path: Path, *, origin: str, kind: str | None = None, sagemaker: SageMakerJob | None = None
-                  ) -> TrainingOutput:
+    def from_file(self, path: Path, *, origin: str, kind: str | None = None, sagemaker: SageMakerJob | None = None,
+                  companions: tuple[str, ...] = ()) -> TrainingOutput:
         """The training output in a fetched file: an archive is extracted (safely, under the limits) into the
-        cache; any other file is a one-file output.
+        cache; any other file is a one-file output, with the ``companions`` it needs.
 
         :param origin: names the source in messages and the manifest (never an absolute local path).
         :param kind: the manifest's ``source.kind``; None: ``"archive"`` for a tar archive, else ``"file"``.
+        :param companions: files beside a model file that belong to it (an ONNX model's external data), as
+            plain relative paths from its folder; they are part of the output and of its digest.
         :raises SourceError: for an archive that is damaged, mislabelled or unsafe to extract.
         """
         if kind is None:
             kind = "archive" if _is_tar(path) else "file"
-        return _from_file(path, kind=kind, origin=origin, context=self, job=sagemaker)
+        return _from_file(path, kind=kind, origin=origin, context=self, job=sagemaker, companions=companions)
 
     def from_folder(self, path: Path, *, origin: str) -> TrainingOutput:
         """The training output in a folder, read in place (never written); ``origin`` names it.
@@ -88,15 +90,17 @@ def _from_directory(path: Path, origin: str) -> TrainingOutput:
 
 
 def _from_file(path: Path, *, kind: str, origin: str, context: SourceContext,
-               job: SageMakerJob | None = None) -> TrainingOutput:
-    sha256 = file_sha256(path)
+               job: SageMakerJob | None = None, companions: tuple[str, ...] = ()) -> TrainingOutput:
     archive = _is_tar(path)
+    sha256 = tree_sha256(path.parent, (path.name, *companions)) if companions else file_sha256(path)
 
     def unpack(scratch: Path) -> TrainingOutput:
         tree = scratch / "tree"
         if not archive:
             tree.mkdir()
-            shutil.copyfile(path, tree / path.name)
+            for name in (path.name, *companions):
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path.parent / name, tree / name)
         else:
             extract(path, tree, limits=context.limits, reporter=context.reporter, origin=origin)
         unpacked = _from_directory(tree, origin)
@@ -106,7 +110,7 @@ def _from_file(path: Path, *, kind: str, origin: str, context: SourceContext,
     # a lone model file's name is part of what it is (plugins recognise it by its suffix); an archive's members
     # are named inside its bytes
     key = {"sha256": sha256, "limits": context.limits.model_dump(), "archive": archive,
-           "name": None if archive else path.name}
+           "name": None if archive else path.name, "companions": companions}
     output, cached = context.cache.stage("source", key, TrainingOutput, unpack)
     if cached:
         context.reporter.step(f"source: {origin} already extracted (cache)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from deeplens_build import (
     AwsError,
+    ConversionError,
     SageMakerJob,
     SourceContext,
     SourceError,
@@ -19,6 +20,7 @@ from deeplens_build import (
     TrainingOutput,
     aws_client,
     hookimpl,
+    onnxtools,
 )
 
 BUCKET_PREFIX = "deeplens"
@@ -33,12 +35,33 @@ def local(source: str, context: SourceContext) -> TrainingOutput:
     if path.is_dir():
         return context.from_folder(path, origin=path.name)
     if path.is_file():
-        return context.from_file(path, origin=path.name)
+        return context.from_file(path, origin=path.name, companions=_external_data(path))
     if path.exists():
         raise SourceError(f"source {source!r} is not a regular file or folder (a device, FIFO or socket); "
                           "give a folder, a model.tar.gz or a model file")
     raise SourceError(f"source {source!r} does not exist; give a folder, a model.tar.gz, an s3://BUCKET/KEY URI "
                       "or sagemaker-job:NAME")
+
+
+def _external_data(path: Path) -> tuple[str, ...]:
+    """The data files an ONNX model file's weights live in (``torch.onnx.export(dynamo=True)`` writes
+    ``model.onnx.data`` beside ``model.onnx``): a lone model file brings them along, from its own folder only."""
+    if path.suffix.lower() != ".onnx":
+        return ()
+    try:
+        locations = onnxtools.external_locations(onnxtools.load(path, weights=False, check=False))
+    except ConversionError:
+        return ()  # not a model: the plugin that claims it says what is wrong
+    folder = path.parent.resolve()
+    for location in locations:
+        found = (path.parent / location).resolve()
+        if not found.is_relative_to(folder) or Path(location).is_absolute():
+            raise SourceError(f"{path.name} keeps its weights in {location!r}, outside its folder; put the data "
+                              "file beside the model (torch.onnx.export writes it there)")
+        if not found.is_file():
+            raise SourceError(f"{path.name} keeps its weights in {location}, which is not beside it: copy that "
+                              f"file next to {path.name}, or give their folder as the source")
+    return tuple(locations)
 
 
 @hookimpl
