@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_mxnet.py
 	$(BIN)/python bench/bench_tensorflow.py
+	$(BIN)/python bench/bench_pytorch.py
 	$(BIN)/python bench/bench_caffe.py
 	$(BIN)/python bench/bench_device.py
 	$(BIN)/python bench/bench_io.py
