@@ -16,7 +16,7 @@ from deeplens_build.device import support
 from deeplens_build.plugins import build_plugin_manager
 
 PLUGIN_PACKAGES = ("deeplens_build_caffe", "deeplens_build_mxnet", "deeplens_build_onnx", "deeplens_build_openvino",
-                   "deeplens_build_tensorflow", "deeplens_build_tensorrt")
+                   "deeplens_build_pytorch", "deeplens_build_tensorflow", "deeplens_build_tensorrt")
 
 
 def _modules(package: str, device_files: set[Path]) -> list[str]:
