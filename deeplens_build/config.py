@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,8 +80,26 @@ class ModelConfig(_Strict):
     inputs: dict[str, InputConfig] = Field(default_factory=dict)
 
 
+class OutputTolerance(_Strict):
+    """``[parity.outputs.NAME]``: one output's own bounds (a detector's pixel boxes beside its scores)."""
+
+    tolerance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    rtol: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An element passes when ``|original - artifact| <= tolerance + rtol * |original|`` (numpy's ``isclose``)."""
+
+    tolerance: float
+    rtol: float
+
+
 class ParityConfig(_Strict):
     tolerance: Finite | None = None
+    rtol: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    """Relative tolerance: what float reordering changes grows with the value (a box at pixel 320)."""
+    outputs: dict[str, OutputTolerance] = Field(default_factory=dict)
     seed: Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)] = 0
     random_samples: Annotated[int, Strict(), Field(ge=1, le=MAX_RANDOM_SAMPLES)] = 4
     samples: tuple[ProjectPath, ...] = ()
@@ -111,6 +130,17 @@ class ParityConfig(_Strict):
         if self.tolerance is not None:
             return self.tolerance
         return 1e-2 if precision == "fp16" else 1e-4
+
+    def bounds_for(self, precision: str) -> dict[str | None, Bounds]:
+        """Each output's bounds by name, and under None those of every other output. The default relative
+        tolerance is what reordering float sums changes (FP32) or half precision's rounding (FP16)."""
+        default = Bounds(self.tolerance_for(precision),
+                         self.rtol if self.rtol is not None else 1e-3 if precision == "fp16" else 1e-5)
+        bounds: dict[str | None, Bounds] = {None: default}
+        for name, own in self.outputs.items():
+            bounds[name] = Bounds(own.tolerance if own.tolerance is not None else default.tolerance,
+                                  own.rtol if own.rtol is not None else default.rtol)
+        return bounds
 
 
 class LambdaConfig(_Strict):

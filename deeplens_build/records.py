@@ -58,11 +58,16 @@ class OutputParity:
     max_abs_diff: float
     max_rel_diff: float
     top1_agreement: float | None
+    passed: bool | None = None
+    """Every element within ``tolerance + rtol * |original|`` (None in manifests written before this existed)."""
+    tolerance: float | None = None
+    rtol: float | None = None
 
 
 @dataclass(frozen=True)
 class ParityReport:
-    """Original vs artifact on the same inputs; ``passed`` is ``max_abs_diff <= tolerance``.
+    """Original vs artifact on the same inputs; ``passed``: every output within its bounds (``tolerance`` and
+    ``rtol`` are those of the outputs ``[parity.outputs]`` does not name).
 
     :param runtime: what ran the artifact on the build machine, e.g. ``"openvino CPU"``.
     """
@@ -75,3 +80,4 @@ class ParityReport:
     seed: int
     outputs: tuple[OutputParity, ...]
     runtime: str = "onnxruntime"
+    rtol: float = 0.0

@@ -30,7 +30,8 @@ def summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
         "version": result.version,
         "framework": result.framework,
         "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
-                   "tolerance": parity.tolerance, "passed": parity.passed, "samples": parity.samples}
+                   "tolerance": parity.tolerance, "rtol": parity.rtol, "passed": parity.passed,
+                   "samples": parity.samples}
         if parity else None,
         "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact, "bundle": result.sizes.bundle},
         "stages": list(result.stages),
@@ -50,8 +51,8 @@ def package(summary: dict[str, Any], *, up_to_date: bool, as_json: bool) -> str:
              f"  sha256    {summary['sha256']}",
              f"  model     {summary['name']} {summary['version']} ({summary['framework']})"]
     if p := summary["parity"]:
-        lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g} ≤ {p['tolerance']:.3g} over {p['samples']} "
-                     "samples")
+        lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g}, within {p['tolerance']:.3g} + "
+                     f"{p['rtol']:.3g} × |original|, over {p['samples']} samples")
     s = summary["sizes"]
     lines.append(f"  sizes     source {size(s['source'])}, artifact {size(s['artifact'])}, "
                  f"bundle {size(s['bundle'])}")
@@ -69,7 +70,8 @@ def manifest(m: Manifest) -> Iterator[str]:
             layout = f" {spec.layout}" if spec.layout else ""
             yield f"  {kind:6} {spec.name} {list(spec.shape)} {spec.dtype}{layout}"
     if parity := m.parity:
-        yield (f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g}), "
+        yield (f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g} + rtol "
+               f"{parity.rtol:.3g} × |original|), "
                f"max rel diff {parity.max_rel_diff:.3g}, {parity.samples} samples, seed {parity.seed}, "
                f"on {parity.runtime}")
     opt = m.optimization

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import cli, error_line, package_json
 
@@ -124,6 +125,47 @@ BROKEN_OPTIMIZER = testing.fake_plugin(
                                                  onnxtools.run(source.path(model.files[0]), inputs).items()})
 
 
+def _pixel_boxes(path: Path) -> Path:
+    """A detector-like head: its output is its input scaled to pixel coordinates (up to ~1000)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale = numpy_helper.from_array(np.full((1, 8), 320.0, np.float32), "scale")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "scale"], ["boxes"])], "boxes",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 8])], [scale])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _reordered_by(relative: float):
+    """A plugin whose original differs from the artifact by ``relative`` of each value: 4e-7 is what reordering
+    a float sum does; 1e-2 is a genuinely wrong artifact."""
+    return testing.fake_plugin(
+        "boxes", detect=lambda source: ModelFiles(files=found) if (found := source.matching(".boxes.onnx")) else None,
+        convert=_convert_copy,
+        reference_run=lambda source, model, inputs: {name: value * (1 + relative) for name, value in
+                                                     onnxtools.run(source.path(model.files[0]), inputs).items()})
+
+
+def test_large_valued_outputs_pass_fp32_parity_by_default_and_a_wrong_artifact_still_fails(tmp_path: Path) -> None:
+    source = _pixel_boxes(tmp_path / "out" / "head.boxes.onnx").parent
+    config = testing.write_project(tmp_path / "p", source=source, inputs={"x": {"shape": [1, 8]}})
+    report = testing.build(config, plugins=[_reordered_by(4e-7)], entry_points=False).parity
+    assert report.passed and report.max_abs_diff > 1e-4, "beyond the absolute tolerance, within the relative one"
+    assert report.rtol == 1e-5 and report.outputs[0].passed
+    wrong = testing.write_project(tmp_path / "q", source=source, inputs={"x": {"shape": [1, 8]}})
+    with pytest.raises(ParityError) as error:
+        testing.build(wrong, plugins=[_reordered_by(1e-2)], entry_points=False)
+    assert "beyond tolerance 0.0001 + rtol 1e-05 × |original|" in str(error.value)
+    assert "model.precision" not in str(error.value), "fp32 is in force already: never advised"
+    own = testing.write_project(tmp_path / "r", source=source, inputs={"x": {"shape": [1, 8]}},
+                                parity={"outputs": {"boxes": {"rtol": 0.02}}})
+    report = testing.build(own, plugins=[_reordered_by(1e-2)], entry_points=False).parity
+    assert report.passed and report.outputs[0].rtol == 0.02
+
+
 def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path: Path) -> None:
     source = tmp_path / "out"
     testing.onnx_classifier(source / "net.broken.onnx")
@@ -131,7 +173,8 @@ def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path
     with pytest.raises(ParityError) as error:
         testing.build(config, plugins=[BROKEN_OPTIMIZER], entry_points=False)
     message = str(error.value)
-    assert "parity failed for output 'prob' on onnxruntime: max abs diff 0.05 > tolerance 0.0001" in message
+    assert ("parity failed for output 'prob' on onnxruntime: max abs diff 0.05, max rel diff" in message
+            and "beyond tolerance 0.0001 + rtol 1e-05 × |original|" in message)
     assert "4 samples, seed 0" in message
     assert not (config.parent / "dist").exists()
     cache = config.parent / ".deeplens" / "cache"

@@ -61,11 +61,11 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     device_build = DEVICE_BUILD.rsplit("/", 1)[-1]
     compiles = device_build in artifacts
     # the target backend compiles on the device, into the work folder that outlives deployments
-    tolerance = config.parity.tolerance_for(config.model.precision)
+    bounds = config.parity.bounds_for(config.model.precision)[None]
     steps = lifecycle.scripts(
         pins=pins, vendored=vendored, code_dir="{artifacts:decompressedPath}/" + lambda_pkg.path.stem,
         module=lambda_pkg.handler.rsplit(".", 1)[0], runner=support.RUNNER.name,
-        compile_step=f"{{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {tolerance!r}"
+        compile_step=f"{{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {bounds.tolerance!r} {bounds.rtol!r}"
         if compiles else None, kvs_stream=config.device.kinesis_video_stream)
     setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deeplens_build import onnxtools
+from deeplens_build.config import Bounds
 from deeplens_build.digest import file_sha256
 from deeplens_build.records import OutputParity, ParityReport
 from deeplens_build.report import Reporter
@@ -37,11 +38,12 @@ RANGE_SENSITIVE = frozenset({
 FP16_MAX = 65504.0
 
 
-def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, task: str, seed: int,
-            workdir: Path, reporter: Reporter) -> Optimized:
+def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[str | None, Bounds], task: str,
+            seed: int, workdir: Path, reporter: Reporter) -> Optimized:
     """The FP16 artifact, with as few nodes kept in FP32 as parity needs; ``optimized`` is the FP32 one."""
     import onnx
 
+    tolerance, rtol = bounds[None].tolerance, bounds[None].rtol
     model = onnx.load(str(optimized.artifact.path))
     named = _name_nodes(model)  # onnxconverter-common blocks nodes by name
     source = _Source.of(model)  # what each trial's casts are checked against: one inference, not one per trial
@@ -60,11 +62,11 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
             # onnxruntime refused the trial graph: a failed trial, so the search keeps more in FP32
             reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
-            return ParityReport(max_abs_diff=math.inf, max_rel_diff=math.inf, tolerance=tolerance, passed=False,
-                                samples=reference.samples, seed=seed,
+            return ParityReport(max_abs_diff=math.inf, max_rel_diff=math.inf, tolerance=tolerance, rtol=rtol,
+                                passed=False, samples=reference.samples, seed=seed,
                                 outputs=tuple(OutputParity(o.name, math.inf, math.inf, None) for o in outputs),
                                 runtime=f"onnxruntime, FP16 (the graph does not load: {reason})")
-        return compare(reference, candidate, outputs, tolerance=tolerance, task=task, seed=seed,
+        return compare(reference, candidate, outputs, bounds=bounds, task=task, seed=seed,
                        runtime="onnxruntime, FP16")
 
     plain = trial(())
@@ -74,13 +76,15 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, tolerance: float, 
                       "passed all the same)")
     if not plain.passed:
         candidates = _by_risk(model)
-        reporter.step(f"precision: plain FP16 fails parity (max abs diff {plain.max_abs_diff:.3g} > "
-                      f"{tolerance:.3g}); searching {len(candidates)} nodes for the ones to keep in FP32")
+        reporter.step(f"precision: plain FP16 fails parity (max abs diff {plain.max_abs_diff:.3g} beyond "
+                      f"{tolerance:.3g} + {rtol:.3g} × |original|); searching {len(candidates)} nodes for the ones "
+                      "to keep in FP32")
         block = _smallest_passing_prefix(candidates, trial)
         report = trial(block)
         reporter.note(f"fp16: kept {len(block)} of {len(candidates)} nodes in FP32 so parity passes "
-                      f"(max abs diff {report.max_abs_diff:.3g} ≤ {tolerance:.3g}, plain FP16 gave "
-                      f"{plain.max_abs_diff:.3g}): {', '.join(block[:8])}{' …' if len(block) > 8 else ''}")
+                      f"(max abs diff {report.max_abs_diff:.3g} within {tolerance:.3g} + {rtol:.3g} × |original|, "
+                      f"plain FP16 gave {plain.max_abs_diff:.3g}): "
+                      f"{', '.join(block[:8])}{' …' if len(block) > 8 else ''}")
     passes = [*optimized.passes, *(["name-nodes"] if named else []),
               "fp16-mixed" if block else "fp16", "fp32-io"]
     files = onnxtools.files(target)
@@ -364,13 +368,14 @@ def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optim
     config = b.config
     if config.model.precision != "fp16" or reference is None:
         return optimized
-    tolerance = config.parity.tolerance_for("fp16")
+    bounds = config.parity.bounds_for("fp16")
     key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
-           "tolerance": tolerance, "task": config.model.task, "tools": b.tools}
+           "bounds": {str(k): dataclasses.asdict(v) for k, v in bounds.items()}, "task": config.model.task,
+           "tools": b.tools}
 
     def build(workdir: Path) -> Optimized:
         b.reporter.step("precision: fp16")
-        return to_fp16(optimized, reference, tolerance=tolerance, task=config.model.task, seed=config.parity.seed,
+        return to_fp16(optimized, reference, bounds=bounds, task=config.model.task, seed=config.parity.seed,
                        workdir=workdir, reporter=b.reporter)
 
     return b.stage("precision", key, Optimized, build)

@@ -70,7 +70,7 @@ def test_tf_serving_layout_packages_the_highest_version(tmp_path: Path, serving_
                                             "layout": "NHWC"}]
 
 
-@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize("suffix", [".keras", ".h5", ".hdf5"])
 def test_keras_filespackage_project(tmp_path: Path, suffix: str) -> None:
     source = tmp_path / "out"
     source.mkdir()

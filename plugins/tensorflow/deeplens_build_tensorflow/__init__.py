@@ -34,7 +34,7 @@ from deeplens_build import (
 
 INSTALL = "pip install deeplens-build-tensorflow  (tensorflow-cpu 2.21, tf2onnx 1.17.0)"
 SAVED_MODEL = "saved_model.pb"
-KERAS_SUFFIXES = (".keras", ".h5")
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 DEFAULT_SIGNATURE = "serving_default"
 DEFAULT_OPSET = 17
 _UNSUPPORTED = re.compile(r"Tensorflow op \[(?P<node>[^:\]]+): (?P<op>[^\]]+)\] is not supported")
