@@ -89,6 +89,10 @@ def test_only_the_final_checkpoint_is_packaged(tmp_path: Path, network: torch.nn
     assert _manifest(report)["source"]["model_files"] == ["checkpoints/model_epoch_10.pt"]
     assert any("3 checkpoints found" in n and "packaging only the final one, checkpoints/model_epoch_10.pt" in n
                for n in report["notes"])
+    from deeplens_build_pytorch import PyTorchSettings, _final
+
+    assert _final(["checkpoints/model-0003.pt", "resnet18.pt"], PyTorchSettings())[0] == "resnet18.pt", \
+        "a number in a model's name does not make it a checkpoint"
     pt_testing.torchscript(source, network, name="model.pt")  # the final model beside its checkpoints wins
     report = package_project(tmp_path / "b", pt_testing.model_tar(source, tmp_path / "b.tar.gz"), inputs=INPUTS)
     assert _manifest(report)["source"]["model_files"] == ["model.pt"]

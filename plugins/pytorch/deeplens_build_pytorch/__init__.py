@@ -55,7 +55,9 @@ TORCHSCRIPT_MAX_OPSET = 17
 WORKER = Path(__file__).with_name("worker.py")
 PASSED_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ")
 """What the child gets from the build's environment: nothing secret."""
-_NUMBERED = re.compile(r"(\d+)\.pt2?h?$", re.IGNORECASE)
+_NUMBERED = re.compile(r"(?:^|[-_.])(?:epoch|ep|step|iter|ckpt|checkpoint)?[-_]?(\d+)\.(?:pt|pth|pt2)$",
+                       re.IGNORECASE)
+"""A checkpoint's name: a number after a separator (``model_epoch_3.pth``, ``model-0003.pt``; not ``resnet18.pth``)."""
 _CHECKPOINT_FOLDERS = {"checkpoint", "checkpoints"}
 
 Kind = Literal["torchscript", "export", "inference"]
@@ -82,11 +84,11 @@ def deeplens_build_detect(source: TrainingOutput, settings: PyTorchSettings) -> 
     models = [f for f in source.matching(*SUFFIXES) if not f.startswith("code/")]
     if not models:
         return None
-    chosen, notes = _final(models, settings)
-    if INFERENCE in source.files:
-        return ModelFiles(files=(INFERENCE, chosen), notes=(
+    if INFERENCE in source.files:  # model_fn chooses what it loads: every model file is part of the model
+        return ModelFiles(files=(INFERENCE, *models), notes=(
             f"{INFERENCE}'s model_fn builds the model from the training output, in a child process with a clean "
             "environment, as SageMaker's PyTorch serving runs it",))
+    chosen, notes = _final(models, settings)
     if _kind(source, chosen) == "inference":
         raise ConversionError(f"{chosen} holds weights without the module's code (a state dict, or a pickled "
                               f"module, which would run arbitrary code to load): add {INFERENCE} with "
@@ -100,10 +102,10 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
                            shapes: Mapping[str, tuple[int, ...]], settings: PyTorchSettings,
                            opset: int | None) -> Artifact:
     wanted = min(settings.opset, opset or settings.opset)
-    kind = _kind(source, model.files[-1])
+    kind = _kind(source, model.files[0])
     scratch = workdir / "scratch"
-    with _Worker(kind, source.root, model.files[-1], scratch) as worker:
-        inputs = _input_shapes(worker.inputs, shapes, kind, model.files[-1])
+    with _Worker(kind, source.root, model.files[0], scratch) as worker:
+        inputs = _input_shapes(worker.inputs, shapes, kind, model.files[0])
         dynamo = wanted >= DYNAMO_OPSET and kind != "torchscript"
         exported = scratch / "export" / "model.onnx"
         exported.parent.mkdir(parents=True)
@@ -119,11 +121,11 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
 @hookimpl
 def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: Artifact,
                                  inputs: Mapping[str, Any], scratch: Path) -> Mapping[str, Any]:
-    worker = _reference_worker(_kind(source, model.files[-1]), source.root, model.files[-1], scratch)
+    worker = _reference_worker(_kind(source, model.files[0]), source.root, model.files[0], scratch)
     names = [spec.name for spec in converted.inputs]
     outputs = worker.run([inputs[name] for name in names], names)
     if len(outputs) != len(converted.outputs):
-        raise ConversionError(f"{model.files[-1]} gave {len(outputs)} outputs on a parity sample, its export "
+        raise ConversionError(f"{model.files[0]} gave {len(outputs)} outputs on a parity sample, its export "
                               f"{len(converted.outputs)}")
     return {spec.name: value for spec, value in zip(converted.outputs, outputs)}
 
@@ -134,7 +136,7 @@ def _final(models: list[str], settings: PyTorchSettings) -> tuple[str, tuple[str
     checkpoint with the highest number."""
     if settings.file is not None:
         return choose_one(models, settings.file, setting="plugins.pytorch.file", what="PyTorch models"), ()
-    checkpoints = [m for m in models if _NUMBERED.search(m) or _CHECKPOINT_FOLDERS & set(m.split("/")[:-1])]
+    checkpoints = [m for m in models if _number(m) >= 0 or _CHECKPOINT_FOLDERS & set(m.split("/")[:-1])]
     finals = [m for m in models if m not in checkpoints]
     if finals:
         chosen = choose_one(finals, None, setting="plugins.pytorch.file", what="PyTorch models")
@@ -150,7 +152,7 @@ def _final(models: list[str], settings: PyTorchSettings) -> tuple[str, tuple[str
 
 
 def _number(name: str) -> int:
-    match = _NUMBERED.search(name)
+    match = _NUMBERED.search(name.rsplit("/", 1)[-1])
     return int(match[1]) if match else -1
 
 
@@ -172,11 +174,11 @@ def _input_shapes(carried: list[list[Any]] | None, shapes: Mapping[str, tuple[in
                   file: str) -> dict[str, tuple[int, ...]]:
     """The export's input names and shapes: ``[model.inputs]`` in deeplens.toml, or what an exported program
     carries."""
-    what = {"torchscript": "a TorchScript model", "inference": "a model built by model_fn"}.get(kind)
     if carried is None:
         if not shapes:
-            raise ConversionError(f"{file} is {what}, which does not carry its input shapes: set [model.inputs.NAME] "
-                                  "shape = [1, 3, 224, 224] in deeplens.toml, one table per input in forward()'s order")
+            subject = f"{file} (TorchScript)" if kind == "torchscript" else f"the module {file}'s model_fn builds"
+            raise ConversionError(f"{subject} does not carry its input shapes: set [model.inputs.NAME] shape = "
+                                  "[1, 3, 224, 224] in deeplens.toml, one table per input in forward()'s order")
         return dict(shapes)
     unknown = sorted(set(shapes) - {name for name, _ in carried})
     if unknown:
