@@ -21,10 +21,10 @@ import time
 import warnings
 from pathlib import Path
 
+import deeplens_build_pytorch as plugin
 import numpy as np
 import torch
 from common import median_seconds
-import deeplens_build_pytorch as plugin
 from deeplens_build_pytorch import networks
 from deeplens_build_pytorch import testing as pt_testing
 
