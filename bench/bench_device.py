@@ -60,7 +60,7 @@ def main() -> None:
             broker.terminate()
 
         sys.path.insert(0, str(next((root / "device").glob("*/code"))))
-        from preprocess import to_tensor
+        from deeplens_preprocess import to_tensor
 
         session = onnxtools.session_for(next((root / "device").glob("*/model")) / "model.onnx")
         paths = sorted(frames.iterdir())

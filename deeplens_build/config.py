@@ -58,6 +58,8 @@ ProjectFolder = Annotated[Path, AfterValidator(_resolve), AfterValidator(_folder
 # TOML has real numbers: a number written as a string ("8") is a mistake to report, not to coerce
 Count = Annotated[int, Strict(), Field(ge=1)]
 Finite = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+MIN_CALIBRATION = 32
+"""Samples INT8 needs at least: enough to calibrate ranges and to leave a validation set that means something."""
 
 
 class _Strict(BaseModel):
@@ -74,7 +76,7 @@ class ModelConfig(_Strict):
     version: Annotated[str, AfterValidator(names.check_version)] = "1.0.0"
     framework: str = "auto"
     source: str | None = None
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     task: Literal["classification", "detection", "other"] = "classification"
     labels: ProjectFile | None = None
     inputs: dict[str, InputConfig] = Field(default_factory=dict)
@@ -95,8 +97,35 @@ class Bounds:
     rtol: float
 
 
+class PreprocessConfig(_Strict):
+    """``[calibration.preprocess]``: how an image becomes the model's input, here and on the device alike
+    (``deeplens_preprocess.to_tensor``); the defaults are its own."""
+
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0 / 255.0
+    mean: tuple[Annotated[float, Field(allow_inf_nan=False)], ...] = (0.0,)
+    std: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...] = (1.0,)
+    rgb: bool = False
+    """Reorder the frame's channels (BGR, as OpenCV and awscam give them) to RGB first."""
+
+
+class CalibrationConfig(_Strict):
+    """``[calibration]``: the inputs INT8 is calibrated on and gated by."""
+
+    samples: ProjectPath | None = None
+    """A folder of ``.npy`` (one input) or ``.npz`` (keyed by input name) tensors, or JPEG/PNG images."""
+    max_samples: Annotated[int, Strict(), Field(ge=MIN_CALIBRATION, le=1000)] = 300
+    validation: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    """The share of the samples, drawn seeded, that the gate compares on and calibration never sees."""
+    seed: Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)] = 0
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    """onnxruntime's calibration method for the activations' ranges."""
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+
 class ParityConfig(_Strict):
     tolerance: Finite | None = None
+    top1_agreement: Annotated[float, Field(gt=0, le=1)] = 0.99
+    """At ``precision = "int8"``: the share of validation samples whose top class the artifact must keep."""
     rtol: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     """Relative tolerance: what float reordering changes grows with the value (a box at pixel 320)."""
     outputs: dict[str, OutputTolerance] = Field(default_factory=dict)
@@ -129,13 +158,13 @@ class ParityConfig(_Strict):
         """The configured tolerance, else one that FP16 rounding (about 1e-3 relative) stays within."""
         if self.tolerance is not None:
             return self.tolerance
-        return 1e-2 if precision == "fp16" else 1e-4
+        return {"fp16": 1e-2, "int8": 5e-2}.get(precision, 1e-4)
 
     def bounds_for(self, precision: str) -> dict[str | None, Bounds]:
         """Each output's bounds by name, and under None those of every other output. The default relative
         tolerance is what reordering float sums changes (FP32) or half precision's rounding (FP16)."""
         default = Bounds(self.tolerance_for(precision),
-                         self.rtol if self.rtol is not None else 1e-3 if precision == "fp16" else 1e-5)
+                         self.rtol if self.rtol is not None else {"fp16": 1e-3, "int8": 5e-2}.get(precision, 1e-5))
         bounds: dict[str | None, Bounds] = {None: default}
         for name, own in self.outputs.items():
             bounds[name] = Bounds(own.tolerance if own.tolerance is not None else default.tolerance,
@@ -246,6 +275,7 @@ class ProjectConfig(_Strict):
     model: ModelConfig
     lambda_: LambdaConfig = Field(alias="lambda")
     parity: ParityConfig
+    calibration: CalibrationConfig
     fetch: FetchConfig
     target: TargetConfig
     runtime: RuntimeConfig
@@ -269,8 +299,15 @@ class ProjectConfig(_Strict):
                 data["lambda"] = {**lambda_, "runtime": V1_LAMBDA_RUNTIME}
         return data
 
+    @model_validator(mode="after")
+    def _int8_needs_calibration(self) -> ProjectConfig:
+        if self.model.precision == "int8" and self.calibration.samples is None:
+            raise ValueError('Field `calibration.samples` is required at model.precision = "int8": a folder of the '
+                             "inputs INT8 is calibrated and gated on (.npy/.npz tensors or JPEG/PNG images)")
+        return self
 
-_OPTIONAL_SECTIONS = ("parity", "fetch", "target", "runtime", "build", "greengrass", "device", "profile")
+
+_OPTIONAL_SECTIONS = ("parity", "calibration", "fetch", "target", "runtime", "build", "greengrass", "device", "profile")
 
 
 def load_config(path: Path | None, document: dict[str, Any] | None = None) -> ProjectConfig:

@@ -22,7 +22,7 @@ from pydantic import (
 
 from deeplens_build import names
 from deeplens_build.errors import VerificationError
-from deeplens_build.records import Latency, ParityReport, SageMakerJob, TensorSpec
+from deeplens_build.records import CalibrationReport, Latency, ParityReport, SageMakerJob, TensorSpec
 
 SCHEMA = "deeplens-build/bundle@1"
 MANIFEST = "manifest.json"
@@ -53,6 +53,8 @@ DEVICE_REFERENCE = f"{MODEL_DIR}/deeplens_reference.npz"
 
 MODEL_DIR_VARIABLE = "DEEPLENS_MODEL_DIR"
 """The device contract: the Lambda finds the bundle's model folder in this environment variable."""
+PREPROCESS_VARIABLE = "DEEPLENS_PREPROCESS"
+"""``[calibration.preprocess]`` as JSON, read by ``deeplens_preprocess.to_tensor`` on the device."""
 WORK_DIR_VARIABLE = "DEEPLENS_WORK_DIR"
 """A folder the component may write and that survives redeployments (``{work:path}``): engines built on the
 device, and their timing caches, live there."""
@@ -110,7 +112,9 @@ class OptimizationRecord(_Record):
     size_before: int
     size_after: int
     fp32_nodes: tuple[ShortText, ...] = ()
-    """At ``precision = "fp16"``: the nodes kept in FP32 so parity passes."""
+    """At ``precision = "fp16"`` or ``"int8"``: the nodes kept in FP32 so parity (INT8's gate) passes."""
+    calibration: CalibrationReport | None = None
+    """At ``precision = "int8"``: the samples' digest and counts, the calibration method."""
 
 
 class TargetRecord(_Record):

@@ -111,4 +111,6 @@ def first_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     if error["type"] == "extra_forbidden":
         return f"Field `{key}` is not a known setting; check its spelling against README.md"
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    if not key:  # a check across tables: its message names the fields itself
+        return f"{message}{more}"
     return f"Field `{key}` {message[0].lower() + message[1:]}{more}"

@@ -81,3 +81,18 @@ class ParityReport:
     outputs: tuple[OutputParity, ...]
     runtime: str = "onnxruntime"
     rtol: float = 0.0
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """At ``precision = "int8"``: what the artifact was calibrated and gated on.
+
+    :param sha256: digest of the sample files read (names and bytes).
+    :param calibration: samples the activations' ranges were calibrated on.
+    :param validation: samples, held out, the gate compared on (the parity report's figures).
+    """
+
+    sha256: str
+    calibration: int
+    validation: int
+    method: str

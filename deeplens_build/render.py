@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deeplens_build.manifest import Manifest
     from deeplens_build.plugins import PluginManager
+    from deeplens_build.records import ParityReport
     from deeplens_build.values import BuildResult
 
 
@@ -31,7 +32,8 @@ def summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
         "framework": result.framework,
         "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
                    "tolerance": parity.tolerance, "rtol": parity.rtol, "passed": parity.passed,
-                   "samples": parity.samples}
+                   "samples": parity.samples, "top1_agreement": min(
+                       (o.top1_agreement for o in parity.outputs if o.top1_agreement is not None), default=None)}
         if parity else None,
         "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact, "bundle": result.sizes.bundle},
         "stages": list(result.stages),
@@ -51,8 +53,9 @@ def package(summary: dict[str, Any], *, up_to_date: bool, as_json: bool) -> str:
              f"  sha256    {summary['sha256']}",
              f"  model     {summary['name']} {summary['version']} ({summary['framework']})"]
     if p := summary["parity"]:
+        top1 = f", top-1 agreement {p['top1_agreement']:.1%}" if p["top1_agreement"] is not None else ""
         lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g}, within {p['tolerance']:.3g} + "
-                     f"{p['rtol']:.3g} × |original|, over {p['samples']} samples")
+                     f"{p['rtol']:.3g} × |original|{top1}, over {p['samples']} samples")
     s = summary["sizes"]
     lines.append(f"  sizes     source {size(s['source'])}, artifact {size(s['artifact'])}, "
                  f"bundle {size(s['bundle'])}")
@@ -72,12 +75,15 @@ def manifest(m: Manifest) -> Iterator[str]:
     if parity := m.parity:
         yield (f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g} + rtol "
                f"{parity.rtol:.3g} × |original|), "
-               f"max rel diff {parity.max_rel_diff:.3g}, {parity.samples} samples, seed {parity.seed}, "
-               f"on {parity.runtime}")
+               f"max rel diff {parity.max_rel_diff:.3g}{_top1(parity)}, {parity.samples} samples, seed "
+               f"{parity.seed}, on {parity.runtime}")
     opt = m.optimization
     yield f"  sizes   {size(opt.size_before)} → {size(opt.size_after)} ({', '.join(opt.passes)})"
     if opt.fp32_nodes:
         yield f"  fp32    {len(opt.fp32_nodes)} node(s) kept in FP32 for parity: {', '.join(opt.fp32_nodes)}"
+    if calibrated := opt.calibration:
+        yield (f"  int8    calibrated ({calibrated.method}) on {calibrated.calibration} samples, gated on "
+               f"{calibrated.validation} held out; samples sha256 {calibrated.sha256}")
     if target := m.target:
         ceiling = f", ONNX opset ≤ {target.max_opset}" if target.max_opset else ""
         yield (f"  target  {target.backend} (compiled on: {target.compiled_on}{ceiling}; "
@@ -130,3 +136,8 @@ def plugins(manager: PluginManager) -> Iterator[str]:
         yield f"target {t.backend.name:12} {t.backend.summary} ({t.distribution or t.plugin}, {origin})"
     for f in manager.failures:
         yield f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}"
+
+
+def _top1(parity: ParityReport) -> str:
+    agreement = [o.top1_agreement for o in parity.outputs if o.top1_agreement is not None]
+    return f", top-1 agreement {min(agreement):.1%}" if agreement else ""

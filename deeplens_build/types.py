@@ -174,6 +174,8 @@ class TargetBackend:
     :param requires: distributions the backend imports on the build machine: their versions are recorded in
         the manifest and the cache key.
     :param install: the command that installs what it imports; an ``ImportError`` in a callable quotes it.
+    :param symmetric_int8: its runtime takes INT8 activations only with zero point 0 (TensorRT's explicit
+        quantization): ``precision = "int8"`` then quantizes them symmetrically.
     """
 
     name: str
@@ -191,6 +193,7 @@ class TargetBackend:
     device_build: Path | None = None
     requires: tuple[str, ...] = ()
     install: str = ""
+    symmetric_int8: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deeplens_build.errors import ConfigError
-from deeplens_build.records import ParityReport
+from deeplens_build.records import CalibrationReport, ParityReport
 from deeplens_build.types import Artifact, Framework, ModelFiles, SourceKind, TargetBackend
 
 if TYPE_CHECKING:
@@ -67,7 +67,9 @@ class Detection:
 class Optimized:
     """The optimize stage's result: the artifact, and what was done to it.
 
-    :param fp32_nodes: at ``precision = "fp16"``, the nodes kept in float32 so parity passes (mixed precision).
+    :param fp32_nodes: at ``precision = "fp16"`` or ``"int8"``, the nodes kept in float32 so parity (or INT8's
+        gate) passes (mixed precision).
+    :param calibration: at ``precision = "int8"``, what it was calibrated and gated on.
     """
 
     artifact: Artifact
@@ -76,6 +78,7 @@ class Optimized:
     size_before: int
     opset: int | None
     fp32_nodes: tuple[str, ...] = ()
+    calibration: CalibrationReport | None = None
 
 
 @dataclass(frozen=True)

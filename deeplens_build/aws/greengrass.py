@@ -10,18 +10,20 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from deeplens_build.aws import lifecycle
 from deeplens_build.aws import recipe as recipe_format
-from deeplens_build.config import ProjectConfig
+from deeplens_build.config import PreprocessConfig, ProjectConfig
 from deeplens_build.device import support
 from deeplens_build.digest import file_sha256, json_sha256
 from deeplens_build.manifest import (
     DEVICE_BUILD,
     MODEL_DIR_VARIABLE,
+    PREPROCESS_VARIABLE,
     WORK_DIR_VARIABLE,
     infer_topic,
 )
@@ -39,7 +41,17 @@ def component_name(config: ProjectConfig) -> str:
 
 def lambda_environment(config: ProjectConfig) -> dict[str, str]:
     """The Lambda's environment wherever it runs: where the model is, plus the project's own variables."""
-    return {MODEL_DIR_VARIABLE: config.greengrass.model_path, **config.lambda_.environment}
+    return {MODEL_DIR_VARIABLE: config.greengrass.model_path, **project_environment(config)}
+
+
+def project_environment(config: ProjectConfig) -> dict[str, str]:
+    """The variables the project gives its Lambda: ``[lambda] environment``, after ``DEEPLENS_PREPROCESS`` when
+    ``[calibration.preprocess]`` is not ``deeplens_preprocess``'s default (the device then feeds the model as it
+    was calibrated)."""
+    preprocess = config.calibration.preprocess
+    own = {} if preprocess == PreprocessConfig() else {
+        PREPROCESS_VARIABLE: json.dumps(preprocess.model_dump(mode="json"), sort_keys=True)}
+    return {**own, **config.lambda_.environment}
 
 
 def artifact_uri(config: ProjectConfig, name: str) -> str:
@@ -65,8 +77,8 @@ def recipe(config: ProjectConfig, *, artifacts: Mapping[str, Path], runtime: Run
     steps = lifecycle.scripts(
         pins=pins, vendored=vendored, code_dir="{artifacts:decompressedPath}/" + lambda_pkg.path.stem,
         module=lambda_pkg.handler.rsplit(".", 1)[0], runner=support.RUNNER.name,
-        compile_step=f"{{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {bounds.tolerance!r} {bounds.rtol!r}"
-        if compiles else None, kvs_stream=config.device.kinesis_video_stream)
+        compile_step=f"{{artifacts:path}}/{device_build} {{artifacts:path}} {{work:path}} {bounds.tolerance!r} "
+                     f"{bounds.rtol!r}" if compiles else None, kvs_stream=config.device.kinesis_video_stream)
     setenv = {MODEL_DIR_VARIABLE: "{artifacts:path}", WORK_DIR_VARIABLE: "{work:path}", **environment}
     dependencies = {}
     if stream := config.device.kinesis_video_stream:

@@ -36,7 +36,7 @@ def run(b: Build, payload: Mapping[str, Path], *, runtime: Runtime, opset: int |
     fmt = config.greengrass.format
     # what the device needs, by file name (Greengrass puts artifacts side by side); not the runtime definition
     device_files = {arc.rsplit("/", 1)[-1]: path for arc, path in payload.items() if not arc.endswith(DEFINITION)}
-    environment = dict(config.lambda_.environment)
+    environment = greengrass.project_environment(config)
 
     def write(scratch: Path) -> GreengrassDocuments:
         documents: dict[str, Any] = {}

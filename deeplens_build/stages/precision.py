@@ -45,7 +45,7 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
 
     tolerance, rtol = bounds[None].tolerance, bounds[None].rtol
     model = onnx.load(str(optimized.artifact.path))
-    named = _name_nodes(model)  # onnxconverter-common blocks nodes by name
+    named = name_nodes(model)  # onnxconverter-common blocks nodes by name
     source = _Source.of(model)  # what each trial's casts are checked against: one inference, not one per trial
     target = workdir / optimized.artifact.path.name
     outputs = optimized.artifact.outputs
@@ -79,7 +79,8 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
         reporter.step(f"precision: plain FP16 fails parity (max abs diff {plain.max_abs_diff:.3g} beyond "
                       f"{tolerance:.3g} + {rtol:.3g} × |original|); searching {len(candidates)} nodes for the ones "
                       "to keep in FP32")
-        block = _smallest_passing_prefix(candidates, trial)
+        block = smallest_passing_prefix(candidates, trial, remedy="Every node kept in FP32 still fails, so FP16 is "
+                                        "not the cause: check the model at `model.precision = \"fp32\"`.")
         report = trial(block)
         reporter.note(f"fp16: kept {len(block)} of {len(candidates)} nodes in FP32 so parity passes "
                       f"(max abs diff {report.max_abs_diff:.3g} within {tolerance:.3g} + {rtol:.3g} × |original|, "
@@ -93,10 +94,12 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
                      fp32_nodes=block)
 
 
-def _smallest_passing_prefix(candidates: list[str], trial) -> tuple[str, ...]:
-    """The shortest prefix of ``candidates`` whose trial passes (assuming that keeping more in FP32 never hurts).
+def smallest_passing_prefix(candidates: list[str], trial, *, remedy: str) -> tuple[str, ...]:
+    """The shortest prefix of ``candidates`` whose trial passes (assuming that keeping more in float never hurts):
+    the one search FP16 and INT8 keep nodes in float by.
 
-    :raises ParityError: when even every candidate in FP32 fails, which no FP16 artifact can fix.
+    :param remedy: what the error says when even every candidate in float fails, which no such artifact can fix.
+    :raises ParityError: then.
     """
     failing, size = 0, 1
     while True:
@@ -105,8 +108,7 @@ def _smallest_passing_prefix(candidates: list[str], trial) -> tuple[str, ...]:
         if report.passed:
             break
         if size == len(candidates):
-            require(report, remedy="Every node kept in FP32 still fails, so FP16 is not the cause: check the model "
-                                   "at `model.precision = \"fp32\"`.")
+            require(report, remedy=remedy)
         failing, size = size, size * 2
     passing = size
     while passing - failing > 1:
@@ -136,7 +138,7 @@ def _by_risk(model) -> list[str]:
     return [node.name for _, node in sorted(enumerate(order), key=risk)]
 
 
-def _name_nodes(model) -> int:
+def name_nodes(model) -> int:
     """Give every unnamed node a unique name; how many were named."""
     taken = {n.name for n in model.graph.node}
     count = 0
@@ -364,10 +366,13 @@ def _rename_uses(graph, old: str, new: str) -> None:
 
 
 def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optimized:
-    """At ``precision = "fp16"``: the FP16 artifact, keeping in FP32 the nodes parity needs there."""
+    """At ``precision = "fp16"``: the FP16 artifact, keeping in FP32 the nodes parity needs there; at ``"int8"``,
+    the INT8 artifact that passes the gate (:mod:`deeplens_build.stages.int8`)."""
     config = b.config
-    if config.model.precision != "fp16" or reference is None:
+    if reference is None or config.model.precision == "fp32":
         return optimized
+    if config.model.precision == "int8":
+        return _int8(b, optimized, reference)
     bounds = config.parity.bounds_for("fp16")
     key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
            "bounds": {str(k): dataclasses.asdict(v) for k, v in bounds.items()}, "task": config.model.task,
@@ -377,5 +382,26 @@ def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optim
         b.reporter.step("precision: fp16")
         return to_fp16(optimized, reference, bounds=bounds, task=config.model.task, seed=config.parity.seed,
                        workdir=workdir, reporter=b.reporter)
+
+    return b.stage("precision", key, Optimized, build)
+
+
+def _int8(b: Build, optimized: Optimized, reference: ReferenceRun) -> Optimized:
+    from deeplens_build import calibration
+    from deeplens_build.stages import int8
+
+    config = b.config
+    settings = int8.Int8Settings(bounds=config.parity.bounds_for("int8"), top1=config.parity.top1_agreement,
+                                 method=config.calibration.method, symmetric=b.target.backend.symmetric_int8,
+                                 task=config.model.task, seed=config.parity.seed)
+    key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
+           "calibration": calibration.identity(config.calibration), "tools": b.tools,
+           "settings": {**dataclasses.asdict(settings), "bounds": {str(k): dataclasses.asdict(v)
+                                                                  for k, v in settings.bounds.items()}}}
+
+    def build(workdir: Path) -> Optimized:
+        b.reporter.step(f"precision: int8, calibrated ({config.calibration.method}) on {config.calibration.samples}")
+        samples = calibration.load(config.calibration, optimized.artifact.inputs)
+        return int8.to_int8(optimized, reference, samples, settings, workdir=workdir, reporter=b.reporter)
 
     return b.stage("precision", key, Optimized, build)

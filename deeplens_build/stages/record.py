@@ -63,7 +63,7 @@ def run(b: Build, *, training: TrainingOutput, detection: Detection, optimized: 
         optimization=OptimizationRecord(passes=optimized.passes, opset=optimized.opset,
                                         size_before=optimized.size_before,
                                         size_after=sum(p.stat().st_size for p in compiled.files),
-                                        fp32_nodes=optimized.fp32_nodes),
+                                        fp32_nodes=optimized.fp32_nodes, calibration=optimized.calibration),
         parity=parity,
         target=TargetRecord(backend=backend.name, plugin=b.target.plugin, distribution=b.target.distribution,
                             version=b.target.version, tools=dict(b.target.tool_versions), max_opset=backend.max_opset,
@@ -78,7 +78,7 @@ def run(b: Build, *, training: TrainingOutput, detection: Detection, optimized: 
         lambda_=LambdaRecord(
             name=lambda_pkg.name, handler=lambda_pkg.handler, version=lambda_pkg.version,
             file=f"{LAMBDA_DIR}/{lambda_pkg.path.name}", sha256=lambda_pkg.sha256,
-            environment=dict(config.lambda_.environment),
+            environment=greengrass.project_environment(config),
             published_version=published.version if published else None, arn=published.arn if published else None,
             alias=published.alias if published else None),
         greengrass=GreengrassRecord(format=config.greengrass.format, component=greengrass.component_name(config),

@@ -92,7 +92,7 @@ def test_twenty_frames_give_twenty_messages_equal_to_onnxruntime(broker: Broker,
     model = next((tmp_path / "device").glob("*/model"))
     sys.path.insert(0, str(next((tmp_path / "device").glob("*/code"))))
     try:
-        from preprocess import to_tensor
+        from deeplens_preprocess import to_tensor
     finally:
         sys.path.pop(0)
     session = onnxtools.session_for(model / "model.onnx")

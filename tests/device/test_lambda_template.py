@@ -37,7 +37,7 @@ def test_template_publishes_one_prediction_per_frame_matching_onnxruntime(tmp_pa
 
     sys.path.insert(0, str(device / "code"))
     try:
-        from preprocess import to_tensor  # the template's own preprocessing
+        from deeplens_preprocess import to_tensor  # what the Lambda zip carries
     finally:
         sys.path.pop(0)
     labels = (device / "model" / "labels.txt").read_text().splitlines()

@@ -20,7 +20,7 @@ import threading
 import time
 
 import deeplens_publish
-from preprocess import to_tensor
+from deeplens_preprocess import to_tensor  # shipped beside this module, the calibration's own definition
 
 MODEL_DIR = os.environ.get("DEEPLENS_MODEL_DIR", "/greengrass-machine-learning/model")
 sys.path.insert(0, MODEL_DIR)

@@ -45,4 +45,4 @@ def deeplens_build_targets() -> list[TargetBackend]:
         accelerators=("gpu",), platforms=("linux-x86_64", "linux-aarch64"), device_module=HERE / "device.py",
         max_opset=MAX_OPSET, operators=OPERATORS, runtime="tensorrt",
         runtimes=(HERE / "runtime" / "tensorrt" / "runtime.toml",), device_build=HERE / "build_engine.py",
-        install="pip install deeplens-build-tensorrt")]
+        install="pip install deeplens-build-tensorrt", symmetric_int8=True)]

@@ -109,6 +109,9 @@ def build(model_dir, work_dir, fp16=True, tolerance=None, rtol=0.0):
     config = builder.create_builder_config()
     if fp16 and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    quantized = (trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE)
+    if any(network.get_layer(i).type in quantized for i in range(network.num_layers)):
+        config.set_flag(trt.BuilderFlag.INT8)  # a QDQ (INT8) model: INT8 where its Q/DQ pairs say, explicitly
     cache_path = os.path.join(work_dir, TIMING_CACHE)
     cached = b""
     if os.path.exists(cache_path):
