@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_io.py
 	$(BIN)/python bench/bench_targets.py
 	$(BIN)/python bench/bench_fp16.py
+	$(BIN)/python bench/bench_int8.py
 
 clean:
 	rm -rf dist .deeplens $(EXAMPLE)/.deeplens
