@@ -212,8 +212,12 @@ def test_the_device_preprocesses_as_the_calibration_did(tmp_path: Path, classifi
     assert json.loads(setenv[PREPROCESS_VARIABLE]) == preprocess
 
 
-def test_an_int8_bundle_runs_on_the_local_device(tmp_path: Path, classifier: Path, images: Path) -> None:
-    config = example_project(tmp_path)
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_an_int8_bundle_runs_on_the_local_device(tmp_path: Path, classifier: Path, images: Path,
+                                                 backend: str) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    config = example_project(tmp_path, backend=backend)
     text = config.read_text().replace('source = "model.tar.gz"', f'source = "{classifier.parent}"')
     config.write_text(text.replace('precision = "fp16"', 'precision = "int8"')
                       + f'\n[calibration]\nsamples = "{images}"\n')
