@@ -75,7 +75,8 @@ def _sequence(b: Build, output: Path) -> BuildResult:
     latencies = profile.run(b, training, detection, converted, optimized, compiled, reference)
     device_runtime, wheelhouse = runtime.run(b, detection, converted, compiled, optimized.opset)
     lambda_pkg = lambda_package.run(b)
-    payload = bundle.payload(b, converted, compiled, reference, device_runtime, wheelhouse, lambda_pkg)
+    payload = bundle.payload(b, detection, converted, compiled, reference, device_runtime, wheelhouse,
+                             lambda_pkg)
     published = publish_lambda(lambda_pkg, b.config.lambda_, environment=greengrass.lambda_environment(b.config),
                                reporter=b.reporter) if b.options.publish else None
     written = documents.run(b, payload, runtime=device_runtime, opset=optimized.opset, vendored=bool(wheelhouse.wheels),

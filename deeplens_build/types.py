@@ -106,6 +106,11 @@ class Framework:
     :param install: the command that installs what the plugin imports; when a hook raises ``ImportError``,
         the core's error quotes it.
     :param settings: the plugin's settings class (a :class:`PluginSettings` subclass); the default takes none.
+    :param device_module: a Python file shipped in the bundle's model folder as ``deeplens_model.py`` when the
+        plugin's artifact is in a native format of its own (run by its own runtime): ``load(model_dir)`` returns an
+        object with ``inputs`` (``[(name, shape)]``), ``outputs`` (names), ``device`` and ``run(feeds)`` (one array
+        per output), as a target backend's does. A native artifact without one is refused: neither the Lambda nor
+        ``awscam.Model`` could load it.
     """
 
     name: str
@@ -113,6 +118,7 @@ class Framework:
     requires: tuple[str, ...] = ()
     install: str = ""
     settings: type[PluginSettings] = PluginSettings
+    device_module: Path | None = None
 
 
 @dataclass(frozen=True)

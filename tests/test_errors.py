@@ -15,7 +15,7 @@ from deeplens_build import (
     onnxtools,
     testing,
 )
-from deeplens_build.errors import ParityError
+from deeplens_build.errors import ParityError, PluginError
 
 
 def test_rejects_model_name_without_deeplens_prefix(tmp_path: Path, onnx_model_dir: Path) -> None:
@@ -164,6 +164,22 @@ def test_large_valued_outputs_pass_fp32_parity_by_default_and_a_wrong_artifact_s
                                 parity={"outputs": {"boxes": {"rtol": 0.02}}})
     report = testing.build(own, plugins=[_reordered_by(1e-2)], entry_points=False).parity
     assert report.passed and report.outputs[0].rtol == 0.02
+
+
+def _convert_native(source, model, workdir):
+    artifact = _convert_copy(source, model, workdir)
+    return Artifact(format="acme-native", path=artifact.path, inputs=artifact.inputs, outputs=artifact.outputs)
+
+
+def test_a_native_artifact_no_device_module_can_load_is_refused(tmp_path: Path) -> None:
+    native = testing.fake_plugin(
+        "acme", detect=lambda source: ModelFiles(files=found) if (found := source.matching(".onnx")) else None,
+        convert=_convert_native)
+    config = testing.write_project(tmp_path / "p", source=testing.onnx_classifier(tmp_path / "out" / "m.onnx").parent)
+    with pytest.raises(PluginError, match=r"plugin 'acme' made a native acme-native artifact but ships no device "
+                                          r"module \(Framework.device_module\)"):
+        testing.build(config, plugins=[native], entry_points=False)
+    assert not (config.parent / "dist").exists()
 
 
 def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path: Path) -> None:

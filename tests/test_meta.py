@@ -29,8 +29,10 @@ def _modules(package: str, device_files: set[Path]) -> list[str]:
 
 
 def test_every_module_imports_under_warnings_as_errors() -> None:
-    backends = [info.backend for info in build_plugin_manager().targets]
-    device_files = {Path(path).resolve() for b in backends for path in (b.device_module, b.device_build) if path}
+    manager = build_plugin_manager()
+    device_files = {Path(path).resolve() for b in (info.backend for info in manager.targets)
+                    for path in (b.device_module, b.device_build) if path}
+    device_files |= {p.framework.device_module.resolve() for p in manager.plugins if p.framework.device_module}
     modules = [m for package in ("deeplens_build", *PLUGIN_PACKAGES) for m in _modules(package, device_files)]
     assert {"deeplens_build.stages.fetch", "deeplens_build.aws.deploy", "deeplens_build.device.run",
             "deeplens_build.builtin.sources", "deeplens_build_tensorrt"} <= set(modules)

@@ -26,6 +26,7 @@ from deeplens_build.types import Artifact, TrainingOutput
 from deeplens_build.values import (
     BuildResult,
     BundleSizes,
+    Detection,
     LambdaPackage,
     ReferenceRun,
     Runtime,
@@ -36,12 +37,14 @@ if TYPE_CHECKING:
     from deeplens_build.build import Build
 
 
-def payload(b: Build, converted: Artifact, compiled: Artifact, reference: ReferenceRun | None, runtime: Runtime,
-             wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage) -> dict[str, Path]:
+def payload(b: Build, detection: Detection, converted: Artifact, compiled: Artifact, reference: ReferenceRun | None,
+            runtime: Runtime, wheelhouse: Wheelhouse, lambda_pkg: LambdaPackage) -> dict[str, Path]:
     """The archive's layout (manifest.py names its folders): bundle path → file on disk."""
     payload = {f"{MODEL_DIR}/{p.name}": p for p in compiled.files}
     native = compiled.format == converted.format != "onnx"  # a framework's own format, run by its own runtime
-    if not native:
+    if native:  # convert refused one without a device module
+        payload[DEVICE_MODULE] = detection.plugin.framework.device_module
+    else:
         backend = b.target.backend
         payload[DEVICE_MODULE] = backend.device_module
         if backend.device_build is not None:

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deeplens_build.errors import DeepLensBuildError
+from deeplens_build.errors import DeepLensBuildError, PluginError
 from deeplens_build.stages.runtime import device_runtimes, select_runtime
 from deeplens_build.types import Artifact, TrainingOutput
 from deeplens_build.values import Detection
@@ -46,6 +46,11 @@ def run(b: Build, training: TrainingOutput, detection: Detection, opset: int | N
         return b.manager.convert(detection, training, workdir, b.shapes, settings, opset)
 
     converted = b.stage("convert", key, Artifact, convert)
+    framework = detection.plugin.framework
+    if converted.format != "onnx" and framework.device_module is None:
+        raise PluginError(f"plugin {detection.plugin.name!r} made a native {converted.format} artifact but ships no "
+                          "device module (Framework.device_module) to load it on a device, so neither the Lambda "
+                          "nor awscam.Model could run it; package it as ONNX instead")
     layouts = {name: spec.layout for name, spec in b.config.model.inputs.items() if spec.layout}
     return dataclasses.replace(converted, inputs=tuple(
         dataclasses.replace(spec, layout=layouts.get(spec.name, spec.layout)) for spec in converted.inputs))

@@ -65,10 +65,11 @@ def run(b: Build, *, training: TrainingOutput, detection: Detection, optimized: 
                                         size_after=sum(p.stat().st_size for p in compiled.files),
                                         fp32_nodes=optimized.fp32_nodes, calibration=optimized.calibration),
         parity=parity,
-        target=TargetRecord(backend=backend.name, plugin=b.target.plugin, distribution=b.target.distribution,
-                            version=b.target.version, tools=dict(b.target.tool_versions), max_opset=backend.max_opset,
-                            compiled_on="device" if backend.device_build else "build" if backend.compile
-                            else "nothing"),
+        # a native artifact is run by its framework's own runtime (the runtime record): no target backend touched it
+        target=None if optimized.artifact.format != "onnx" else TargetRecord(
+            backend=backend.name, plugin=b.target.plugin, distribution=b.target.distribution,
+            version=b.target.version, tools=dict(b.target.tool_versions), max_opset=backend.max_opset,
+            compiled_on="device" if backend.device_build else "build" if backend.compile else "nothing"),
         profile=profile,
         runtime=RuntimeRecord(
             name=runtime.name, summary=runtime.summary, accelerator=runtime.accelerator, python=runtime.python,

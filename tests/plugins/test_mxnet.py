@@ -6,8 +6,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import package_project
+from helpers import cli, open_bundle, package_project
 
 from deeplens_build import testing
 from deeplens_build.bundle import read_manifest
@@ -102,8 +103,27 @@ def test_native_format_keeps_symbol_and_params_with_the_mxnet_runtime(tmp_path: 
     assert report["parity"] is None
     manifest = testing.verify(Path(report["bundle"])).manifest.to_dict()
     assert manifest["model"]["format"] == "mxnet-symbol"
-    assert manifest["model"]["files"] == ["model/model-symbol.json", "model/model-0000.params"]
+    assert manifest["model"]["files"] == ["model/model-symbol.json", "model/model-0000.params",
+                                          "model/model-shapes.json"]
     assert manifest["runtime"]["name"] == "mxnet"
+    folder = tmp_path / "bundle"
+    with open_bundle(report["bundle"]) as tar:
+        tar.extractall(folder, filter="data")
+    # the device module the bundle carries loads and runs the native artifact as MXNet runs the original
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deeplens_model_mxnet", folder / "model" / "deeplens_model.py")
+    device = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device)
+    model = device.load(str(folder / "model"))
+    assert model.inputs == [("data", [1, 3, 32, 32])] and model.device.startswith("mxnet 1.9.1")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    from deeplens_build_mxnet import device as original
+
+    executor = original.bind(str(residual_checkpoints / "model-symbol.json"),
+                             str(residual_checkpoints / "model-0003.params"), [("data", (1, 3, 32, 32))])
+    assert np.array_equal(model.run({"data": x})[0], original.run(executor, {"data": x})[0])
+    assert "target  onnxruntime" not in cli("inspect", report["bundle"]).stdout, "the runtime that runs it is shown"
     params = {f["path"]: f["size"] for f in manifest["files"]}["model/model-0000.params"]
     assert params == (residual_checkpoints / "model-0003.params").stat().st_size
     assert any("parity: not applicable" in n for n in report["notes"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import re
 import shutil
 import warnings
@@ -39,8 +38,6 @@ _SYMBOL_SUFFIX = "-symbol.json"
 MIN_EXPORT_OPSET = 12
 """The oldest opset MXNet 1.9.1's exporter has converters for."""
 _SHAPES_FILES = ("model-shapes.json",)
-# numpy 1.24 removed these aliases; mxnet 1.9.1 still uses them at import time
-_NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str, "complex": complex}
 
 
 class MXNetSettings(PluginSettings):
@@ -55,7 +52,8 @@ class MXNetSettings(PluginSettings):
 @hookimpl
 def deeplens_build_framework() -> Framework:
     return Framework(name="mxnet", summary="MXNet checkpoints (PREFIX-symbol.json + PREFIX-NNNN.params)",
-                     requires=("mxnet", "onnx"), install=INSTALL, settings=MXNetSettings)
+                     requires=("mxnet", "onnx"), install=INSTALL, settings=MXNetSettings,
+                     device_module=Path(__file__).with_name("device.py"))
 
 
 @hookimpl
@@ -91,11 +89,13 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
         shutil.copyfile(source.path(model.files[0]), target)
         params = workdir / "model-0000.params"
         shutil.copyfile(source.path(model.files[1]), params)
+        shapes_file = workdir / "model-shapes.json"  # what the device module binds the inputs with
+        shapes_file.write_text(json.dumps([{"name": n, "shape": list(s)} for n, s in input_shapes.items()]))
         _, out_shapes, _ = symbol.infer_shape(**input_shapes)
         outputs = tuple(TensorSpec(name=n, shape=tuple(s), dtype="float32")
                         for n, s in zip(symbol.list_outputs(), out_shapes, strict=True))
-        return Artifact(format=NATIVE_FORMAT, path=target, extra_files=(params,), inputs=_specs(input_shapes),
-                        outputs=outputs, labels=labels)
+        return Artifact(format=NATIVE_FORMAT, path=target, extra_files=(params, shapes_file),
+                        inputs=_specs(input_shapes), outputs=outputs, labels=labels)
 
     import numpy as np
     import onnx
@@ -126,13 +126,12 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
 @hookimpl
 def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, converted: Artifact,
                                  inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    from deeplens_build_mxnet import device
+
     shapes = tuple((name, tuple(value.shape)) for name, value in inputs.items())
     executor = _executor(str(source.path(model.files[0])), str(source.path(model.files[1])), shapes)
-    mx = _mxnet()
-    for name, value in inputs.items():
-        executor.arg_dict[name][:] = mx.nd.array(value)
-    outputs = executor.forward(is_train=False)
-    return {spec.name: out.asnumpy() for spec, out in zip(converted.outputs, outputs, strict=True)}
+    outputs = device.run(executor, inputs)
+    return {spec.name: out for spec, out in zip(converted.outputs, outputs, strict=True)}
 
 
 @hookimpl
@@ -163,18 +162,14 @@ def _exporter_opset(opset: int | None) -> Iterator[None]:
 
 
 def _mxnet():
-    """Import mxnet after restoring the numpy aliases it needs (a missing install is the core's to report)."""
-    import numpy as np
+    """Import mxnet as the device module does (after restoring the numpy aliases it needs), with its ONNX exporter;
+    a missing install is the core's to report."""
+    from deeplens_build_mxnet import device
 
-    for alias, builtin in _NUMPY_ALIASES.items():
-        if alias not in np.__dict__:
-            setattr(np, alias, builtin)
-    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # silence "Subgraph backend MKLDNN is activated"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # mxnet's own use of distutils and numpy 1.x
-        import mxnet
+        warnings.simplefilter("ignore", DeprecationWarning)
         import mxnet.onnx  # noqa: F401  (the exporter is a submodule)
-    return mxnet
+    return device.mx
 
 
 def _checkpoints(source: TrainingOutput) -> dict[str, dict[int, str]]:
@@ -287,21 +282,10 @@ def _output_name(node: Mapping[str, Any], index: int, internals) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _executor(symbol_path: str, params_path: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
-    """An MXNet executor bound for inference, reused across the parity samples of one build."""
-    mx = _mxnet()
-    symbol = mx.sym.load(symbol_path)
-    saved = mx.nd.load(params_path)
-    aux_names = set(symbol.list_auxiliary_states())
-    params = {k.split(":", 1)[-1]: v for k, v in saved.items()}
-    given = dict(shapes)
-    labels = {a: mx.nd.zeros((given[next(iter(given))][0],)) for a in symbol.list_arguments()
-              if a.endswith("_label") and a not in params}
-    args = {a: params[a] if a in params else labels.get(a, mx.nd.zeros(given.get(a, (1,))))
-            for a in symbol.list_arguments()}
-    for name, shape in given.items():
-        args[name] = mx.nd.zeros(shape)
-    auxs = {a: params[a] for a in aux_names}
-    return symbol.bind(mx.cpu(), args=args, aux_states=auxs, grad_req="null")
+    """An MXNet executor bound for inference as the device module binds it, reused across the parity samples."""
+    from deeplens_build_mxnet import device
+
+    return device.bind(symbol_path, params_path, shapes)
 
 
 def _node_of(symbol, op: str) -> str:
