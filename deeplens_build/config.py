@@ -122,10 +122,23 @@ class CalibrationConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
 
 
+class DetectionMatch(_Strict):
+    """``[parity.detection]``: a detector's outputs compared as what a user sees. Per sample, the original's and the
+    artifact's detections scoring at least ``score`` are matched by class, box overlap (IoU) at least ``iou`` and
+    score within the output's bounds; the agreement is matched / the larger count (1 when both have none)."""
+
+    score: Annotated[float, Field(ge=0, le=1)] = 0.5
+    iou: Annotated[float, Field(gt=0, le=1)] = 0.5
+    agreement: Annotated[float, Field(gt=0, le=1)] = 0.95
+    """The least agreement over the samples that passes."""
+
+
 class ParityConfig(_Strict):
     tolerance: Finite | None = None
     top1_agreement: Annotated[float, Field(gt=0, le=1)] = 0.99
     """At ``precision = "int8"``: the share of validation samples whose top class the artifact must keep."""
+    detection: DetectionMatch = Field(default_factory=lambda: DetectionMatch())
+    """At ``task = "detection"``: how detections (``[class, score, xmin, ymin, xmax, ymax]`` rows) are matched."""
     rtol: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     """Relative tolerance: what float reordering changes grows with the value (a box at pixel 320)."""
     outputs: dict[str, OutputTolerance] = Field(default_factory=dict)

@@ -62,6 +62,8 @@ class OutputParity:
     """Every element within ``tolerance + rtol * |original|`` (None in manifests written before this existed)."""
     tolerance: float | None = None
     rtol: float | None = None
+    detection_agreement: float | None = None
+    """At ``task = "detection"``, for ``[class, score, box]`` rows: the least per-sample agreement of detections."""
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,54 @@ def test_a_native_artifact_no_device_module_can_load_is_refused(tmp_path: Path) 
     assert not (config.parent / "dist").exists()
 
 
+def _detector(path: Path) -> Path:
+    """A detector that sees the same scene whatever the frame: rows of [class, score, xmin, ymin, xmax, ymax] in
+    pixels (DETECTIONS), padded with class -1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    scene = helper.make_node("Constant", [], ["scene"], value=numpy_helper.from_array(DETECTIONS))
+    graph = helper.make_graph([scene, helper.make_node("Identity", ["scene"], ["detections"])], "ssd",
+                              [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("detections", TensorProto.FLOAT, [1, 4, 6])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+DETECTIONS = np.array([[[1, 0.9, 10, 10, 110, 110], [2, 0.8, 200, 40, 300, 160], [0, 0.1, 0, 0, 5, 5],
+                        [-1, 0, 0, 0, 0, 0]]], np.float32)
+
+
+def _original_is(change):
+    """A plugin whose original gives ``change(DETECTIONS)`` where the artifact gives DETECTIONS."""
+    return testing.fake_plugin(
+        "ssd", detect=lambda source: ModelFiles(files=found) if (found := source.matching(".onnx")) else None,
+        convert=_convert_copy, reference_run=lambda source, model, inputs: {"detections": change(DETECTIONS.copy())})
+
+
+def _shifted(rows):
+    rows[..., 2:] += 1.5  # a pixel and a half: element by element far beyond 1e-4, the same boxes to a user
+    return rows
+
+
+def _swapped(rows):
+    rows[0, [0, 1], 0] = rows[0, [1, 0], 0]  # the two confident detections exchange their classes
+    return rows
+
+
+def test_detector_outputs_are_compared_as_detections(tmp_path: Path) -> None:
+    source = _detector(tmp_path / "out" / "ssd.onnx").parent
+    tables = {"model": {"task": "detection"}}
+    config = testing.write_project(tmp_path / "p", source=source, **tables)
+    report = testing.build(config, plugins=[_original_is(_shifted)], entry_points=False).parity
+    assert report.passed and report.max_abs_diff == pytest.approx(1.5)
+    assert report.outputs[0].detection_agreement == 1.0
+    wrong = testing.write_project(tmp_path / "q", source=source, **tables)
+    with pytest.raises(ParityError, match=r"detections agreeing 0% \(class, IoU and score; \[parity.detection\]\)"):
+        testing.build(wrong, plugins=[_original_is(_swapped)], entry_points=False)
+
+
 def test_parity_failure_names_the_output_and_figures_and_writes_nothing(tmp_path: Path) -> None:
     source = tmp_path / "out"
     testing.onnx_classifier(source / "net.broken.onnx")

@@ -21,7 +21,7 @@ from typing import Any
 
 from deeplens_build import onnxtools
 from deeplens_build.calibration import CalibrationSet
-from deeplens_build.config import Bounds
+from deeplens_build.config import Bounds, DetectionMatch
 from deeplens_build.records import CalibrationReport, ParityReport
 from deeplens_build.report import Reporter
 from deeplens_build.stages.parity import compare
@@ -40,6 +40,7 @@ class Int8Settings:
     """Symmetric activations (zero point 0): what TensorRT's explicit quantization requires."""
     task: str
     seed: int
+    detection: DetectionMatch
 
 
 def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationSet, settings: Int8Settings, *,
@@ -60,7 +61,8 @@ def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationS
     def trial(block: tuple[str, ...]) -> ParityReport:
         _quantize(source, target, samples.calibration, block, settings, scratch)
         return compare(reference, onnxtools.runner(target), optimized.artifact.outputs, bounds=settings.bounds,
-                       task=settings.task, seed=settings.seed, runtime="onnxruntime, INT8", top1=settings.top1)
+                       task=settings.task, seed=settings.seed, runtime="onnxruntime, INT8", top1=settings.top1,
+                       detection=settings.detection)
 
     plain = trial(())
     block: tuple[str, ...] = ()

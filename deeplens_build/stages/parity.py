@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deeplens_build import onnxtools
-from deeplens_build.config import Bounds, ParityConfig
+from deeplens_build.config import Bounds, DetectionMatch, ParityConfig
 from deeplens_build.digest import file_sha256
 from deeplens_build.errors import ConfigError, ParityError
 from deeplens_build.records import OutputParity, ParityReport, TensorSpec
@@ -74,11 +74,13 @@ def load_reference(run: ReferenceRun) -> tuple[list[dict[str, np.ndarray]], list
 
 def compare(reference: ReferenceRun, candidate: Runner, outputs: tuple[TensorSpec, ...], *,
             bounds: Mapping[str | None, Bounds], task: str, seed: int, runtime: str,
-            top1: float | None = None) -> ParityReport:
+            top1: float | None = None, detection: DetectionMatch | None = None) -> ParityReport:
     """Run ``candidate`` on the reference's samples and measure it against the original's outputs.
 
     :param bounds: each output's bounds by name, under None those of the others (``ParityConfig.bounds_for``).
     :param top1: judge class-score outputs by top-1 agreement instead, at least this share (INT8's gate).
+    :param detection: at ``task = "detection"``, judge ``[class, score, box]`` row outputs by matching detections
+        (``[parity.detection]``) instead of element by element.
     :param runtime: what ``candidate`` is, for the report (``"openvino CPU"``).
     :raises ParityError: when an output's shape differs (no figure would mean anything).
     """
@@ -92,6 +94,8 @@ def compare(reference: ReferenceRun, candidate: Runner, outputs: tuple[TensorSpe
     own = {name: bounds.get(name, bounds[None]) for name in names}
     agree = dict.fromkeys(names, 0)
     classifier = {o.name: task == "classification" and _is_class_scores(o) for o in outputs}
+    detector = {o.name: task == "detection" and detection is not None and _is_detection_rows(o) for o in outputs}
+    matched = dict.fromkeys(names, 1.0)
     for inputs, wanted in zip(samples, expected, strict=True):
         actual = candidate(inputs)
         for name in names:
@@ -107,12 +111,17 @@ def compare(reference: ReferenceRun, candidate: Runner, outputs: tuple[TensorSpe
             within[name] &= bool(np.all(diff <= own[name].tolerance + own[name].rtol * np.abs(want)))
             if classifier[name]:
                 agree[name] += int(np.array_equal(want.argmax(axis=-1), got.argmax(axis=-1)))
+            if detector[name]:
+                matched[name] = min(matched[name], _detections_agree(want, got, detection, own[name]))
     count = len(samples)
     if top1 is not None:
         within.update({n: agree[n] / count >= top1 for n in names if classifier[n]})
+    if detection is not None:
+        within.update({n: matched[n] >= detection.agreement for n in names if detector[n]})
     results = tuple(OutputParity(name=n, max_abs_diff=abs_diff[n], max_rel_diff=rel_diff[n],
                                  top1_agreement=agree[n] / count if classifier[n] else None, passed=within[n],
-                                 tolerance=own[n].tolerance, rtol=own[n].rtol) for n in names)
+                                 tolerance=own[n].tolerance, rtol=own[n].rtol,
+                                 detection_agreement=matched[n] if detector[n] else None) for n in names)
     return ParityReport(max_abs_diff=max(abs_diff.values()), max_rel_diff=max(rel_diff.values()),
                         tolerance=bounds[None].tolerance, rtol=bounds[None].rtol, passed=all(within.values()),
                         samples=count, seed=seed, outputs=results, runtime=runtime)
@@ -125,6 +134,8 @@ def require(report: ParityReport, *, remedy: str) -> ParityReport:
     worst = max((o for o in report.outputs if o.passed is False), key=lambda o: o.max_abs_diff,
                 default=max(report.outputs, key=lambda o: o.max_abs_diff))
     top1 = f", top-1 agreement {worst.top1_agreement:.0%}" if worst.top1_agreement is not None else ""
+    if worst.detection_agreement is not None:
+        top1 += f", detections agreeing {worst.detection_agreement:.0%} (class, IoU and score; [parity.detection])"
     tolerance = worst.tolerance if worst.tolerance is not None else report.tolerance
     rtol = worst.rtol if worst.rtol is not None else report.rtol
     raise ParityError(
@@ -185,6 +196,43 @@ def load_sample(path: Path, specs: tuple[TensorSpec, ...], setting: str = "parit
                               f"the model takes {list(spec.shape)}")
         sample[spec.name] = array.astype(spec.dtype)
     return sample
+
+
+def _is_detection_rows(spec: TensorSpec) -> bool:
+    """Rows of ``[class, score, xmin, ymin, xmax, ymax]``: DeepLens's SSD layout (``parseResult('ssd')``)."""
+    return len(spec.shape) >= 2 and spec.shape[-1] == 6
+
+
+def _detections_agree(want: np.ndarray, got: np.ndarray, match: DetectionMatch, bounds: Bounds) -> float:
+    """Matched detections over the larger count, for one sample; a negative class is padding."""
+    import numpy as np
+
+    def kept(rows: np.ndarray) -> np.ndarray:
+        rows = rows.reshape(-1, 6)
+        return rows[(rows[:, 0] >= 0) & (rows[:, 1] >= match.score)]
+
+    wanted, found = kept(want), kept(got)
+    if not len(wanted) and not len(found):
+        return 1.0
+    free = np.ones(len(found), dtype=bool)
+    hits = 0
+    for row in wanted[np.argsort(-wanted[:, 1])]:
+        fits = free & (found[:, 0] == row[0]) & (_iou(row[2:], found[:, 2:]) >= match.iou) & \
+            (np.abs(found[:, 1] - row[1]) <= bounds.tolerance + bounds.rtol * abs(row[1]))
+        if fits.any():
+            free[np.flatnonzero(fits)[0]] = False
+            hits += 1
+    return hits / max(len(wanted), len(found))
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    low, high = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=1)
+    area = np.prod(np.clip(box[2:] - box[:2], 0, None)) + np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None),
+                                                                  axis=1)
+    return inter / np.maximum(area - inter, 1e-12)
 
 
 def _is_class_scores(spec: TensorSpec) -> bool:
@@ -265,7 +313,7 @@ def run(b: Build, optimized: Optimized, compiled: Artifact, reference: Reference
            "bounds": {str(k): dataclasses.asdict(v) for k, v in bounds.items()}, "task": config.model.task,
            "target": b.target_identity, "tools": b.tools}
     top1 = config.parity.top1_agreement if optimized.precision == "int8" else None  # INT8's gate, on the target
-    key["top1"] = top1
+    key.update(top1=top1, detection=config.parity.detection.model_dump())
 
     def build(_: Path) -> ParityReport:
         name, candidate = runner(b, optimized, compiled)
@@ -274,7 +322,7 @@ def run(b: Build, optimized: Optimized, compiled: Artifact, reference: Reference
             b.reporter.note(f"parity: {backend.name} does not run on this machine; compared the ONNX artifact it "
                             "compiles from, in onnxruntime")
         report = compare(reference, candidate, optimized.artifact.outputs, bounds=bounds, task=config.model.task,
-                         seed=config.parity.seed, runtime=name, top1=top1)
+                         seed=config.parity.seed, runtime=name, top1=top1, detection=config.parity.detection)
         try_fp32 = "" if optimized.precision == "fp32" else "Try `model.precision = \"fp32\"`, or "
         return require(report, remedy=f"{try_fp32 or 'Try '}another `target.backend`; raise `parity.tolerance`, "
                                       "`parity.rtol` or one output's `[parity.outputs.NAME]` only if the difference "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deeplens_build import onnxtools
-from deeplens_build.config import Bounds
+from deeplens_build.config import Bounds, DetectionMatch
 from deeplens_build.digest import file_sha256
 from deeplens_build.records import OutputParity, ParityReport
 from deeplens_build.report import Reporter
@@ -39,7 +39,7 @@ FP16_MAX = 65504.0
 
 
 def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[str | None, Bounds], task: str,
-            seed: int, workdir: Path, reporter: Reporter) -> Optimized:
+            seed: int, workdir: Path, reporter: Reporter, detection: DetectionMatch | None = None) -> Optimized:
     """The FP16 artifact, with as few nodes kept in FP32 as parity needs; ``optimized`` is the FP32 one."""
     import onnx
 
@@ -67,7 +67,7 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
                                 outputs=tuple(OutputParity(o.name, math.inf, math.inf, None) for o in outputs),
                                 runtime=f"onnxruntime, FP16 (the graph does not load: {reason})")
         return compare(reference, candidate, outputs, bounds=bounds, task=task, seed=seed,
-                       runtime="onnxruntime, FP16")
+                       runtime="onnxruntime, FP16", detection=detection)
 
     plain = trial(())
     block: tuple[str, ...] = ()
@@ -376,12 +376,12 @@ def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optim
     bounds = config.parity.bounds_for("fp16")
     key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
            "bounds": {str(k): dataclasses.asdict(v) for k, v in bounds.items()}, "task": config.model.task,
-           "tools": b.tools}
+           "detection": config.parity.detection.model_dump(), "tools": b.tools}
 
     def build(workdir: Path) -> Optimized:
         b.reporter.step("precision: fp16")
         return to_fp16(optimized, reference, bounds=bounds, task=config.model.task, seed=config.parity.seed,
-                       workdir=workdir, reporter=b.reporter)
+                       workdir=workdir, reporter=b.reporter, detection=config.parity.detection)
 
     return b.stage("precision", key, Optimized, build)
 
@@ -393,11 +393,11 @@ def _int8(b: Build, optimized: Optimized, reference: ReferenceRun) -> Optimized:
     config = b.config
     settings = int8.Int8Settings(bounds=config.parity.bounds_for("int8"), top1=config.parity.top1_agreement,
                                  method=config.calibration.method, symmetric=b.target.backend.symmetric_int8,
-                                 task=config.model.task, seed=config.parity.seed)
+                                 task=config.model.task, seed=config.parity.seed, detection=config.parity.detection)
     key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
            "calibration": calibration.identity(config.calibration), "tools": b.tools,
-           "settings": {**dataclasses.asdict(settings), "bounds": {str(k): dataclasses.asdict(v)
-                                                                  for k, v in settings.bounds.items()}}}
+           "settings": {**dataclasses.asdict(settings), "detection": settings.detection.model_dump(),
+                        "bounds": {str(k): dataclasses.asdict(v) for k, v in settings.bounds.items()}}}
 
     def build(workdir: Path) -> Optimized:
         b.reporter.step(f"precision: int8, calibrated ({config.calibration.method}) on {config.calibration.samples}")
