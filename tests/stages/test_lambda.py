@@ -29,8 +29,8 @@ def test_zip_is_deterministic_and_skips_bytecode(tmp_path: Path) -> None:
     b = package_lambda(LambdaConfig(source=source), default_name="deeplens-x", workdir=_dir(tmp_path / "b"))
     assert a.path.read_bytes() == b.path.read_bytes() and a.version == b.version
     with zipfile.ZipFile(a.path) as z:
-        assert z.namelist() == ["deeplens_publish.py", "deeplens_runner.py", "inference.py", "pkg/post.py"], \
-            "the publisher and the runner ship beside"
+        assert z.namelist() == ["deeplens_preprocess.py", "deeplens_publish.py", "deeplens_runner.py", "inference.py",
+                                "pkg/post.py"], "the preprocessing, the publisher and the runner ship beside"
         assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
