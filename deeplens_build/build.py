@@ -16,10 +16,10 @@ from deeplens_build.aws.publish import require_role
 from deeplens_build.cache import Cache, SharedCache
 from deeplens_build.config import ProjectConfig
 from deeplens_build.digest import code_sha256
-from deeplens_build.errors import ConfigError
+from deeplens_build.errors import ConfigError, SigningError
 from deeplens_build.plugins import PluginManager, installed_version
 from deeplens_build.report import Reporter
-from deeplens_build.signing import Signer, load_signer
+from deeplens_build.signing import Signer, load_public_key, load_signer
 from deeplens_build.stages.runtime import load_runtimes
 from deeplens_build.types import PluginSettings
 from deeplens_build.values import Detection, Runtime, TargetInfo
@@ -88,10 +88,11 @@ class Build:
                                        where="Field `model.inputs`")
         tools = {name: installed_version(name) for name in CORE_TOOLS} | {"deeplens-build": __version__,
                                                                           "python": platform.python_version()}
+        signer = load_signer(options.signing_key)
         shared_uri = options.shared_cache or config.build.cache
-        shared = SharedCache(shared_uri, warn=reporter.warn) if shared_uri else None
+        shared = _shared_cache(shared_uri, config, signer, reporter) if shared_uri else None
         return cls(config=config, options=options, manager=manager, reporter=reporter,
-                   signer=load_signer(options.signing_key), settings=manager.settings(config.plugins),
+                   signer=signer, settings=manager.settings(config.plugins),
                    cache=Cache(config.build.work_dir / "cache", reuse=options.use_cache, shared=shared,
                                code=code_sha256(deeplens_build)), tools=tools,
                    target=target, runtimes=load_runtimes(config.runtime.definitions, extra=backend.runtimes))
@@ -122,3 +123,20 @@ class Build:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: spec.shape for name, spec in self.config.model.inputs.items() if spec.shape}
 
+
+
+def _shared_cache(uri: str, config: ProjectConfig, signer: Signer, reporter: Reporter) -> SharedCache:
+    """The shared cache, its entries signed by ``[build] cache_key`` (else the signing key) and taken only when
+    signed by a key of ``[build] cache_trust`` (else that key).
+
+    :raises ConfigError: for a trusted key that is not an ECDSA P-256 public key.
+    """
+    cache_signer = load_signer(config.build.cache_key) if config.build.cache_key else signer
+    trusted = []
+    for path in config.build.cache_trust:
+        try:
+            load_public_key(path.read_bytes(), str(path))
+        except SigningError as exc:
+            raise ConfigError(f"Field `build.cache_trust`: {exc}") from exc
+        trusted.append(path.read_text())
+    return SharedCache(uri, warn=reporter.warn, signer=cache_signer, trusted=trusted or [cache_signer.public_key_pem])

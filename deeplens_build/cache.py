@@ -15,16 +15,17 @@ the key does not hold had changed); scratch folders of a killed build are remove
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -33,6 +34,9 @@ from deeplens_build.clients import aws_client
 from deeplens_build.digest import file_sha256, json_sha256, linked, stat_identity, written
 from deeplens_build.names import check_bundle_path
 from deeplens_build.types import TrainingOutput
+
+if TYPE_CHECKING:
+    from deeplens_build.signing import Signer
 
 T = TypeVar("T")
 
@@ -44,6 +48,7 @@ _PUBLISH_LOCK = ".publish.lock"
 CACHE_FORMAT = 3
 """Bump when a stage's result type changes shape, so old entries are ignored instead of misread."""
 MAX_SHARED_RESULT = 16 << 20
+MAX_SIGNATURE = 4096
 """Bytes a shared entry's ``result.json`` may hold: read whole, so bounded."""
 
 
@@ -158,14 +163,28 @@ class SharedCache:
     has is not uploaded again. A result is uploaded after its blobs, once the entry is complete here. A download
     is used only when every file matches the digest its result records: a corrupt, truncated or missing blob (or
     a result that is not one) is discarded with a warning, the stage is built here, and its blobs are uploaded
-    again. Trust: whoever can write the prefix can write results and blobs whose digests agree — give the prefix
-    the same trust as the build. A shared cache never fails a build: an unreachable bucket is a warning and a
-    local build.
+    again. A shared cache never fails a build: an unreachable bucket is a warning and a local build.
+
+    Trust: whoever can write the prefix could write a result and blobs whose digests agree (a Lambda zip of their
+    own, say), so digests alone vouch for nothing. Each entry a build uploads carries a signature
+    (``PREFIX/v<format>/signatures/<stage>/<key>.json``) by the build's cache key over its stage, its key and its
+    result — which lists every file's digest — and a build takes an entry only when a key it trusts signed it,
+    as Nix takes a binary cache's store path only with a trusted signature. Unsigned, wrongly signed or signed by
+    a key it does not trust: a warning and a local build, never used. The check comes before any blob is read.
+
+    :param signer: signs the entries this build uploads (``[build] cache_key``, else the signing key).
+    :param trusted: the PEM public keys whose entries this build takes (``[build] cache_trust``, else the public
+        half of ``signer``).
     """
 
-    def __init__(self, uri: str, warn: Callable[[str], None], client: Any = None):
+    def __init__(self, uri: str, warn: Callable[[str], None], *, signer: Signer, trusted: Iterable[str],
+                 client: Any = None):
+        from deeplens_build.signing import fingerprint
+
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         self.uri, self.bucket, self.prefix, self.warn = uri, bucket, prefix.strip("/"), warn
+        self.signer = signer
+        self.trusted = {fingerprint(pem): pem for pem in trusted}
         self.unreachable = False  # said once, then the rest of the build does without it
         self._present: set[str] = set()  # blobs known to be in the bucket
         self._damaged: set[str] = set()  # blobs found corrupt there: uploaded again, whatever the bucket says
@@ -202,6 +221,8 @@ class SharedCache:
             self.unreachable = True
             self.warn(f"shared cache {self.uri}: cannot reach it ({exc}); building without it")
             return False
+        if not self._signed(stage, key, body):
+            return False
         try:
             files = _shared_files(body)
             for rel, sha256 in sorted(files.items()):
@@ -230,6 +251,9 @@ class SharedCache:
 
         if self.unreachable:
             return
+        from deeplens_build.errors import AwsError
+        from deeplens_build.signing import fingerprint
+
         result = (entry / _RESULT).read_bytes()
         try:
             for rel, sha256 in sorted(json.loads(result)["files"].items()):
@@ -237,9 +261,43 @@ class SharedCache:
                     self.client.upload_file(str(entry / rel), self.bucket, self._name("blobs", sha256))
                     self._damaged.discard(sha256)
                 self._present.add(sha256)
+            signature = {"key": fingerprint(self.signer.public_key_pem), "algorithm": "ECDSA_P256_SHA256",
+                         "signature": base64.b64encode(self.signer.sign(_statement(stage, key, result))).decode()}
+            self.client.put_object(Bucket=self.bucket, Key=self._name("signatures", stage, f"{key}.json"),
+                                   Body=json.dumps(signature).encode())
             self.client.put_object(Bucket=self.bucket, Key=self._name(stage, f"{key}.json"), Body=result)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, AwsError) as exc:  # AwsError: a KMS key that could not sign
             self.warn(f"shared cache {self.uri}: cannot store the {stage} entry ({exc}); other machines will build it")
+
+    def _signed(self, stage: str, key: str, result: bytes) -> bool:
+        """Whether a key this build trusts signed the entry; says why not."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from deeplens_build.errors import VerificationError
+        from deeplens_build.signing import verify
+
+        where = f"shared cache {self.uri}: the {stage} entry {key[:16]}…"
+        try:
+            raw = self.client.get_object(Bucket=self.bucket, Key=self._name("signatures", stage, f"{key}.json"))[
+                "Body"].read(MAX_SIGNATURE + 1)
+        except (ClientError, BotoCoreError) as exc:
+            self.warn(f"{where} is not signed ({exc}); building it here (entries are taken only when signed by a "
+                      "key in [build] cache_trust)")
+            return False
+        try:
+            signature = json.loads(raw)
+            pem = self.trusted.get(signature["key"])
+            if pem is None:
+                self.warn(f"{where} is signed by key {str(signature['key'])[:16]}…, which this build does not trust; "
+                          "building it here (add its public key to [build] cache_trust to take that machine's "
+                          "entries)")
+                return False
+            verify(pem, _statement(stage, key, result), base64.b64decode(signature["signature"], validate=True))
+        except (ValueError, KeyError, TypeError, VerificationError):
+            self.warn(f"{where} has a signature that does not verify: it was changed after signing; building it "
+                      "here")
+            return False
+        return True
 
     def _download(self, sha256: str, target: Path) -> None:
         """One streamed GET, hashed as it is written, so checking the blob does not read it again."""
@@ -261,6 +319,12 @@ class SharedCache:
                 return False
             raise
         return True
+
+
+def _statement(stage: str, key: str, result: bytes) -> bytes:
+    """What an entry's signature covers: its stage and key as well as its result (every file's digest), so a signed
+    result cannot stand in for another entry."""
+    return f"deeplens-build shared cache v{CACHE_FORMAT}\n{stage}\n{key}\n".encode() + result
 
 
 def _shared_files(body: bytes) -> dict[str, str]:

@@ -282,6 +282,11 @@ class BuildConfig(_Strict):
     output: ProjectFolder = Path("dist")
     cache: Annotated[str, AfterValidator(names.check_shared_cache)] | None = None
     """A cache shared between machines (CI): ``s3://BUCKET/PREFIX``, asked after the local one."""
+    cache_key: str | None = None
+    """What signs the entries this build uploads to ``cache``: a PEM private key or ``kms:KEY_ID``; default the
+    signing key."""
+    cache_trust: tuple[Annotated[Path, AfterValidator(_resolve), AfterValidator(_existing_file)], ...] = ()
+    """The PEM public keys whose ``cache`` entries this build takes; default the public half of ``cache_key``."""
 
 
 class ProjectConfig(_Strict):
