@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from deeplens_build import locks, signing
+from deeplens_build import attest, locks, signing
 from deeplens_build.archive import (
     Extractor,
     UnsafeMember,
@@ -51,6 +51,7 @@ from deeplens_build.errors import (
 from deeplens_build.manifest import (
     MANIFEST,
     MAX_MANIFEST,
+    MODEL_DIR,
     MAX_SIGNATURE,
     SIGNATURE,
     BuildRecord,
@@ -236,6 +237,7 @@ def unpack_bundle(path: Path, dest: Path, trusted_key: Path | None = None) -> Ve
 
 def _read_bundle(path: Path, trusted_key: Path | None, out: Extractor | None) -> Verified:
     seen: dict[str, tuple[int, str]] = {}
+    attestations: dict[str, bytes] = {}
     manifest_bytes = signature = None
     with _open(path) as tar, _damage_is_a_verification_error(path):
         for member in tar:
@@ -254,6 +256,13 @@ def _read_bundle(path: Path, trusted_key: Path | None, out: Extractor | None) ->
                 seen[member.name] = (len(content), "")
                 manifest_bytes, signature = ((content, signature) if member.name == MANIFEST
                                              else (manifest_bytes, content))
+                continue
+            if member.name in (attest.MODEL_SIGNATURE, attest.PROVENANCE):  # checked below, once listed files are
+                content = _small(tar, member, attest.MAX_ATTESTATION, path)
+                attestations[member.name] = content
+                seen[member.name] = (len(content), hashlib.sha256(content).hexdigest())
+                if out is not None:
+                    out.add_stream(io.BytesIO(content), parts)
                 continue
             digest = BackgroundSha256()
             data = _MemberData(tar, member, digest)
@@ -297,7 +306,22 @@ def _read_bundle(path: Path, trusted_key: Path | None, out: Extractor | None) ->
     extra = sorted(set(seen) - set(listed) - {MANIFEST, SIGNATURE})
     if extra:
         raise VerificationError(f"{path.name}: {extra[0]} is in the bundle but not in the manifest")
+    _check_attestations(path, attestations, manifest, key)
     return Verified(manifest=manifest, trusted=trusted_key is not None, fingerprint=signer)
+
+
+def _check_attestations(path: Path, attestations: Mapping[str, bytes], manifest: Manifest, key: str) -> None:
+    """What other tools verify, verified here too with their libraries (bundles built before them have none)."""
+    model = f"{MODEL_DIR}/"
+    try:
+        if content := attestations.get(attest.MODEL_SIGNATURE):
+            attest.check_model_signature(content, key, {e.path.removeprefix(model): e.sha256 for e in manifest.files
+                                                        if e.path.startswith(model)})
+        if content := attestations.get(attest.PROVENANCE):
+            attest.check_provenance(content, key, {e.path: e.sha256 for e in manifest.files
+                                                   if e.path != attest.PROVENANCE})
+    except VerificationError as exc:
+        raise VerificationError(f"{path.name}: {exc}") from exc
 
 
 def _trusted(key: Path) -> str:

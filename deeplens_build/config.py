@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from deeplens_build import names
+from deeplens_build.digest import json_sha256
 from deeplens_build.errors import ConfigError
 from deeplens_build.layout import CONFIG_NAME, WORK_DIR, config_file, read_document
 
@@ -323,6 +324,26 @@ class ProjectConfig(_Strict):
             raise ValueError('Field `calibration.samples` is required at model.precision = "int8": a folder of the '
                              "inputs INT8 is calibrated and gated on (.npy/.npz tensors or JPEG/PNG images)")
         return self
+
+
+def settings_sha256(config: ProjectConfig) -> str:
+    """Digest of the project's settings but ``[build]`` (defaults included), each path relative to the project, or
+    by its name when outside it (as the manifest names a local source): the same wherever the project and its
+    training output are checked out, so it can stand in a reproducible bundle's provenance."""
+    root = config.root.resolve()
+
+    def portable(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: portable(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [portable(item) for item in value]
+        if isinstance(value, str) and Path(value).is_absolute():
+            path = Path(value)
+            return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        return value
+
+    # [build] (work and output folders, the shared cache and its keys) changes where a bundle is made, not what
+    return json_sha256(portable(config.model_dump(mode="json", by_alias=True, exclude={"build"})))
 
 
 _OPTIONAL_SECTIONS = ("parity", "calibration", "fetch", "target", "runtime", "build", "greengrass", "device", "profile")

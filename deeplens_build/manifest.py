@@ -33,6 +33,10 @@ MAX_SIGNATURE = 1024
 """Bytes a signature may hold: a DER ECDSA P-256 signature is at most 72."""
 
 MODEL_DIR = "model"
+MODEL_SIGNATURE = "model.sig"
+"""The model folder's OpenSSF model signature (``model_signing verify``), beside the manifest's."""
+PROVENANCE = "provenance.intoto.json"
+"""The bundle's SLSA v1 provenance, a DSSE envelope."""
 LABELS = f"{MODEL_DIR}/labels.txt"
 LAMBDA_DIR = "lambda"
 RUNTIME_DIR = "runtime"

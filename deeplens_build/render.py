@@ -92,6 +92,12 @@ def manifest(m: Manifest) -> Iterator[str]:
         yield (f"  latency {latency.runtime}: median {latency.median_ms:.3f} ms, p95 {latency.p95_ms:.3f} ms "
                f"(batch 1, {latency.runs} runs)")
     yield f"  runtime {m.runtime.name} on {m.runtime.platform}: {', '.join(m.runtime.requirements)}"
+    from deeplens_build.manifest import MODEL_SIGNATURE, PROVENANCE  # pydantic's: not for an up-to-date package
+
+    listed = {f.path for f in m.files}
+    kinds = {MODEL_SIGNATURE: "OpenSSF model signing", PROVENANCE: "SLSA v1 provenance"}
+    if shown := [f"{name} ({kind})" for name, kind in kinds.items() if name in listed]:
+        yield f"  attest  {', '.join(shown)}"
     published = f", published {m.lambda_.arn}" if m.lambda_.arn else ", not published"
     yield f"  lambda  {m.lambda_.name} {m.lambda_.version} ({m.lambda_.handler}{published})"
     yield f"  greengrass {m.greengrass.format}: {m.greengrass.component} ({', '.join(m.greengrass.documents)})"

@@ -32,7 +32,8 @@ def test_package_builds_a_verified_bundle_and_reports_json(project: Path) -> Non
     assert names[:2] == ["manifest.json", "manifest.sig"]
     assert set(names[2:]) == {"model/model.onnx", "model/model.onnx.data", "model/labels.txt",
                               "model/deeplens_model.py", "lambda/deeplens-test-model.zip",
-                              "runtime/onnxruntime/runtime.toml", "greengrass/recipe.json"}
+                              "runtime/onnxruntime/runtime.toml", "greengrass/recipe.json", "model.sig",
+                              "provenance.intoto.json"}
     assert not any(name.endswith(".pem") for name in names), "the private key never enters a bundle"
 
 

@@ -40,7 +40,7 @@ def test_unchanged_rebuild_hits_the_cache_and_says_so(project: Path) -> None:
     second = package_json(project)
     assert first["sha256"] == second["sha256"]
     assert second["cached_stages"] == ["convert", "optimize", "reference", "target-check", "parity", "lambda",
-                                       "greengrass"]
+                                       "greengrass", "attest"]
 
 
 def test_no_cache_rebuilds_every_stage_to_the_same_bytes(project: Path) -> None:

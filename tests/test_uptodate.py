@@ -18,7 +18,7 @@ from helpers import package_json
 
 from deeplens_build import testing, uptodate
 
-STAGES = ["convert", "optimize", "reference", "target-check", "parity", "lambda", "greengrass"]
+STAGES = ["convert", "optimize", "reference", "target-check", "parity", "lambda", "greengrass", "attest"]
 
 
 def _process(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

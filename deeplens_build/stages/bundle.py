@@ -7,7 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deeplens_build import attest
 from deeplens_build.bundle import write_bundle
+from deeplens_build.config import settings_sha256
+from deeplens_build.digest import file_sha256
 from deeplens_build.manifest import (
     DEVICE_BUILD,
     DEVICE_MODULE,
@@ -15,12 +18,15 @@ from deeplens_build.manifest import (
     LABELS,
     LAMBDA_DIR,
     MODEL_DIR,
+    MODEL_SIGNATURE,
+    PROVENANCE,
     RUNTIME_DIR,
     WHEELS_DIR,
     BuildRecord,
 )
+from deeplens_build.plugins import installed_version
 from deeplens_build.records import ParityReport
-from deeplens_build.signing import LocalSigner
+from deeplens_build.signing import LocalSigner, fingerprint
 from deeplens_build.stages.runtime import DEFINITION
 from deeplens_build.types import Artifact, TrainingOutput
 from deeplens_build.values import (
@@ -59,12 +65,30 @@ def payload(b: Build, detection: Detection, converted: Artifact, compiled: Artif
     return payload
 
 
+def attestations(b: Build, payload: Mapping[str, Path], record: BuildRecord) -> dict[str, Path]:
+    """What other tools verify, beside the manifest: the model folder's OMS signature, then the SLSA provenance of
+    every other file. A stage of its own, so a rebuild that changes nothing signs (and reads) nothing again."""
+    digests = {arc: file_sha256(file) for arc, file in payload.items()}
+    key = {"payload": digests, "record": record.model_dump(mode="json", by_alias=True),
+           "settings": settings_sha256(b.config), "signer": fingerprint(b.signer.public_key_pem),
+           "tools": {name: installed_version(name) for name in attest.TOOLS}}
+
+    def build(workdir: Path) -> dict[str, Path]:
+        model = {arc.split("/", 1)[1]: file for arc, file in payload.items() if arc.startswith(f"{MODEL_DIR}/")}
+        signature = attest.sign_model(model, b.signer, workdir)
+        subjects = {**digests, MODEL_SIGNATURE: file_sha256(signature)}
+        return {MODEL_SIGNATURE: signature,
+                PROVENANCE: attest.provenance(record, subjects, key["settings"], b.signer, workdir)}
+
+    return b.stage("attest", key, dict[str, Path], build)
+
+
 def run(b: Build, payload: Mapping[str, Path], record: BuildRecord, *, training: TrainingOutput,
             compiled: Artifact, parity: ParityReport | None, output: Path) -> BuildResult:
     b.reporter.step(f"bundle: signing with {b.signer.description}")
     written = b.config.build.work_dir / "written" / f"{record.name}-{record.version}.json"
-    path, sha256, manifest = write_bundle(payload, record, b.signer, output, written=written,
-                                          reuse=b.options.use_cache)
+    path, sha256, manifest = write_bundle({**payload, **attestations(b, payload, record)}, record, b.signer, output,
+                                          written=written, reuse=b.options.use_cache)
     sizes = BundleSizes(source=training.size, artifact=sum(p.stat().st_size for p in compiled.files),
                         bundle=path.stat().st_size)
     return BuildResult(bundle=path, sha256=sha256, name=record.name, version=record.version,

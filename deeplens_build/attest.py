@@ -1,0 +1,202 @@
+"""What tools other than deeplens-build verify in a bundle, signed with the build's key:
+
+- ``model.sig``: the model folder signed in the OpenSSF model-signing format (OMS: a Sigstore bundle holding a
+  DSSE envelope with an in-toto statement of every model file's sha256), written and read by the ``model-signing``
+  library, so ``model_signing verify key MODEL_DIR --signature model.sig --public_key KEY.pub.pem`` accepts the
+  unpacked ``model/`` folder;
+- ``provenance.intoto.json``: SLSA v1 provenance, an in-toto statement (``predicateType``
+  ``https://slsa.dev/provenance/v1``) whose subjects are the bundle's other files, in a DSSE envelope made and
+  checked by ``securesystemslib``.
+
+Both sign with the build's own :class:`~deeplens_build.signing.Signer` (a PEM key, deterministically, so bundles
+stay reproducible; or KMS), adapted to each library's signer interface: the formats are the libraries' own.
+model-signing 1.1.1 has no public way to sign with a key object, so its EC-key signer is given ours
+(``_signing.sign_ec_key``, pinned in constraints.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deeplens_build.errors import VerificationError
+from deeplens_build.manifest import MODEL_SIGNATURE, PROVENANCE
+from deeplens_build.signing import Signer, load_public_key
+
+if TYPE_CHECKING:
+    from deeplens_build.manifest import BuildRecord
+
+STATEMENT = "https://in-toto.io/Statement/v1"
+SLSA = "https://slsa.dev/provenance/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+BUILD_TYPE = "urn:deeplens-build:package:v1"
+"""The build type: ``deeplens-build package`` of a project; its parameters are the project file and the source."""
+MAX_ATTESTATION = 8 << 20
+TOOLS = ("model-signing", "securesystemslib")
+"""The libraries that write the formats: their versions are part of the attestations' cache key."""
+
+
+def sign_model(files: Mapping[str, Path], signer: Signer, scratch: Path) -> Path:
+    """``scratch/model.sig``: OMS signature of the model folder, given as file name → file."""
+    from model_signing import hashing
+    from model_signing._signing import sign_ec_key
+    from model_signing._signing import signing as oms
+
+    # the folder model-signing hashes, of links to the files: no copy, and (unlike a hard link) no change to the
+    # files' inode times, which the stat index trusts
+    folder = scratch / "model"
+    folder.mkdir(parents=True)
+    for name, path in files.items():
+        (folder / name).symlink_to(path.resolve())
+    manifest = hashing.Config().set_allow_symlinks(True).hash(folder)
+    signature = _oms_signer(sign_ec_key.Signer, signer).sign(oms.Payload(manifest))
+    target = scratch / MODEL_SIGNATURE
+    signature.write(target)
+    shutil.rmtree(folder)
+    return target
+
+
+def check_model_signature(content: bytes, public_key_pem: str, files: Mapping[str, str]) -> None:
+    """Check ``model.sig`` with model-signing's own verifier against the key, and that what it signed is
+    ``files`` (model file name → sha256, from the verified manifest) exactly.
+
+    :raises VerificationError: naming what does not match.
+    """
+    from model_signing._signing import sign_ec_key
+    from model_signing._signing import sign_sigstore_pb as sigstore_pb
+
+    try:
+        signature = sigstore_pb.Signature.read(_Text(content.decode()))
+        signed = sign_ec_key.Verifier(_Text(public_key_pem)).verify(signature)
+    except Exception as exc:  # noqa: BLE001  (the library raises what its parsers raise)
+        raise VerificationError(f"{MODEL_SIGNATURE} does not verify with the bundle's key ({exc})") from exc
+    digests = {d.identifier: d.digest.digest_hex for d in signed.resource_descriptors()}
+    if digests != dict(files):
+        changed = sorted(set(digests.items()) ^ set(files.items()))
+        raise VerificationError(f"{MODEL_SIGNATURE} signs other model files than the bundle holds "
+                                f"({changed[0][0]} differs)")
+
+
+def provenance(record: BuildRecord, subjects: Mapping[str, str], config_sha256: str, signer: Signer,
+               scratch: Path) -> Path:
+    """``scratch/provenance.intoto.json``: the signed SLSA v1 provenance of the files ``subjects`` (name →
+    sha256)."""
+    from securesystemslib.dsse import Envelope
+
+    builder = record.provenance.tools.get("deeplens-build", "unknown")
+    statement = {
+        "_type": STATEMENT,
+        "subject": [{"name": name, "digest": {"sha256": sha256}} for name, sha256 in sorted(subjects.items())],
+        "predicateType": SLSA,
+        "predicate": {"buildDefinition": _build_definition(record, config_sha256),
+                      "runDetails": {"builder": {"id": f"urn:deeplens-build:{builder}"}, "metadata": {}}},
+    }
+    payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
+    envelope = Envelope(payload=payload, payload_type=PAYLOAD_TYPE, signatures={})
+    envelope.sign(_DsseSigner(signer))
+    target = scratch / PROVENANCE
+    target.write_text(json.dumps(envelope.to_dict(), sort_keys=True, indent=1) + "\n")
+    return target
+
+
+def check_provenance(content: bytes, public_key_pem: str, subjects: Mapping[str, str]) -> dict[str, Any]:
+    """Check the provenance's envelope with securesystemslib's verifier against the key, and that its subjects
+    are ``subjects`` exactly; the statement.
+
+    :raises VerificationError: naming what does not match.
+    """
+    from securesystemslib.dsse import Envelope
+
+    try:
+        envelope = Envelope.from_dict(json.loads(content))
+        envelope.verify([_sslib_key(public_key_pem)], 1)
+        statement = json.loads(envelope.payload)
+    except Exception as exc:  # noqa: BLE001  (securesystemslib raises its own errors, and json's)
+        raise VerificationError(f"{PROVENANCE} does not verify with the bundle's key ({exc})") from exc
+    named = {s["name"]: s["digest"]["sha256"] for s in statement.get("subject", [])}
+    if statement.get("predicateType") != SLSA or named != dict(subjects):
+        raise VerificationError(f"{PROVENANCE} describes other files than the bundle holds")
+    return statement
+
+
+def _build_definition(record: BuildRecord, config_sha256: str) -> dict[str, Any]:
+    source: dict[str, Any] = {"kind": record.source.kind, "origin": record.source.origin,
+                              "digest": {"sha256": record.source.sha256}}
+    if record.source.sagemaker is not None:
+        source["sagemakerJob"] = {"name": record.source.sagemaker.name, "arn": record.source.sagemaker.arn}
+    plugin = record.provenance.plugin
+    dependencies = [{"name": plugin.distribution or plugin.name,
+                     "uri": f"pkg:pypi/{plugin.distribution}@{plugin.version}" if plugin.distribution
+                     else f"plugin:{plugin.name}"}]
+    dependencies += [{"name": name, "uri": f"pkg:pypi/{name}@{version}"}
+                     for name, version in sorted(record.provenance.tools.items())]
+    dependencies += [{"name": wheel.file.rsplit("/", 1)[-1], "digest": {"sha256": wheel.sha256}}
+                     for wheel in record.runtime.wheels]
+    return {"buildType": BUILD_TYPE,
+            "externalParameters": {"config": {"name": "deeplens.toml (settings, paths relative)",
+                                              "digest": {"sha256": config_sha256}},
+                                   "source": source},
+            "internalParameters": {"framework": record.framework, "precision": record.model.precision,
+                                   "target": record.target.backend if record.target else None,
+                                   "runtime": record.runtime.name},
+            "resolvedDependencies": dependencies}
+
+
+class _Text:
+    """What model-signing reads a signature or key from (``read_text``/``read_bytes`` of a path), held in memory:
+    ``verify`` reads the bundle without writing anything."""
+
+    def __init__(self, text: str):
+        self._text = text
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self._text
+
+    def read_bytes(self) -> bytes:
+        return self._text.encode()
+
+
+class _KeyOf:
+    """A private key's face for model-signing's EC signer (``sign``, ``public_key``), signing with ours."""
+
+    def __init__(self, signer: Signer):
+        self._signer = signer
+
+    def sign(self, data: bytes, _algorithm: object) -> bytes:
+        return self._signer.sign(data)  # ECDSA P-256 with SHA-256, what model-signing asks of a P-256 key
+
+    def public_key(self):
+        return load_public_key(self._signer.public_key_pem.encode(), "the signing key")
+
+
+def _oms_signer(base: type, signer: Signer):
+    """model-signing's EC-key signer (``base``, imported late) over ``signer``: its ``__init__`` would load a key
+    file; everything else is its own."""
+
+    class OmsSigner(base):
+        def __init__(self) -> None:
+            self._private_key = _KeyOf(signer)
+
+    return OmsSigner()
+
+
+def _sslib_key(public_key_pem: str):
+    from securesystemslib.signer import SSlibKey
+
+    return SSlibKey.from_crypto(load_public_key(public_key_pem.encode(), "the bundle's key"))
+
+
+class _DsseSigner:
+    """securesystemslib's signer interface (``public_key``, ``sign``) over the build's signer."""
+
+    def __init__(self, signer: Signer):
+        self._signer = signer
+        self.public_key = _sslib_key(signer.public_key_pem)
+
+    def sign(self, payload: bytes):
+        from securesystemslib.signer import Signature
+
+        return Signature(self.public_key.keyid, self._signer.sign(payload).hex())
