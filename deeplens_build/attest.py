@@ -16,10 +16,13 @@ model-signing 1.1.1 has no public way to sign with a key object, so its EC-key s
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from deeplens_build.errors import VerificationError
@@ -51,8 +54,12 @@ def sign_model(files: Mapping[str, Path], signer: Signer, scratch: Path) -> Path
     folder.mkdir(parents=True)
     for name, path in files.items():
         (folder / name).symlink_to(path.resolve())
-    manifest = hashing.Config().set_allow_symlinks(True).hash(folder)
-    signature = _oms_signer(sign_ec_key.Signer, signer).sign(oms.Payload(manifest))
+    # no ignored paths (a model folder has no .git): the set of defaults would be written in a different order
+    # by each process, as would the statement's keys, so its JSON is made with sorted keys: reproducible bundles
+    manifest = hashing.Config().set_ignored_paths(paths=[], ignore_git_paths=False).set_allow_symlinks(True).hash(
+        folder)
+    with _sorted_json(sign_ec_key):
+        signature = _oms_signer(sign_ec_key.Signer, signer).sign(oms.Payload(manifest))
     target = scratch / MODEL_SIGNATURE
     signature.write(target)
     shutil.rmtree(folder)
@@ -143,6 +150,19 @@ def _build_definition(record: BuildRecord, config_sha256: str) -> dict[str, Any]
                                    "target": record.target.backend if record.target else None,
                                    "runtime": record.runtime.name},
             "resolvedDependencies": dependencies}
+
+
+@contextlib.contextmanager
+def _sorted_json(module: Any) -> Iterator[None]:
+    """``module``'s ``json_format.MessageToJson`` with sorted keys while the block runs (the statement it signs is
+    a protobuf ``Struct``, whose keys come out in whatever order the process hashed them)."""
+    from google.protobuf import json_format
+
+    module.json_format = SimpleNamespace(MessageToJson=functools.partial(json_format.MessageToJson, sort_keys=True))
+    try:
+        yield
+    finally:
+        module.json_format = json_format
 
 
 class _Text:
