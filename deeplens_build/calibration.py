@@ -73,6 +73,10 @@ def load(config: CalibrationConfig, specs: tuple[TensorSpec, ...]) -> Calibratio
     order = np.random.default_rng(config.seed).permutation(len(offered))[:config.max_samples]
     chosen = [offered[i] for i in order]
     samples = [_read(path, specs, config) for path in chosen]
+    name, batch = specs[0].name, specs[0].shape[0]
+    if batch != 1 and all(s[name].shape[0] == 1 for s in samples):  # images, for a model taking N frames at once
+        samples = [{name: np.concatenate([s[name] for s in samples[i:i + batch]])}
+                   for i in range(0, len(samples) - batch + 1, batch)]
     held_out = max(MIN_VALIDATION, round(len(samples) * config.validation))
     names = [p.name for p in chosen]
     return CalibrationSet(calibration=tuple(samples[held_out:]), validation=tuple(samples[:held_out]),
@@ -95,8 +99,8 @@ def _read(path: Path, specs: tuple[TensorSpec, ...], config: CalibrationConfig) 
     if frame is None:
         raise ConfigError(f"`calibration.samples`: {path.name} is not an image OpenCV can read")
     spec = specs[0]
-    return {spec.name: _preprocess().to_tensor(frame, list(spec.shape), config.preprocess.model_dump())
-            .astype(spec.dtype)}
+    one = [1, *spec.shape[1:]]  # a frame: a model taking a batch of N gets N images (see load)
+    return {spec.name: _preprocess().to_tensor(frame, one, config.preprocess.model_dump()).astype(spec.dtype)}
 
 
 def _preprocess():

@@ -27,6 +27,8 @@ from deeplens_build.report import Reporter
 from deeplens_build.stages.parity import compare
 from deeplens_build.values import Optimized, ReferenceRun
 
+PER_CHANNEL_OPSET = 13
+"""The first opset whose DequantizeLinear takes an axis: per-channel weights."""
 LOSS_SAMPLES = 8
 """Calibration samples the per-tensor loss is measured on: the order of the search, not its verdict."""
 
@@ -41,6 +43,8 @@ class Int8Settings:
     task: str
     seed: int
     detection: DetectionMatch
+    max_opset: int | None
+    """The device's ceiling: per-channel weights need opset 13, to which an older graph is raised where allowed."""
 
 
 def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationSet, settings: Int8Settings, *,
@@ -54,12 +58,16 @@ def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationS
     scratch.mkdir()
     model = onnx.load(str(optimized.artifact.path))
     name_nodes(model)  # onnxruntime excludes nodes from quantization by name
+    if (onnxtools.opset(model) or PER_CHANNEL_OPSET) < PER_CHANNEL_OPSET and (
+            settings.max_opset is None or settings.max_opset >= PER_CHANNEL_OPSET):
+        model = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+    per_channel = (onnxtools.opset(model) or PER_CHANNEL_OPSET) >= PER_CHANNEL_OPSET
     (workdir / "float").mkdir()
     source = onnxtools.save(model, workdir / "float" / "model.onnx")[0]
     target = workdir / "model.onnx"
 
     def trial(block: tuple[str, ...]) -> ParityReport:
-        _quantize(source, target, samples.calibration, block, settings, scratch)
+        _quantize(source, target, samples.calibration, block, settings, scratch, per_channel=per_channel)
         return compare(reference, onnxtools.runner(target), optimized.artifact.outputs, bounds=settings.bounds,
                        task=settings.task, seed=settings.seed, runtime="onnxruntime, INT8", top1=settings.top1,
                        detection=settings.detection)
@@ -81,7 +89,7 @@ def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationS
     files = onnxtools.files(target)
     return Optimized(artifact=dataclasses.replace(optimized.artifact, path=target, extra_files=files[1:]),
                      precision="int8", passes=(*optimized.passes, "int8-qdq-mixed" if block else "int8-qdq"),
-                     size_before=optimized.size_before, opset=optimized.opset, fp32_nodes=block,
+                     size_before=optimized.size_before, opset=onnxtools.opset(model), fp32_nodes=block,
                      calibration=CalibrationReport(sha256=samples.sha256, calibration=len(samples.calibration),
                                                    validation=len(samples.validation), method=settings.method))
 
@@ -106,7 +114,7 @@ class _Reader:
 
 
 def _quantize(source: Path, target: Path, samples: tuple[Mapping[str, Any], ...], block: tuple[str, ...],
-              settings: Int8Settings, scratch: Path) -> None:
+              settings: Int8Settings, scratch: Path, *, per_channel: bool) -> None:
     import logging
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -117,7 +125,7 @@ def _quantize(source: Path, target: Path, samples: tuple[Mapping[str, Any], ...]
     # its advice to pre-process goes to the root logger: the optimize stage has done that work already
     logging.disable(logging.WARNING)
     try:
-        quantize_static(source, written, _Reader(samples), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(source, written, _Reader(samples), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8 if settings.symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=list(block), use_external_data_format=True,
                         calibrate_method=methods[settings.method],

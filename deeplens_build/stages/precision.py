@@ -389,11 +389,13 @@ def run(b: Build, optimized: Optimized, reference: ReferenceRun | None) -> Optim
 def _int8(b: Build, optimized: Optimized, reference: ReferenceRun) -> Optimized:
     from deeplens_build import calibration
     from deeplens_build.stages import int8
+    from deeplens_build.stages.convert import opset_ceiling
 
     config = b.config
     settings = int8.Int8Settings(bounds=config.parity.bounds_for("int8"), top1=config.parity.top1_agreement,
                                  method=config.calibration.method, symmetric=b.target.backend.symmetric_int8,
-                                 task=config.model.task, seed=config.parity.seed, detection=config.parity.detection)
+                                 task=config.model.task, seed=config.parity.seed, detection=config.parity.detection,
+                                 max_opset=opset_ceiling(b))
     key = {"artifact": [file_sha256(p) for p in optimized.artifact.files], "reference": file_sha256(reference.path),
            "calibration": calibration.identity(config.calibration), "tools": b.tools,
            "settings": {**dataclasses.asdict(settings), "detection": settings.detection.model_dump(),
