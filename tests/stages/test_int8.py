@@ -213,13 +213,12 @@ def test_the_device_preprocesses_as_the_calibration_did(tmp_path: Path, classifi
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_an_int8_bundle_runs_on_the_local_device(tmp_path: Path, classifier: Path, images: Path,
-                                                 backend: str) -> None:
+def test_the_example_packages_at_int8_and_runs_on_the_local_device(tmp_path: Path, images: Path,
+                                                                  backend: str) -> None:
     if backend == "openvino":
         pytest.importorskip("openvino")
-    config = example_project(tmp_path, backend=backend)
-    text = config.read_text().replace('source = "model.tar.gz"', f'source = "{classifier.parent}"')
-    config.write_text(text.replace('precision = "fp16"', 'precision = "int8"')
+    config = example_project(tmp_path, backend=backend)  # the example itself: its MXNet model and its Lambda
+    config.write_text(config.read_text().replace('precision = "fp16"', 'precision = "int8"')
                       + f'\n[calibration]\nsamples = "{images}"\n')
     bundle = testing.build(config).bundle
     broker = Broker(tmp_path)
@@ -231,3 +230,6 @@ def test_an_int8_bundle_runs_on_the_local_device(tmp_path: Path, classifier: Pat
     finally:
         broker.stop()
     assert summary.published == 5 and summary.dropped == 0
+    manifest = testing.verify(bundle).manifest
+    assert manifest.model.precision == "int8" and manifest.framework == "mxnet"
+    assert manifest.parity.runtime.startswith(backend) and manifest.optimization.calibration.validation == 12
