@@ -73,7 +73,7 @@ def test_fp16_keeps_parity_by_keeping_in_fp32_only_the_nodes_that_need_it(tmp_pa
     assert manifest.optimization.fp32_nodes == ("/MatMulAddFusion",)
     assert manifest.optimization.size_after <= 0.6 * manifest.optimization.size_before
     assert "fp16-mixed" in manifest.optimization.passes
-    assert any("kept 1 of 6 nodes in FP32" in note for note in result.notes), result.notes
+    assert any("kept 1 of 6 nodes in float" in note for note in result.notes), result.notes
 
 
 @pytest.fixture(scope="session")

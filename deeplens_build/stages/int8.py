@@ -8,7 +8,7 @@ with its integer kernels, OpenVINO turns the pairs into its INT8 IR, TensorRT bu
 on the validation set, which calibration never saw: class scores by top-1 agreement (``[parity]
 top1_agreement``), other outputs within the INT8 bounds. When plain INT8 fails, the nodes that lose most are kept
 in float — those reading the tensors with the lowest signal-to-quantization-noise ratio (onnxruntime's
-``qdq_loss_debug`` on calibration samples) first — by the search FP16 uses (:func:`precision.smallest_passing_prefix`).
+``qdq_loss_debug`` on calibration samples) first — by the mechanism FP16 uses (:func:`precision.kept_in_float`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationS
     """The INT8 artifact with as few nodes kept in float as the gate needs; ``optimized`` is the FP32 one."""
     import onnx
 
-    from deeplens_build.stages.precision import name_nodes, smallest_passing_prefix
+    from deeplens_build.stages.precision import kept_in_float, name_nodes
 
     scratch = workdir / "scratch"
     scratch.mkdir()
@@ -72,18 +72,9 @@ def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationS
                        task=settings.task, seed=settings.seed, runtime="onnxruntime, INT8", top1=settings.top1,
                        detection=settings.detection)
 
-    plain = trial(())
-    block: tuple[str, ...] = ()
-    if not plain.passed:
-        candidates = _by_loss(source, target, samples.calibration[:LOSS_SAMPLES], scratch)
-        reporter.step(f"precision: plain INT8 fails the gate ({_figures(plain)}); searching {len(candidates)} "
-                      "nodes for the ones to keep in float")
-        block = smallest_passing_prefix(candidates, trial, remedy="Every quantized node kept in float still fails, "
-                                        "so INT8 is not the cause: check the model at `model.precision = \"fp32\"`.")
-        report = trial(block)
-        reporter.note(f"int8: kept {len(block)} of {len(candidates)} nodes in float so the gate passes "
-                      f"({_figures(report)}; plain INT8: {_figures(plain)}): {', '.join(block[:8])}"
-                      f"{' …' if len(block) > 8 else ''}")
+    # the plain INT8 model is still at target when the search asks for the candidates
+    block, _ = kept_in_float("INT8", trial, lambda: _by_loss(source, target, samples.calibration[:LOSS_SAMPLES],
+                                                              scratch), reporter)
     shutil.rmtree(workdir / "float")
     scratch.rmdir()
     files = onnxtools.files(target)
@@ -92,12 +83,6 @@ def to_int8(optimized: Optimized, reference: ReferenceRun, samples: CalibrationS
                      size_before=optimized.size_before, opset=onnxtools.opset(model), fp32_nodes=block,
                      calibration=CalibrationReport(sha256=samples.sha256, calibration=len(samples.calibration),
                                                    validation=len(samples.validation), method=settings.method))
-
-
-def _figures(report: ParityReport) -> str:
-    agreement = [o.top1_agreement for o in report.outputs if o.top1_agreement is not None]
-    top1 = f"top-1 agreement {min(agreement):.1%}, " if agreement else ""
-    return f"{top1}max abs diff {report.max_abs_diff:.3g} over {report.samples} validation samples"
 
 
 class _Reader:

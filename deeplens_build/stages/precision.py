@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,29 +69,46 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
         return compare(reference, candidate, outputs, bounds=bounds, task=task, seed=seed,
                        runtime="onnxruntime, FP16", detection=detection)
 
-    plain = trial(())
-    block: tuple[str, ...] = ()
+    block, plain = kept_in_float("FP16", trial, lambda: _by_risk(model), reporter)
     if plain.passed and clamped[0]:  # one warning per value from the converter: summarized
         reporter.note(f"fp16: {clamped[0]} weight value(s) outside half precision's range were clamped (parity "
                       "passed all the same)")
-    if not plain.passed:
-        candidates = _by_risk(model)
-        reporter.step(f"precision: plain FP16 fails parity (max abs diff {plain.max_abs_diff:.3g} beyond "
-                      f"{tolerance:.3g} + {rtol:.3g} × |original|); searching {len(candidates)} nodes for the ones "
-                      "to keep in FP32")
-        block = smallest_passing_prefix(candidates, trial, remedy="Every node kept in FP32 still fails, so FP16 is "
-                                        "not the cause: check the model at `model.precision = \"fp32\"`.")
-        report = trial(block)
-        reporter.note(f"fp16: kept {len(block)} of {len(candidates)} nodes in FP32 so parity passes "
-                      f"(max abs diff {report.max_abs_diff:.3g} within {tolerance:.3g} + {rtol:.3g} × |original|, "
-                      f"plain FP16 gave {plain.max_abs_diff:.3g}): "
-                      f"{', '.join(block[:8])}{' …' if len(block) > 8 else ''}")
     passes = [*optimized.passes, *(["name-nodes"] if named else []),
               "fp16-mixed" if block else "fp16", "fp32-io"]
     files = onnxtools.files(target)
     return Optimized(artifact=dataclasses.replace(optimized.artifact, path=target, extra_files=files[1:]),
                      precision="fp16", passes=tuple(passes), size_before=optimized.size_before, opset=optimized.opset,
                      fp32_nodes=block)
+
+
+def kept_in_float(precision: str, trial: Callable[[tuple[str, ...]], ParityReport],
+                  candidates: Callable[[], list[str]], reporter: Reporter) -> tuple[tuple[str, ...], ParityReport]:
+    """The one mechanism FP16 and INT8 keep nodes in float by: the plain conversion first (``trial(())``); when it
+    fails, the smallest prefix of ``candidates()`` (riskiest first) whose trial passes, found by
+    :func:`smallest_passing_prefix`, and said. The nodes kept, and the plain trial's report.
+
+    :raises ParityError: when even every candidate kept in float fails: ``precision`` is not the cause.
+    """
+    plain = trial(())
+    if plain.passed:
+        return (), plain
+    nodes = candidates()
+    reporter.step(f"precision: plain {precision} fails ({figures(plain)}); searching {len(nodes)} nodes for the ones "
+                  "to keep in float")
+    block = smallest_passing_prefix(nodes, trial, remedy=f"Every node kept in float still fails, so {precision} is "
+                                    "not the cause: check the model at `model.precision = \"fp32\"`.")
+    reporter.note(f"{precision.lower()}: kept {len(block)} of {len(nodes)} nodes in float so it passes "
+                  f"({figures(trial(block))}; plain {precision}: {figures(plain)}): {', '.join(block[:8])}"
+                  f"{' …' if len(block) > 8 else ''}")
+    return block, plain
+
+
+def figures(report: ParityReport) -> str:
+    """A trial's figures in a line: its largest difference and bounds, and its agreement where it has one."""
+    agreement = [o.top1_agreement for o in report.outputs if o.top1_agreement is not None]
+    top1 = f", top-1 agreement {min(agreement):.1%}" if agreement else ""
+    return (f"max abs diff {report.max_abs_diff:.3g}, tolerance {report.tolerance:.3g} + {report.rtol:.3g} × "
+            f"|original|{top1}, {report.samples} samples")
 
 
 def smallest_passing_prefix(candidates: list[str], trial, *, remedy: str) -> tuple[str, ...]:

@@ -107,7 +107,7 @@ def test_a_tensor_shared_across_the_precisions_gets_the_casts_each_side_needs(tm
     source = _shared_constant(tmp_path / "out", as_node=as_node)
     report = package_project(tmp_path, source, model={"precision": "fp16", "task": "other"})
     assert report["parity"]["passed"]
-    assert any("kept" in note and "in FP32 so parity passes" in note for note in report["notes"]), report["notes"]
+    assert any("kept" in note and "in float so it passes" in note for note in report["notes"]), report["notes"]
     with open_bundle(report["bundle"]) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())
     assert 0 < len(manifest["optimization"]["fp32_nodes"]) < 5, "mixed, not all FP32"
