@@ -252,7 +252,7 @@ class SharedCache:
         if self.unreachable:
             return
         from deeplens_build.errors import AwsError
-        from deeplens_build.signing import fingerprint
+        from deeplens_build.signing import ALGORITHM, fingerprint
 
         result = (entry / _RESULT).read_bytes()
         try:
@@ -261,7 +261,7 @@ class SharedCache:
                     self.client.upload_file(str(entry / rel), self.bucket, self._name("blobs", sha256))
                     self._damaged.discard(sha256)
                 self._present.add(sha256)
-            signature = {"key": fingerprint(self.signer.public_key_pem), "algorithm": "ECDSA_P256_SHA256",
+            signature = {"key": fingerprint(self.signer.public_key_pem), "algorithm": ALGORITHM,
                          "signature": base64.b64encode(self.signer.sign(_statement(stage, key, result))).decode()}
             self.client.put_object(Bucket=self.bucket, Key=self._name("signatures", stage, f"{key}.json"),
                                    Body=json.dumps(signature).encode())
