@@ -4,7 +4,11 @@ bytes on this machine, in the same run.
     .venv/bin/python bench/bench_io.py        (`make bench` runs it; figures also in bench/results.json)
 
 Models: 50 MB and 500 MB ONNX files of float32 MatMul weights (incompressible, as trained weights are), FP32, one
-random parity sample, the real command line in a fresh process each time; medians of 3 runs.
+random parity sample, the real command line in a fresh process each time. Each figure and its baseline run
+interleaved (A B A B …, ``BENCH_REPEAT`` rounds, 3 by default), so a machine whose load drifts shifts both alike;
+each ratio is printed with its range over the rounds (the slowest A over the fastest B and back), and the verdict
+is "met" or "NOT met" only when the whole range is on one side of the goal, else "unsafe: spread". Sizes:
+``BENCH_SIZES`` (MB, default 50,500,2500).
 
 - bundle stage: a rebuild whose every stage is cached but whose bundle was deleted, minus a rebuild through the
   pipeline that finds the bundle in place (what is left is writing, hashing and signing the bundle), vs
@@ -33,15 +37,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import median_seconds
 
 from deeplens_build import testing
 from deeplens_build.bundle import unpack_bundle
 
 CLI = [sys.executable, "-m", "deeplens_build.cli"]
-REPEAT = 3
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+SIZES = tuple(int(size) for size in os.environ.get("BENCH_SIZES", "50,500,2500").split(","))
 GOALS = {"bundle_vs_tar": 1.3, "cold_vs_tar": 8.0, "rebuild_s": 0.3, "rebuild_flat": 1.5, "verify_vs_openssl": 1.5,
          "rss_vs_model": 2.5, "shared_vs_cold": 0.3}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def interleaved(*fns: Callable[[], object]) -> list[list[float]]:
+    """Each of ``fns`` timed ``REPEAT`` times, in turn within each round: one list of times per function."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(REPEAT):
+        for fn, kept in zip(fns, times):
+            kept.append(timed(fn))
+    return times
+
+
+def ratio(a: list[float], b: list[float]) -> dict[str, float]:
+    """median(a) / median(b), and its range over the rounds."""
+    return {"value": statistics.median(a) / statistics.median(b), "low": min(a) / max(b), "high": max(a) / min(b)}
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    return {"value": statistics.median(times), "low": min(times), "high": max(times)}
 
 
 def model(path: Path, megabytes: int) -> Path:
@@ -83,14 +111,10 @@ def run(command: list[str], env: dict[str, str]) -> int:
     return usage.ru_maxrss * 1024
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    return median_seconds(fn, repeat=REPEAT)
-
-
-def tar_zstd(out: Path, folder: Path) -> float:
-    """``tar --zstd`` (zstd's default level, 3) of everything in ``folder``."""
+def tar_zstd(out: Path, folder: Path) -> Callable[[], object]:
+    """``tar --zstd`` (zstd's default level, 3) of everything in ``folder``, to run."""
     names = sorted(p.name for p in folder.iterdir())
-    return seconds(lambda: subprocess.run(["tar", "--zstd", "-cf", str(out), "-C", str(folder), *names], check=True))
+    return lambda: subprocess.run(["tar", "--zstd", "-cf", str(out), "-C", str(folder), *names], check=True)
 
 
 def moto_server() -> tuple[subprocess.Popen, str]:
@@ -113,26 +137,28 @@ def measure(root: Path, megabytes: int, env: dict[str, str], figures: dict) -> N
     package = [*CLI, "package", "--config", str(config), "--signing-key", str(key)]
     bundle = config.parent / "dist" / "deeplens-test-model-1.0.0.tar.zst"
 
-    peaks = []
-    cold = seconds(lambda: peaks.append(run([*package, "--no-cache"], env)))
-    rebuild = seconds(lambda: run(package, env))
-    pipeline = seconds(lambda: (os.utime(config), run(package, env)))
-    rewrite = seconds(lambda: (bundle.unlink(), run(package, env)))
+    peaks: list[int] = []
+    cold, tar_source = interleaved(lambda: peaks.append(run([*package, "--no-cache"], env)),
+                                   tar_zstd(root / "source.tar.zst", source.parent))
     payload = root / "payload"
     unpack_bundle(bundle, payload)
-    tar_payload = tar_zstd(root / "payload.tar.zst", payload)
-    tar_source = tar_zstd(root / "source.tar.zst", source.parent)
-    verify = seconds(lambda: run([*CLI, "verify", str(bundle)], env))
-    openssl = seconds(lambda: subprocess.run(["openssl", "dgst", "-sha256", str(bundle)], check=True,
-                                             capture_output=True))
+    rewrite, pipeline, tar_payload = interleaved(lambda: (bundle.unlink(), run(package, env)),
+                                                 lambda: (os.utime(config), run(package, env)),
+                                                 tar_zstd(root / "payload.tar.zst", payload))
+    [rebuild] = interleaved(lambda: run(package, env))
+    verify, openssl = interleaved(lambda: run([*CLI, "verify", str(bundle)], env),
+                                  lambda: subprocess.run(["openssl", "dgst", "-sha256", str(bundle)], check=True,
+                                                         capture_output=True))
+    stage = [r - p for r, p in zip(rewrite, pipeline)]  # what is left is writing, hashing and signing the bundle
     figures[f"{megabytes}MB"] = {
         "model_bytes": size, "bundle_bytes": bundle.stat().st_size,
-        "cold_s": cold, "tar_zstd_source_s": tar_source, "cold_vs_tar": cold / tar_source,
-        "rebuild_s": rebuild, "pipeline_rebuild_s": pipeline,
-        "bundle_stage_s": rewrite - pipeline, "tar_zstd_payload_s": tar_payload,
-        "bundle_vs_tar": (rewrite - pipeline) / tar_payload,
-        "verify_s": verify, "openssl_s": openssl, "verify_vs_openssl": verify / openssl,
-        "peak_rss_bytes": max(peaks), "rss_vs_model": max(peaks) / size,
+        "cold_s": spread(cold), "tar_zstd_source_s": spread(tar_source), "cold_vs_tar": ratio(cold, tar_source),
+        "rebuild_s": spread(rebuild), "pipeline_rebuild_s": spread(pipeline),
+        "bundle_stage_s": spread(stage), "tar_zstd_payload_s": spread(tar_payload),
+        "bundle_vs_tar": ratio(stage, tar_payload),
+        "verify_s": spread(verify), "openssl_s": spread(openssl), "verify_vs_openssl": ratio(verify, openssl),
+        "peak_rss_bytes": max(peaks), "rss_vs_model": {"value": max(peaks) / size, "low": min(peaks) / size,
+                                                       "high": max(peaks) / size},
     }
 
 
@@ -154,15 +180,15 @@ def shared_cache(root: Path, megabytes: int, env: dict[str, str], figures: dict)
                 config = testing.write_project(root / f"{machine}{attempt}", source=source.parent,
                                                model={"task": "other"}, parity={"random_samples": 1},
                                                build={"cache": "s3://deeplens-bench-cache/ci"})
-                key = testing.signing_key(config.parent)
+                key = testing.signing_key(root / "ci-key")  # one CI key: each machine trusts the other's entries
                 started = time.perf_counter()
                 run([*CLI, "package", "--config", str(config), "--signing-key", str(key)], s3)
                 times[machine].append(time.perf_counter() - started)
         finally:
             server.terminate()
             server.wait()
-    a, b = statistics.median(times["a"]), statistics.median(times["b"])
-    figures[f"{megabytes}MB"].update({"shared_machine_a_s": a, "shared_machine_b_s": b, "shared_vs_cold": b / a})
+    figures[f"{megabytes}MB"].update({"shared_machine_a_s": spread(times["a"]), "shared_machine_b_s":
+                                      spread(times["b"]), "shared_vs_cold": ratio(times["b"], times["a"])})
 
 
 def main() -> None:
@@ -175,32 +201,34 @@ def main() -> None:
                    check=True, stdout=subprocess.DEVNULL)
     figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for megabytes in (50, 500):
+        for megabytes in SIZES:
             measure(Path(tmp) / f"m{megabytes}", megabytes, env, figures)
             shutil.rmtree(Path(tmp) / f"m{megabytes}")
             shared_cache(Path(tmp) / f"shared{megabytes}", megabytes, env, figures)
             shutil.rmtree(Path(tmp) / f"shared{megabytes}")
-    small, large = figures["50MB"], figures["500MB"]
-    rows = [
-        ("bundle stage vs tar --zstd (500 MB)", large["bundle_vs_tar"], GOALS["bundle_vs_tar"], "×"),
-        ("cold package vs tar --zstd (500 MB)", large["cold_vs_tar"], GOALS["cold_vs_tar"], "×"),
-        ("no-change rebuild, 50 MB", small["rebuild_s"], GOALS["rebuild_s"], " s"),
-        ("no-change rebuild, 500 MB", large["rebuild_s"], GOALS["rebuild_s"], " s"),
-        ("rebuild 500 MB / 50 MB", large["rebuild_s"] / small["rebuild_s"], GOALS["rebuild_flat"], "×"),
-        ("  the same through the pipeline, 50 MB", small["pipeline_rebuild_s"], None, " s"),
-        ("  the same through the pipeline, 500 MB", large["pipeline_rebuild_s"], None, " s"),
-        ("verify vs openssl dgst (500 MB)", large["verify_vs_openssl"], GOALS["verify_vs_openssl"], "×"),
-        ("peak RSS / model (500 MB cold)", large["rss_vs_model"], GOALS["rss_vs_model"], "×"),
-        ("shared cache: machine B / A, 50 MB", small["shared_vs_cold"], GOALS["shared_vs_cold"], "×"),
-        ("shared cache: machine B / A, 500 MB", large["shared_vs_cold"], GOALS["shared_vs_cold"], "×"),
-    ]
-    print(f"{'figure':40} {'measured':>10} {'goal':>8}")
-    for name, value, goal, unit in rows:
-        verdict = "" if goal is None else f"{'≤ ' + format(goal, 'g'):>7}  {'met' if value <= goal else 'NOT met'}"
-        print(f"{name:40} {value:9.2f}{unit:2} {verdict}")
-    print(f"baselines: tar --zstd of the 500 MB source {large['tar_zstd_source_s']:.2f} s, of its payload "
-          f"{large['tar_zstd_payload_s']:.2f} s; openssl dgst of its bundle {large['openssl_s']:.2f} s; cold "
-          f"package {large['cold_s']:.1f} s")
+    smallest, largest = figures[f"{min(SIZES)}MB"], figures[f"{max(SIZES)}MB"]
+    rows = [(f"no-change rebuild / {min(SIZES)} MB's, {max(SIZES)} MB",
+             ratio([largest["rebuild_s"]["value"]], [smallest["rebuild_s"]["value"]]), GOALS["rebuild_flat"], "×")]
+    for megabytes in SIZES:
+        f = figures[f"{megabytes}MB"]
+        rows += [(f"bundle stage vs tar --zstd, {megabytes} MB", f["bundle_vs_tar"], GOALS["bundle_vs_tar"], "×"),
+                 (f"cold package vs tar --zstd, {megabytes} MB", f["cold_vs_tar"], GOALS["cold_vs_tar"], "×"),
+                 (f"no-change rebuild, {megabytes} MB", f["rebuild_s"], GOALS["rebuild_s"], " s"),
+                 (f"  through the pipeline, {megabytes} MB", f["pipeline_rebuild_s"], None, " s"),
+                 (f"verify vs openssl dgst, {megabytes} MB", f["verify_vs_openssl"], GOALS["verify_vs_openssl"], "×"),
+                 (f"peak RSS / model, {megabytes} MB", f["rss_vs_model"], GOALS["rss_vs_model"], "×"),
+                 (f"shared cache: machine B / A, {megabytes} MB", f["shared_vs_cold"], GOALS["shared_vs_cold"], "×")]
+    print(f"{'figure':44} {'measured':>9} {'range':>15} {'goal':>7}")
+    for name, figure, goal, unit in rows:
+        low, value, high = figure["low"], figure["value"], figure["high"]
+        verdict = "" if goal is None else f"≤ {goal:g}  " + (
+            "met" if high <= goal else "NOT met" if low > goal else "unsafe: spread")
+        print(f"{name:44} {value:8.2f}{unit:2} {f'{low:.2f}–{high:.2f}':>14} {verdict}")
+    for megabytes in SIZES:
+        f = figures[f"{megabytes}MB"]
+        print(f"baselines, {megabytes} MB: tar --zstd of the source {f['tar_zstd_source_s']['value']:.2f} s, of its "
+              f"payload {f['tar_zstd_payload_s']['value']:.2f} s; openssl dgst of its bundle "
+              f"{f['openssl_s']['value']:.2f} s; cold package {f['cold_s']['value']:.1f} s")
     Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results.json")).write_text(
         json.dumps({"figures": figures, "goals": GOALS}, indent=2))
 
