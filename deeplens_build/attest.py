@@ -44,8 +44,9 @@ TOOLS = ("model-signing", "securesystemslib")
 
 
 def preload() -> threading.Thread:
-    """Import the two libraries on a thread of their own (they take about 0.7 s, mostly sigstore's models), so
-    that the import overlaps the work before their first use (hashing a bundle, converting a model)."""
+    """Import the two libraries on a thread of their own (they take about 0.7 s, mostly sigstore's models), so that
+    the import overlaps reading and hashing a bundle; join it before their first use. Never inside a recorded
+    ``package`` (:mod:`uptodate`), whose record must not change while it is saved."""
 
     def load() -> None:
         import model_signing._signing.sign_ec_key  # noqa: F401

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deeplens_build import attest
 from deeplens_build.aws import greengrass
 from deeplens_build.aws.publish import publish_lambda
 from deeplens_build.build import Build, BuildOptions
@@ -64,7 +63,6 @@ def package(config: ProjectConfig, options: BuildOptions, *, manager: PluginMana
 def _sequence(b: Build, output: Path) -> BuildResult:
     """The pipeline's sequence."""
     lambda_package.check_code(b.config.lambda_, lambda_package.oldest_python(b.config))  # before any model work
-    attest.preload()  # the attestation libraries' imports, meanwhile
     training = fetch.run(b)
     detection = detect.run(b, training)
     opset = convert.opset_ceiling(b)
