@@ -134,9 +134,10 @@ def _shared_cache(uri: str, config: ProjectConfig, signer: Signer, reporter: Rep
     cache_signer = load_signer(config.build.cache_key) if config.build.cache_key else signer
     trusted = []
     for path in config.build.cache_trust:
+        pem = path.read_bytes()
         try:
-            load_public_key(path.read_bytes(), str(path))
+            load_public_key(pem, str(path))
         except SigningError as exc:
             raise ConfigError(f"Field `build.cache_trust`: {exc}") from exc
-        trusted.append(path.read_text())
+        trusted.append(pem.decode())
     return SharedCache(uri, warn=reporter.warn, signer=cache_signer, trusted=trusted or [cache_signer.public_key_pem])

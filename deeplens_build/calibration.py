@@ -9,6 +9,7 @@ device will feed it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ def _read(path: Path, specs: tuple[TensorSpec, ...], config: CalibrationConfig) 
     return {spec.name: _preprocess().to_tensor(frame, one, config.preprocess.model_dump()).astype(spec.dtype)}
 
 
+@functools.cache
 def _preprocess():
     """``deeplens_preprocess``, the very file the Lambda zip carries."""
     spec = importlib.util.spec_from_file_location("deeplens_preprocess", support.PREPROCESS)

@@ -84,6 +84,11 @@ class ParityReport:
     runtime: str = "onnxruntime"
     rtol: float = 0.0
 
+    @property
+    def top1_agreement(self) -> float | None:
+        """The least top-1 agreement of its class-score outputs; None when it has none."""
+        return min((o.top1_agreement for o in self.outputs if o.top1_agreement is not None), default=None)
+
 
 @dataclass(frozen=True)
 class CalibrationReport:

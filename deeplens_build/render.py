@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deeplens_build.manifest import Manifest
     from deeplens_build.plugins import PluginManager
-    from deeplens_build.records import ParityReport
     from deeplens_build.values import BuildResult
 
 
@@ -32,8 +31,7 @@ def summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
         "framework": result.framework,
         "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
                    "tolerance": parity.tolerance, "rtol": parity.rtol, "passed": parity.passed,
-                   "samples": parity.samples, "top1_agreement": min(
-                       (o.top1_agreement for o in parity.outputs if o.top1_agreement is not None), default=None)}
+                   "samples": parity.samples, "top1_agreement": parity.top1_agreement}
         if parity else None,
         "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact, "bundle": result.sizes.bundle},
         "stages": list(result.stages),
@@ -53,9 +51,8 @@ def package(summary: dict[str, Any], *, up_to_date: bool, as_json: bool) -> str:
              f"  sha256    {summary['sha256']}",
              f"  model     {summary['name']} {summary['version']} ({summary['framework']})"]
     if p := summary["parity"]:
-        top1 = f", top-1 agreement {p['top1_agreement']:.1%}" if p["top1_agreement"] is not None else ""
         lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g}, within {p['tolerance']:.3g} + "
-                     f"{p['rtol']:.3g} × |original|{top1}, over {p['samples']} samples")
+                     f"{p['rtol']:.3g} × |original|{_top1(p['top1_agreement'])}, over {p['samples']} samples")
     s = summary["sizes"]
     lines.append(f"  sizes     source {size(s['source'])}, artifact {size(s['artifact'])}, "
                  f"bundle {size(s['bundle'])}")
@@ -75,7 +72,7 @@ def manifest(m: Manifest) -> Iterator[str]:
     if parity := m.parity:
         yield (f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g} + rtol "
                f"{parity.rtol:.3g} × |original|), "
-               f"max rel diff {parity.max_rel_diff:.3g}{_top1(parity)}, {parity.samples} samples, seed "
+               f"max rel diff {parity.max_rel_diff:.3g}{_top1(parity.top1_agreement)}, {parity.samples} samples, seed "
                f"{parity.seed}, on {parity.runtime}")
     opt = m.optimization
     yield f"  sizes   {size(opt.size_before)} → {size(opt.size_after)} ({', '.join(opt.passes)})"
@@ -144,6 +141,5 @@ def plugins(manager: PluginManager) -> Iterator[str]:
         yield f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}"
 
 
-def _top1(parity: ParityReport) -> str:
-    agreement = [o.top1_agreement for o in parity.outputs if o.top1_agreement is not None]
-    return f", top-1 agreement {min(agreement):.1%}" if agreement else ""
+def _top1(agreement: float | None) -> str:
+    return f", top-1 agreement {agreement:.1%}" if agreement is not None else ""

@@ -85,7 +85,7 @@ def kept_in_float(precision: str, trial: Callable[[tuple[str, ...]], ParityRepor
                   candidates: Callable[[], list[str]], reporter: Reporter) -> tuple[tuple[str, ...], ParityReport]:
     """The one mechanism FP16 and INT8 keep nodes in float by: the plain conversion first (``trial(())``); when it
     fails, the smallest prefix of ``candidates()`` (riskiest first) whose trial passes, found by
-    :func:`smallest_passing_prefix`, and said. The nodes kept, and the plain trial's report.
+    :func:`_smallest_passing_prefix`, and said. The nodes kept, and the plain trial's report.
 
     :raises ParityError: when even every candidate kept in float fails: ``precision`` is not the cause.
     """
@@ -95,8 +95,8 @@ def kept_in_float(precision: str, trial: Callable[[tuple[str, ...]], ParityRepor
     nodes = candidates()
     reporter.step(f"precision: plain {precision} fails ({figures(plain)}); searching {len(nodes)} nodes for the ones "
                   "to keep in float")
-    block = smallest_passing_prefix(nodes, trial, remedy=f"Every node kept in float still fails, so {precision} is "
-                                    "not the cause: check the model at `model.precision = \"fp32\"`.")
+    block = _smallest_passing_prefix(nodes, trial, remedy=f"Every node kept in float still fails, so {precision} "
+                                     "is not the cause: check the model at `model.precision = \"fp32\"`.")
     reporter.note(f"{precision.lower()}: kept {len(block)} of {len(nodes)} nodes in float so it passes "
                   f"({figures(trial(block))}; plain {precision}: {figures(plain)}): {', '.join(block[:8])}"
                   f"{' …' if len(block) > 8 else ''}")
@@ -105,15 +105,13 @@ def kept_in_float(precision: str, trial: Callable[[tuple[str, ...]], ParityRepor
 
 def figures(report: ParityReport) -> str:
     """A trial's figures in a line: its largest difference and bounds, and its agreement where it has one."""
-    agreement = [o.top1_agreement for o in report.outputs if o.top1_agreement is not None]
-    top1 = f", top-1 agreement {min(agreement):.1%}" if agreement else ""
+    top1 = f", top-1 agreement {report.top1_agreement:.1%}" if report.top1_agreement is not None else ""
     return (f"max abs diff {report.max_abs_diff:.3g}, tolerance {report.tolerance:.3g} + {report.rtol:.3g} × "
             f"|original|{top1}, {report.samples} samples")
 
 
-def smallest_passing_prefix(candidates: list[str], trial, *, remedy: str) -> tuple[str, ...]:
-    """The shortest prefix of ``candidates`` whose trial passes (assuming that keeping more in float never hurts):
-    the one search FP16 and INT8 keep nodes in float by.
+def _smallest_passing_prefix(candidates: list[str], trial, *, remedy: str) -> tuple[str, ...]:
+    """The shortest prefix of ``candidates`` whose trial passes (assuming that keeping more in float never hurts).
 
     :param remedy: what the error says when even every candidate in float fails, which no such artifact can fix.
     :raises ParityError: then.
