@@ -89,6 +89,11 @@ class ParityReport:
         """The least top-1 agreement of its class-score outputs; None when it has none."""
         return min((o.top1_agreement for o in self.outputs if o.top1_agreement is not None), default=None)
 
+    @property
+    def detection_agreement(self) -> float | None:
+        """The least detection agreement of its detection-row outputs; None when it has none."""
+        return min((o.detection_agreement for o in self.outputs if o.detection_agreement is not None), default=None)
+
 
 @dataclass(frozen=True)
 class CalibrationReport:

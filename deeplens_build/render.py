@@ -31,7 +31,8 @@ def summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:
         "framework": result.framework,
         "parity": {"max_abs_diff": parity.max_abs_diff, "max_rel_diff": parity.max_rel_diff,
                    "tolerance": parity.tolerance, "rtol": parity.rtol, "passed": parity.passed,
-                   "samples": parity.samples, "top1_agreement": parity.top1_agreement}
+                   "samples": parity.samples, "top1_agreement": parity.top1_agreement,
+                   "detection_agreement": parity.detection_agreement}
         if parity else None,
         "sizes": {"source": result.sizes.source, "artifact": result.sizes.artifact, "bundle": result.sizes.bundle},
         "stages": list(result.stages),
@@ -52,7 +53,8 @@ def package(summary: dict[str, Any], *, up_to_date: bool, as_json: bool) -> str:
              f"  model     {summary['name']} {summary['version']} ({summary['framework']})"]
     if p := summary["parity"]:
         lines.append(f"  parity    max abs diff {p['max_abs_diff']:.3g}, within {p['tolerance']:.3g} + "
-                     f"{p['rtol']:.3g} × |original|{_top1(p['top1_agreement'])}, over {p['samples']} samples")
+                     f"{p['rtol']:.3g} × |original|{_agreement(p['top1_agreement'], p['detection_agreement'])}, "
+                     f"over {p['samples']} samples")
     s = summary["sizes"]
     lines.append(f"  sizes     source {size(s['source'])}, artifact {size(s['artifact'])}, "
                  f"bundle {size(s['bundle'])}")
@@ -72,7 +74,8 @@ def manifest(m: Manifest) -> Iterator[str]:
     if parity := m.parity:
         yield (f"  parity  max abs diff {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:.3g} + rtol "
                f"{parity.rtol:.3g} × |original|), "
-               f"max rel diff {parity.max_rel_diff:.3g}{_top1(parity.top1_agreement)}, {parity.samples} samples, seed "
+               f"max rel diff {parity.max_rel_diff:.3g}"
+               f"{_agreement(parity.top1_agreement, parity.detection_agreement)}, {parity.samples} samples, seed "
                f"{parity.seed}, on {parity.runtime}")
     opt = m.optimization
     yield f"  sizes   {size(opt.size_before)} → {size(opt.size_after)} ({', '.join(opt.passes)})"
@@ -141,5 +144,6 @@ def plugins(manager: PluginManager) -> Iterator[str]:
         yield f"skipped {f.name} ({f.distribution or 'unknown distribution'}): {f.reason}"
 
 
-def _top1(agreement: float | None) -> str:
-    return f", top-1 agreement {agreement:.1%}" if agreement is not None else ""
+def _agreement(top1: float | None, detections: float | None) -> str:
+    return ((f", top-1 agreement {top1:.1%}" if top1 is not None else "")
+            + (f", detections agreeing {detections:.1%}" if detections is not None else ""))

@@ -5,6 +5,11 @@ cannot be created directly"); instead of the slow pure-Python protobuf backend (
 40 MB caffemodel, against 0.04 s), the module is rebuilt here from the serialized descriptor it embeds, with
 today's protobuf, before caffe2onnx imports it. The parity reference is independent of the converter: OpenCV's
 Caffe importer runs the original prototxt + caffemodel.
+
+SSD detectors (Caffe SSD, OpenCV's res10 face detector): caffe2onnx writes ``PriorBox`` and ``DetectionOutput``
+as operators no runtime has. The priors depend on shapes alone, so OpenCV computes them once here, and
+``DetectionOutput`` becomes standard ONNX (:mod:`deeplens_build.ssd`) with Caffe's rows, ``[1, 1, keep_top_k, 7]``,
+padded with -1.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from deeplens_build import (
     choose_one,
     hookimpl,
     onnxtools,
+    ssd,
 )
 
 INSTALL = ("pip install deeplens-build-caffe && pip install --no-deps caffe2onnx==2.0.1  "
@@ -113,6 +119,8 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
     del onnx_model.opset_import[:]
     onnx_model.opset_import.add(domain="", version=CAFFE2ONNX_OPSET)
     _name_inputs_as_in_caffe(onnx_model, _input_blobs(net))
+    _standard_detection(onnx_model, net, source, model)
+    _refuse_foreign(onnx_model, model.files[0])
     onnx.save(onnx_model, str(target))
     loaded = onnxtools.load(target)
     inputs, outputs = onnxtools.interface(loaded, {v.name: "NCHW" if len(v.type.tensor_type.shape.dim) == 4 else None
@@ -131,6 +139,55 @@ def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, conv
     layers = _output_layers(_read_prototxt(caffe_pb2(), source, model.files[0]), [o.name for o in converted.outputs])
     values = net.forward(layers)
     return {spec.name: value for spec, value in zip(converted.outputs, values, strict=True)}
+
+
+def _standard_detection(onnx_model, net, source: TrainingOutput, model: ModelFiles) -> None:
+    """Replace caffe2onnx's DetectionOutput node (and with it the PriorBox nodes feeding it) by standard ONNX."""
+    import numpy as np
+
+    layer = next((layer for layer in net.layer if layer.type == "DetectionOutput"), None)
+    if layer is None:
+        return
+    node = next(n for n in onnx_model.graph.node if n.op_type == "DetectionOutput")
+    onnx_model.graph.node.remove(node)
+    p = layer.detection_output_param
+    cv2 = _cv2()
+    reader = cv2.dnn.readNetFromCaffe(str(source.path(model.files[0])), str(source.path(model.files[1])))
+    for blob in _input_blobs(net):  # PriorBox reads shapes only; any values do
+        reader.setInput(np.zeros(_blob_shape(net, blob), np.float32), blob)
+    priors = reader.forward(_output_layers(net, [layer.bottom[2]])[0]).reshape(2, -1, 4)
+    foreground = tuple(c for c in range(p.num_classes) if c != p.background_label_id)
+    top_k = p.nms_param.top_k if p.nms_param.top_k > 0 else None
+    keep = p.keep_top_k if p.keep_top_k > 0 else None
+    per_class = min(top_k or len(priors[0]), len(priors[0]))
+    decoding = ssd.Decoding(
+        priors=priors[0], variances=np.ones((1, 4)) if p.variance_encoded_in_target else priors[1],
+        foreground=foreground, labels=foreground,
+        score_threshold=p.confidence_threshold if p.HasField("confidence_threshold") else float(np.finfo("f4").min),
+        iou_threshold=p.nms_param.nms_threshold, clip=False, per_anchor=False, class_agnostic=False, top_k=top_k,
+        keep_top_k=keep, rows=min(keep or len(foreground) * per_class, len(foreground) * per_class), image_id=True,
+        probs_layout="anchors_first")
+    ssd.append(onnx_model, probs=node.input[1], loc=node.input[0], decoding=decoding, output=node.output[0])
+
+
+def _blob_shape(net, blob: str) -> list[int]:
+    if net.input:
+        index = list(net.input).index(blob)
+        return list(net.input_shape[index].dim) if net.input_shape else list(net.input_dim[4 * index: 4 * index + 4])
+    layer = next(layer for layer in net.layer if layer.type == "Input" and blob in layer.top)
+    return list(layer.input_param.shape[0].dim)
+
+
+def _refuse_foreign(onnx_model, prototxt: str) -> None:
+    """A layer caffe2onnx wrote as an operator no ONNX runtime has (a PriorBox outside a detector) is named now,
+    not by the runtime that cannot load it."""
+    import onnx.defs
+
+    for node in onnx_model.graph.node:
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            raise ConversionError(f"layer {node.name!r} of {prototxt} ({node.op_type}) has no standard ONNX "
+                                  "conversion here: caffe2onnx writes it as an operator no runtime has; PriorBox "
+                                  "converts only as the priors of a DetectionOutput")
 
 
 def caffe_pb2() -> types.ModuleType:
@@ -216,6 +273,8 @@ def _check_layers(net, weights, model: ModelFiles) -> None:
         if layer.type not in SUPPORTED_LAYERS:
             raise ConversionError(f"layer {layer.name!r} of type {layer.type!r} cannot be converted by caffe2onnx "
                                   "2.0.1; replace it with supported layers, or write a plugin of your own")
+        if layer.type == "DetectionOutput":
+            _check_detection(layer, net, prototxt)
     blobs = {layer.name: layer for layer in weights.layer}
     for layer in net.layer:
         if layer.type not in _WEIGHTED:
@@ -229,6 +288,23 @@ def _check_layers(net, weights, model: ModelFiles) -> None:
         if expected is not None and got and got[0] != expected:
             raise ConversionError(f"layer {layer.name!r}: {prototxt} says {expected} outputs but {caffemodel} holds "
                                   f"weights of shape {got}; they are not from the same model")
+
+
+def _check_detection(layer, net, prototxt: str) -> None:
+    """The DetectionOutput settings the standard ONNX detection reproduces; any other is named before conversion."""
+    p = layer.detection_output_param
+    center_size = 2  # Caffe's PriorBoxParameter.CodeType
+    refused = [why for wrong, why in (
+        (sum(other.type == "DetectionOutput" for other in net.layer) > 1, "a second DetectionOutput layer"),
+        (not p.share_location, "share_location: false (a box per class)"),
+        (p.code_type != center_size, f"code_type {p.code_type} (only CENTER_SIZE converts)"),
+        (p.nms_param.eta != 1.0, f"nms_param.eta {p.nms_param.eta} (adaptive suppression)"),
+        (len(layer.bottom) != 3, f"{len(layer.bottom)} inputs (loc, conf and priors expected)"),
+    ) if wrong]
+    if refused:
+        raise ConversionError(f"layer {layer.name!r} (DetectionOutput) of {prototxt} cannot be converted to "
+                              f"standard ONNX: {'; '.join(refused)}; change the layer's settings, or write a plugin "
+                              "of your own")
 
 
 def _expected_outputs(layer) -> int | None:

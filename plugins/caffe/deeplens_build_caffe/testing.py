@@ -39,6 +39,62 @@ def input_side_branch(net: Any, add: Callable[..., Any]) -> None:
     add("prob", "Softmax", ["fc"], ["prob"])
 
 
+def tiny_ssd(net: Any, add: Callable[..., Any], *, classes: int = 3, keep_top_k: int = 50) -> None:
+    """An SSD as the Caffe SSD prototxts (and OpenCV's res10 face detector) build it, at 32×32: the frame's pixels
+    scaled (a ``Power`` layer), two feature maps, one L2-``Normalize``d, each with box and class convolutions
+    through ``Permute`` and ``Flatten``, ``PriorBox`` anchors, the class scores reshaped for ``Softmax`` and
+    flattened, and ``DetectionOutput``. ``classes`` counts the background (label 0)."""
+    add("data", "Input", [], ["data"], lambda l: l.input_param.shape.add().dim.extend([1, 3, 32, 32]))
+    add("pixels", "Power", ["data"], ["pixels"], lambda l: setattr(l.power_param, "scale", 1 / 255))
+    add("conv1", "Convolution", ["pixels"], ["conv1"], _conv(8, 3))
+    add("relu1", "ReLU", ["conv1"], ["conv1"])
+    add("pool1", "Pooling", ["conv1"], ["pool1"], _pool(0))
+    add("pool1_norm", "Normalize", ["pool1"], ["pool1_norm"],
+        lambda l: (setattr(l.norm_param, "across_spatial", False), setattr(l.norm_param, "channel_shared", False)))
+    add("conv2", "Convolution", ["pool1"], ["conv2"], _conv(8, 8))
+    add("relu2", "ReLU", ["conv2"], ["conv2"])
+    add("pool2", "Pooling", ["conv2"], ["pool2"], _pool(0))
+    priors_per_place = 4  # min size, sqrt(min × max), aspect ratio 2 and its flip
+    for source, (low, high, step) in (("pool1_norm", (6, 12, 2)), ("pool2", (12, 24, 4))):
+        for kind, width in (("loc", 4), ("conf", classes)):
+            add(f"{source}_mbox_{kind}", "Convolution", [source], [f"{source}_mbox_{kind}"],
+                _conv(priors_per_place * width, 8))
+            add(f"{source}_mbox_{kind}_perm", "Permute", [f"{source}_mbox_{kind}"], [f"{source}_mbox_{kind}_perm"],
+                lambda l: l.permute_param.order.extend([0, 2, 3, 1]))
+            add(f"{source}_mbox_{kind}_flat", "Flatten", [f"{source}_mbox_{kind}_perm"],
+                [f"{source}_mbox_{kind}_flat"], lambda l: setattr(l.flatten_param, "axis", 1))
+
+        def prior(layer: Any, low: int = low, high: int = high, step: int = step) -> None:
+            p = layer.prior_box_param
+            p.min_size.append(low)
+            p.max_size.append(high)
+            p.aspect_ratio.append(2.0)
+            p.flip, p.clip, p.step, p.offset = True, False, step, 0.5
+            p.variance.extend([0.1, 0.1, 0.2, 0.2])
+        add(f"{source}_mbox_priorbox", "PriorBox", [source, "data"], [f"{source}_mbox_priorbox"], prior)
+    sources = ("pool1_norm", "pool2")
+    add("mbox_loc", "Concat", [f"{s}_mbox_loc_flat" for s in sources], ["mbox_loc"],
+        lambda l: setattr(l.concat_param, "axis", 1))
+    add("mbox_conf", "Concat", [f"{s}_mbox_conf_flat" for s in sources], ["mbox_conf"],
+        lambda l: setattr(l.concat_param, "axis", 1))
+    add("mbox_priorbox", "Concat", [f"{s}_mbox_priorbox" for s in sources], ["mbox_priorbox"],
+        lambda l: setattr(l.concat_param, "axis", 2))
+    add("mbox_conf_reshape", "Reshape", ["mbox_conf"], ["mbox_conf_reshape"],
+        lambda l: l.reshape_param.shape.dim.extend([0, -1, classes]))
+    add("mbox_conf_softmax", "Softmax", ["mbox_conf_reshape"], ["mbox_conf_softmax"],
+        lambda l: setattr(l.softmax_param, "axis", 2))
+    add("mbox_conf_flatten", "Flatten", ["mbox_conf_softmax"], ["mbox_conf_flatten"],
+        lambda l: setattr(l.flatten_param, "axis", 1))
+
+    def detection(layer: Any) -> None:
+        p = layer.detection_output_param
+        p.num_classes, p.share_location, p.background_label_id = classes, True, 0
+        p.nms_param.nms_threshold, p.nms_param.top_k = 0.45, 100
+        p.code_type, p.keep_top_k, p.confidence_threshold = 2, keep_top_k, 0.05  # 2: CENTER_SIZE
+    add("detection_out", "DetectionOutput", ["mbox_loc", "mbox_conf_flatten", "mbox_priorbox"], ["detection_out"],
+        detection)
+
+
 def write_model(folder: Path, build: Callable[[Any, Callable[..., Any]], None] = residual_net, *,
                 snapshots: tuple[int, ...] = (), seed: int = 0, bn_factor: float = 999.98) -> Path:
     """Write ``deploy.prototxt`` and ``model.caffemodel`` (or ``model_iter_N.caffemodel`` per snapshot).
@@ -97,6 +153,8 @@ def _blob_shapes(net: Any) -> dict[str, list[tuple[list[int], str]]]:
             shapes[layer.name] = [([c_out, c_in * s_in], "weight"), ([c_out], "bias")]
         elif layer.type == "BatchNorm":
             shapes[layer.name] = [([c_in], "mean"), ([c_in], "var"), ([1], "factor")]
+        elif layer.type == "Normalize":  # one scale per channel (channel_shared false)
+            shapes[layer.name] = [([c_in], "gamma")]
         elif layer.type == "Scale":
             shapes[layer.name] = [([c_in], "gamma"), ([c_in], "bias")]
         elif layer.type == "Pooling":

@@ -1,9 +1,12 @@
 """The MXNet framework plugin: what SageMaker MXNet jobs leave, to a parity-checked ONNX artifact.
 
 Accepts ``PREFIX-symbol.json`` + ``PREFIX-NNNN.params`` (one or many epochs, at the top or nested in folders,
-``model-shapes.json`` naming the inputs, Gluon ``HybridBlock.export`` output alike). Converts with MXNet's own
-ONNX exporter; the parity reference is the original symbol and params executed by MXNet in inference mode.
-``[plugins.mxnet] format = "native"`` keeps symbol + params as the artifact, run by ``runtimes/mxnet``.
+``model-shapes.json`` naming the inputs, Gluon ``HybridBlock.export`` output alike), and SSD detectors: the
+SageMaker built-in object-detection algorithm's training output (``hyperparams.json`` gives the input size) or
+MXNet SSD's ``deploy.py`` symbol. Converts with MXNet's own ONNX exporter; an SSD's anchors (``MultiBoxPrior``)
+become a constant computed here by MXNet and its ``MultiBoxDetection`` standard ONNX (:mod:`deeplens_build.ssd`).
+The parity reference is the inference symbol (the training branch cut) executed by MXNet.
+``[plugins.mxnet] format = "native"`` keeps that symbol + params as the artifact, run by ``runtimes/mxnet``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ _SYMBOL_SUFFIX = "-symbol.json"
 MIN_EXPORT_OPSET = 12
 """The oldest opset MXNet 1.9.1's exporter has converters for."""
 _SHAPES_FILES = ("model-shapes.json",)
+_HYPERPARAMS = "hyperparams.json"
+"""What SageMaker's built-in algorithms leave beside the model; object detection's names ``image_shape``."""
+_DETECTION = "_contrib_MultiBoxDetection"
 
 
 class MXNetSettings(PluginSettings):
@@ -65,9 +71,7 @@ def deeplens_build_detect(source: TrainingOutput, settings: MXNetSettings) -> Mo
     epochs = checkpoints[prefix]
     final = max(epochs)
     files = [f"{prefix}{_SYMBOL_SUFFIX}", epochs[final]]
-    shapes = _shapes_file(source, prefix)
-    if shapes:
-        files.append(shapes)
+    files.extend(f for f in (_shapes_file(source, prefix), _hyperparams_file(source, prefix)) if f)
     notes = []
     if len(epochs) > 1:
         notes.append(f"{len(epochs)} checkpoints of {prefix} found (epochs {', '.join(map(str, sorted(epochs)))}): "
@@ -82,18 +86,19 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
                            opset: int | None) -> Artifact:
     mx = _mxnet()
     symbol, args, auxs = _load(mx, source, model)
-    input_shapes = _input_shapes(source, model, symbol, args, auxs, shapes)
+    inference = _inference_symbol(mx, symbol)
+    input_shapes = _input_shapes(source, model, inference, args, auxs, shapes)
     labels = source.copy_labels(workdir)
     if settings.format == "native":
         target = workdir / f"model{_SYMBOL_SUFFIX}"
-        shutil.copyfile(source.path(model.files[0]), target)
+        target.write_text(inference.tojson())
         params = workdir / "model-0000.params"
         shutil.copyfile(source.path(model.files[1]), params)
         shapes_file = workdir / "model-shapes.json"  # what the device module binds the inputs with
         shapes_file.write_text(json.dumps([{"name": n, "shape": list(s)} for n, s in input_shapes.items()]))
-        _, out_shapes, _ = symbol.infer_shape(**input_shapes)
+        _, out_shapes, _ = inference.infer_shape(**input_shapes)
         outputs = tuple(TensorSpec(name=n, shape=tuple(s), dtype="float32")
-                        for n, s in zip(symbol.list_outputs(), out_shapes, strict=True))
+                        for n, s in zip(inference.list_outputs(), out_shapes, strict=True))
         return Artifact(format=NATIVE_FORMAT, path=target, extra_files=(params, shapes_file),
                         inputs=_specs(input_shapes), outputs=outputs, labels=labels)
 
@@ -101,10 +106,13 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
     import onnx
 
     target = workdir / "model.onnx"
+    detector = _detection_node(symbol)
+    exported = _ssd_head(mx, symbol, detector) if detector else inference
+    used = set(exported.list_arguments()) | set(exported.list_auxiliary_states())
     try:
         with warnings.catch_warnings(), _exporter_opset(opset):
             warnings.simplefilter("ignore")  # the exporter warns about every opset it does not target
-            mx.onnx.export_model(_inference_symbol(mx, symbol), {**args, **auxs},
+            mx.onnx.export_model(exported, {k: v for k, v in {**args, **auxs}.items() if k in used},
                                  in_shapes=list(input_shapes.values()), in_types=[np.float32] * len(input_shapes),
                                  onnx_file_path=str(target), dynamic=False, verbose=False)
     except AttributeError as exc:
@@ -118,6 +126,9 @@ def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: P
             "native MXNet artifact with [plugins.mxnet] format = \"native\" (runs with the MXNet runtime); or "
             "write a plugin of your own that converts it") from exc
     model_onnx = onnx.load(str(target))
+    if detector:
+        _append_detection(mx, model_onnx, symbol, detector, model, source, input_shapes)
+        onnx.save(model_onnx, str(target))
     inputs, outputs = onnxtools.interface(model_onnx, {n: "NCHW" if len(s) == 4 else None
                                                        for n, s in input_shapes.items()})
     return Artifact(format="onnx", path=target, inputs=inputs, outputs=outputs, labels=labels)
@@ -183,6 +194,11 @@ def _checkpoints(source: TrainingOutput) -> dict[str, dict[int, str]]:
     return found
 
 
+def _hyperparams_file(source: TrainingOutput, prefix: str) -> str | None:
+    folder = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+    return folder + _HYPERPARAMS if folder + _HYPERPARAMS in source.files else None
+
+
 def _shapes_file(source: TrainingOutput, prefix: str) -> str | None:
     folder = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
     candidates = [f"{prefix}-shapes.json", *(folder + name for name in _SHAPES_FILES)]
@@ -222,20 +238,14 @@ def _load(mx, source: TrainingOutput, model: ModelFiles):
 def _input_shapes(source: TrainingOutput, model: ModelFiles, symbol, args, auxs,
                   configured: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     names = [a for a in symbol.list_arguments() if a not in args and not a.endswith("_label")]
-    recorded: dict[str, tuple[int, ...]] = {}
-    if len(model.files) > 2:
-        try:
-            entries = json.loads(source.path(model.files[2]).read_text())
-            recorded = {e["name"]: tuple(int(d) for d in e["shape"]) for e in entries}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{model.files[2]} is not a list of {{\"name\", \"shape\"}} entries: {exc}") from exc
+    recorded = _recorded_shapes(source, model, names)
     shapes = {}
     for name in names:
         shape = configured.get(name) or recorded.get(name)
         if shape is None:
             raise ConversionError(f"the shape of input {name!r} is unknown: the training output has no "
-                                  f"model-shapes.json; set `model.inputs.{name}.shape` in deeplens.toml, e.g. "
-                                  "[1, 3, 224, 224]")
+                                  f"model-shapes.json or {_HYPERPARAMS} image_shape; set "
+                                  f"`model.inputs.{name}.shape` in deeplens.toml, e.g. [1, 3, 224, 224]")
         shapes[name] = tuple(shape)
     try:
         arg_shapes, _, aux_shapes = symbol.infer_shape(**shapes)
@@ -244,31 +254,121 @@ def _input_shapes(source: TrainingOutput, model: ModelFiles, symbol, args, auxs,
     expected = dict(zip(symbol.list_arguments(), arg_shapes, strict=True)) | dict(
         zip(symbol.list_auxiliary_states(), aux_shapes, strict=True))
     for name, value in {**args, **auxs}.items():
-        if tuple(value.shape) != tuple(expected[name]):
+        if name in expected and tuple(value.shape) != tuple(expected[name]):
             raise ConversionError(f"{model.files[1]} does not belong to {model.files[0]}: parameter {name!r} is "
                                   f"{list(value.shape)}, the symbol expects {list(expected[name])}")
     return shapes
 
 
-def _inference_symbol(mx, symbol):
-    """Replace a final SoftmaxOutput (a training loss layer whose label input the exporter trips over) with softmax.
+def _recorded_shapes(source: TrainingOutput, model: ModelFiles, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Input shapes the training output records: model-shapes.json, or the built-in algorithms' square
+    ``image_shape`` (batch 1, 3 channels) for a single input."""
+    recorded: dict[str, tuple[int, ...]] = {}
+    for file in model.files[2:]:
+        try:
+            content = json.loads(source.path(file).read_text())
+            if file.endswith(_HYPERPARAMS):
+                side = int(str(content["image_shape"]).strip("[]() ").split(",")[-1])
+                recorded.update({names[0]: (1, 3, side, side)} if len(names) == 1 else {})
+            else:
+                recorded.update({e["name"]: tuple(int(d) for d in e["shape"]) for e in content})
+        except KeyError:
+            continue  # hyperparameters of an algorithm without image_shape
+        except (ValueError, TypeError) as exc:
+            raise ConversionError(f"{file} is not what SageMaker writes ({exc}): a list of {{\"name\", \"shape\"}} "
+                                  "entries, or hyperparameters with image_shape") from exc
+    return recorded
 
-    In inference mode SoftmaxOutput's forward pass is a softmax over axis 1, so nothing changes numerically;
-    the parity check runs the original symbol and proves it.
+
+def _inference_symbol(mx, symbol):
+    """The symbol as inference runs it: an SSD's detection alone, its training branch (MultiBoxTarget, the losses,
+    the ``label`` input) cut as MXNet SSD's deploy.py cuts it; a final SoftmaxOutput (a training loss layer whose
+    label input the exporter trips over) replaced with softmax.
+
+    In inference mode SoftmaxOutput's forward pass is a softmax over axis 1 (``multi_output`` too), so nothing
+    changes numerically.
     """
+    detector = _detection_node(symbol)
+    if detector:
+        cls_prob, loc, anchors = _ssd_inputs(mx, symbol, detector)
+        return mx.sym.contrib.MultiBoxDetection(cls_prob, loc, anchors, name=detector["name"],
+                                                **detector.get("attrs", {}))
     graph = json.loads(symbol.tojson())
-    outputs = []
     internals = symbol.get_internals()
-    for node_id, index, _ in graph["heads"]:
-        node = graph["nodes"][node_id]
-        if node["op"] == "SoftmaxOutput":
-            data_id, data_index, _ = node["inputs"][0]
-            data_node = graph["nodes"][data_id]
-            data = internals[_output_name(data_node, data_index, internals)]
-            outputs.append(mx.sym.softmax(data, axis=1, name=node["name"]))
-        else:
-            outputs.append(internals[_output_name(node, index, internals)])
+    outputs = [_without_loss(mx, graph, graph["nodes"][node_id], index, internals)
+               for node_id, index, _ in graph["heads"]]
     return outputs[0] if len(outputs) == 1 else mx.sym.Group(outputs)
+
+
+def _without_loss(mx, graph: Mapping[str, Any], node: Mapping[str, Any], index: int, internals):
+    if node["op"] != "SoftmaxOutput":
+        return internals[_output_name(node, index, internals)]
+    data_id, data_index, _ = node["inputs"][0]
+    data = internals[_output_name(graph["nodes"][data_id], data_index, internals)]
+    return mx.sym.softmax(data, axis=1, name=node["name"])
+
+
+def _detection_node(symbol) -> dict[str, Any] | None:
+    """The SSD's MultiBoxDetection node, if the symbol is an SSD (the built-in object-detection algorithm's, MXNet
+    SSD's training or deploy symbol)."""
+    found = [n for n in json.loads(symbol.tojson())["nodes"] if n["op"] == _DETECTION]
+    if len(found) > 1:
+        raise ConversionError(f"the symbol holds {len(found)} MultiBoxDetection layers ({found[0]['name']}, "
+                              f"{found[1]['name']}...); export one detector per model")
+    return found[0] if found else None
+
+
+def _ssd_inputs(mx, symbol, detector: Mapping[str, Any]):
+    """MultiBoxDetection's three inputs as inference computes them: class probabilities, box offsets, anchors."""
+    graph = json.loads(symbol.tojson())
+    internals = symbol.get_internals()
+    return tuple(_without_loss(mx, graph, graph["nodes"][node_id], index, internals)
+                 for node_id, index, _ in detector["inputs"])
+
+
+def _ssd_head(mx, symbol, detector: Mapping[str, Any]):
+    """What MXNet's exporter converts of an SSD: the class probabilities and box offsets, before the detection."""
+    cls_prob, loc, _ = _ssd_inputs(mx, symbol, detector)
+    return mx.sym.Group([cls_prob, loc])
+
+
+def _append_detection(mx, model_onnx, symbol, detector: Mapping[str, Any], model: ModelFiles,
+                      source: TrainingOutput, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Replace the exported head's outputs with MultiBoxDetection in standard ONNX, its anchors computed by MXNet
+    now (MultiBoxPrior reads shapes only)."""
+    import numpy as np
+
+    from deeplens_build import ssd
+    from deeplens_build_mxnet import device
+
+    if next(iter(input_shapes.values()))[0] != 1:
+        raise ConversionError("an SSD detector converts at batch 1 (a camera's frame at a time); set "
+                              f"`model.inputs.{next(iter(input_shapes))}.shape` with batch 1")
+    _, _, anchors_symbol = _ssd_inputs(mx, symbol, detector)
+    executor = device.bind(anchors_symbol, str(source.path(model.files[1])), tuple(input_shapes.items()))
+    anchors = device.run(executor, {n: np.zeros(s, np.float32) for n, s in input_shapes.items()})[0].reshape(-1, 4)
+    attrs = {k: str(v) for k, v in detector.get("attrs", {}).items()}
+    _, (prob_shape, _), _ = _ssd_head(mx, symbol, detector).infer_shape(**input_shapes)
+    top_k = int(attrs.get("nms_topk", -1))
+    background = int(attrs.get("background_id", 0))
+    foreground = tuple(c for c in range(prob_shape[1]) if c != background)
+    decoding = ssd.Decoding(
+        priors=anchors, variances=np.array([_floats(attrs.get("variances", "(0.1, 0.1, 0.2, 0.2)"))]),
+        foreground=foreground, labels=tuple(range(len(foreground))),
+        score_threshold=float(attrs.get("threshold", 0.01)), iou_threshold=float(attrs.get("nms_threshold", 0.5)),
+        clip=_flag(attrs.get("clip", "True")), per_anchor=True, class_agnostic=_flag(attrs.get("force_suppress", "0")),
+        top_k=top_k if top_k > 0 else None, keep_top_k=None, rows=len(anchors), image_id=False,
+        probs_layout="classes_first")
+    probs, loc = (o.name for o in model_onnx.graph.output)
+    ssd.append(model_onnx, probs=probs, loc=loc, decoding=decoding, output=detector["name"])
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.strip("[]() ").split(",") if v.strip()]
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true")
 
 
 def _output_name(node: Mapping[str, Any], index: int, internals) -> str:
@@ -282,10 +382,12 @@ def _output_name(node: Mapping[str, Any], index: int, internals) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _executor(symbol_path: str, params_path: str, shapes: tuple[tuple[str, tuple[int, ...]], ...]):
-    """An MXNet executor bound for inference as the device module binds it, reused across the parity samples."""
+    """An MXNet executor of the inference symbol, bound as the device module binds it, reused across the parity
+    samples."""
     from deeplens_build_mxnet import device
 
-    return device.bind(symbol_path, params_path, shapes)
+    mx = _mxnet()
+    return device.bind(_inference_symbol(mx, mx.sym.load(symbol_path)), params_path, shapes)
 
 
 def _node_of(symbol, op: str) -> str:

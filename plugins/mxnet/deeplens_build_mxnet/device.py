@@ -24,10 +24,12 @@ with warnings.catch_warnings():
 SYMBOL, PARAMS, SHAPES = "model-symbol.json", "model-0000.params", "model-shapes.json"
 
 
-def bind(symbol_path, params_path, shapes):
-    """An executor for inference: ``shapes`` is ``[(input name, shape), ...]``; a training label input
-    (``softmax_label``) that the params do not hold is bound to zeros, as inference never reads it."""
-    symbol = mx.sym.load(symbol_path)
+def bind(symbol, params_path, shapes):
+    """An executor for inference of ``symbol`` (a Symbol, or the path of its JSON): ``shapes`` is
+    ``[(input name, shape), ...]``; a training label input (``softmax_label``) that the params do not hold is bound
+    to zeros, as inference never reads it."""
+    if isinstance(symbol, str):
+        symbol = mx.sym.load(symbol)
     params = {k.split(":", 1)[-1]: v for k, v in mx.nd.load(params_path).items()}
     given = dict((name, tuple(shape)) for name, shape in shapes)
     batch = given[next(iter(given))][0]

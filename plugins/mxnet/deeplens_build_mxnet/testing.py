@@ -82,3 +82,86 @@ def save_checkpoints(folder: Path, build: Callable, shapes: dict[str, tuple[int,
         entries = [{"name": name, "shape": list(shape)} for name, shape in shapes.items()]
         (folder / "model-shapes.json").write_text(json.dumps(entries))
     return folder
+
+
+def ssd_training_symbol(mx, classes: int = 2, *, nms_topk: int = 400, force_suppress: bool = False):
+    """A tiny SSD as MXNet's SSD example (``symbol_builder.get_symbol_train``) and SageMaker's built-in
+    object-detection algorithm build it: pixels scaled, two feature maps, per-map class and box convolutions,
+    MultiBoxPrior anchors, MultiBoxTarget and the losses for training, MultiBoxDetection behind ``det_out``.
+    Inputs ``data`` and ``label`` (``[batch, objects, 5]``: class, corners)."""
+    data, label = mx.sym.var("data"), mx.sym.var("label")
+    pixels = data * (1.0 / 255)  # the network takes a frame's pixels as awscam gives them
+    body = mx.sym.Activation(mx.sym.Convolution(pixels, num_filter=8, kernel=(3, 3), pad=(1, 1), stride=(2, 2),
+                                                name="conv1"), act_type="relu", name="relu1")
+    deeper = mx.sym.Activation(mx.sym.Convolution(body, num_filter=8, kernel=(3, 3), pad=(1, 1), stride=(2, 2),
+                                                  name="conv2"), act_type="relu", name="relu2")
+    locs, confs, anchors = [], [], []
+    for index, (layer, sizes) in enumerate([(body, (0.2, 0.3)), (deeper, (0.5, 0.7))]):
+        ratios = (1.0, 2.0, 0.5)
+        per_place = len(sizes) + len(ratios) - 1
+        loc = mx.sym.Convolution(layer, num_filter=per_place * 4, kernel=(3, 3), pad=(1, 1), name=f"loc{index}")
+        conf = mx.sym.Convolution(layer, num_filter=per_place * (classes + 1), kernel=(3, 3), pad=(1, 1),
+                                  name=f"cls{index}")
+        locs.append(mx.sym.Flatten(mx.sym.transpose(loc, axes=(0, 2, 3, 1))))
+        confs.append(mx.sym.Flatten(mx.sym.transpose(conf, axes=(0, 2, 3, 1))))
+        anchors.append(mx.sym.Flatten(mx.sym.contrib.MultiBoxPrior(layer, sizes=sizes, ratios=ratios,
+                                                                   name=f"anchors{index}")))
+    loc_preds = mx.sym.concat(*locs, dim=1, name="multibox_loc_pred")
+    cls_preds = mx.sym.transpose(mx.sym.reshape(mx.sym.concat(*confs, dim=1), shape=(0, -1, classes + 1)),
+                                 axes=(0, 2, 1), name="multibox_cls_pred")
+    anchor_boxes = mx.sym.reshape(mx.sym.concat(*anchors, dim=1), shape=(0, -1, 4), name="multibox_anchors")
+    target = mx.sym.contrib.MultiBoxTarget(anchor_boxes, label, cls_preds, overlap_threshold=0.5, ignore_label=-1,
+                                           negative_mining_ratio=3, negative_mining_thresh=0.5,
+                                           variances=(0.1, 0.1, 0.2, 0.2), name="multibox_target")
+    cls_prob = mx.sym.SoftmaxOutput(cls_preds, label=target[2], ignore_label=-1, use_ignore=True, multi_output=True,
+                                    normalization="valid", name="cls_prob")
+    loc_loss = mx.sym.MakeLoss(mx.sym.smooth_l1(target[1] * (loc_preds - target[0]), scalar=1.0),
+                               normalization="valid", name="loc_loss")
+    cls_label = mx.sym.MakeLoss(target[2], grad_scale=0, name="cls_label")
+    det = mx.sym.contrib.MultiBoxDetection(cls_prob, loc_preds, anchor_boxes, name="detection", nms_threshold=0.45,
+                                           force_suppress=force_suppress, variances=(0.1, 0.1, 0.2, 0.2),
+                                           nms_topk=nms_topk)
+    return mx.sym.Group([cls_prob, loc_loss, cls_label, mx.sym.MakeLoss(det, grad_scale=0, name="det_out")])
+
+
+def train_builtin_ssd(folder: Path, *, classes: int = 2, size: int = 32, steps: int = 5, seed: int = 0,
+                      **symbol_options) -> Path:
+    """Train :func:`ssd_training_symbol` for ``steps`` batches on boxes drawn on noise (pixel values, 0 to 255,
+    as a camera frame reaches awscam's ``doInference``) and save it as the SageMaker
+    built-in object-detection algorithm leaves it: ``model_algo_1-symbol.json``, ``model_algo_1-0000.params`` and
+    ``hyperparams.json`` (``image_shape``, ``num_classes``)."""
+    import numpy as np
+
+    mx = _mxnet()
+    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (8, 3, size, size)).astype(np.float32)  # pixels, as awscam feeds them
+    labels = np.full((8, 2, 5), -1, dtype=np.float32)
+    for i in range(8):
+        low = rng.uniform(0.05, 0.5, 2)
+        high = low + rng.uniform(0.2, 0.45, 2)
+        labels[i, 0] = [i % classes, *low, *np.minimum(high, 1.0)]
+        x0, y0 = (low * size).astype(int)
+        x1, y1 = (np.minimum(high, 1.0) * size).astype(int)
+        images[i, i % classes, y0:y1, x0:x1] = 255.0  # an object of its class's colour, to learn to see
+    module = mx.mod.Module(ssd_training_symbol(mx, classes, **symbol_options), data_names=["data"],
+                           label_names=["label"], context=mx.cpu())
+    batches = mx.io.NDArrayIter(images, labels, batch_size=4, label_name="label")
+    module.bind(data_shapes=batches.provide_data, label_shapes=batches.provide_label)
+    module.init_params(mx.init.Xavier(magnitude=2.0))
+    module.init_optimizer(optimizer="sgd", optimizer_params={"learning_rate": 0.01, "momentum": 0.9})
+    done = 0
+    while done < steps:
+        batches.reset()
+        for batch in batches:
+            module.forward_backward(batch)
+            module.update()
+            done += 1
+            if done == steps:
+                break
+    folder.mkdir(parents=True, exist_ok=True)
+    module.save_checkpoint(str(folder / "model_algo_1"), 0)
+    hyperparams = {"image_shape": str(size), "num_classes": str(classes), "mini_batch_size": "4",
+                   "base_network": "tiny", "epochs": "1"}
+    (folder / "hyperparams.json").write_text(json.dumps(hyperparams))
+    return folder

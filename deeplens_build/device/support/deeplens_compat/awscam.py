@@ -103,6 +103,9 @@ class _Outputs(dict):
     """``{output name: flat array}``, in the model's output order, also indexed by position (``results[0]``):
     DeepLens Lambdas named the outputs of the MXNet symbol they were written for, not the ONNX names."""
 
+    shapes = {}
+    """Each output's shape before it was flattened: parseResult tells SSD rows of 6 from Caffe's of 7 by it."""
+
     def __missing__(self, key):
         if isinstance(key, int) and not isinstance(key, bool):
             return list(self.values())[key]
@@ -137,24 +140,28 @@ class Model:
         tensor = frame.astype(np.float32)
         tensor = (tensor.transpose(2, 0, 1) if self._channels_first else tensor)[np.newaxis]
         outputs = self._model.run({self._input: tensor})
-        return _Outputs((name, value.ravel()) for name, value in zip(self._model.outputs, outputs))
+        results = _Outputs((name, value.ravel()) for name, value in zip(self._model.outputs, outputs))
+        results.shapes = {name: value.shape for name, value in zip(self._model.outputs, outputs)}
+        return results
 
     def parseResult(self, model_type, raw_results):  # noqa: N802
         """DeepLens's result shape: ``{model_type: [{"label": i, "prob": p}, ...]}``, most probable first; for
         ``"ssd"`` each also has ``xmin``, ``ymin``, ``xmax``, ``ymax`` in pixels of the model's input (rows of the
-        first output: class, probability, then box corners from 0 to 1; a negative class is padding)."""
+        first output: class, probability, then box corners from 0 to 1; a negative class is padding; Caffe's rows
+        start with the image's index, which is skipped)."""
         if model_type not in ("classification", "ssd"):
             # DeepLens also accepted "segmentation" but documented no result shape for it: guessing one would
             # hand the Lambda plausible nonsense, so it is told to read doInference's output itself
             raise ValueError("awscam.Model.parseResult: model_type {!r} is not one whose result shape DeepLens "
                              "documented (classification, ssd); read model.doInference(frame)'s output "
                              "directly".format(model_type))
-        values = next(iter(raw_results.values()))
+        name, values = next(iter(raw_results.items()))
         if model_type == "ssd":
+            width = getattr(raw_results, "shapes", {}).get(name, (6,))[-1]
             parsed = [{"label": int(row[0]), "prob": float(row[1]),
                        "xmin": float(row[2]) * self.width, "ymin": float(row[3]) * self.height,
                        "xmax": float(row[4]) * self.width, "ymax": float(row[5]) * self.height}
-                      for row in values.reshape(-1, 6) if row[0] >= 0]
+                      for row in values.reshape(-1, width)[:, -6:] if row[0] >= 0]
         else:
             parsed = [{"label": index, "prob": float(prob)} for index, prob in enumerate(values)]
         return {model_type: sorted(parsed, key=lambda item: item["prob"], reverse=True)}
