@@ -108,7 +108,7 @@ def compare(reference: ReferenceRun, candidate: Runner, outputs: tuple[TensorSpe
                 continue
             if want.shape != got.shape:
                 raise ParityError(f"output {name!r}: the original model gives shape {list(want.shape)} but the "
-                                  f"artifact ({runtime}) gives {list(got.shape)}")
+                                  f"artifact ({runtime}) gives {list(got.shape)}{_task_hint(outputs, task)}")
             diff = np.abs(want - got)
             abs_diff[name] = max(abs_diff[name], float(diff.max(initial=0.0)))
             rel_diff[name] = max(rel_diff[name], float((diff / np.maximum(np.abs(want), 1e-6)).max(initial=0.0)))
@@ -199,6 +199,14 @@ def load_sample(path: Path, specs: tuple[TensorSpec, ...], setting: str = "parit
                               f"the model takes {list(spec.shape)}")
         sample[spec.name] = array.astype(spec.dtype)
     return sample
+
+
+def _task_hint(outputs: tuple[TensorSpec, ...], task: str) -> str:
+    """Detection rows compared element by element fail on what NMS leaves in its padding: say what compares them."""
+    if task == "detection" or not any(_is_detection_rows(o) for o in outputs):
+        return ""
+    return (" The outputs look like detection rows ([class, score, box]): set `model.task = \"detection\"` to "
+            "compare them as detections ([parity.detection]).")
 
 
 def _is_detection_rows(spec: TensorSpec) -> bool:
@@ -334,6 +342,6 @@ def run(b: Build, optimized: Optimized, compiled: Artifact, reference: Reference
         try_fp32 = "" if optimized.precision == "fp32" else "Try `model.precision = \"fp32\"`, or "
         return require(report, remedy=f"{try_fp32 or 'Try '}another `target.backend`; raise `parity.tolerance`, "
                                       "`parity.rtol` or one output's `[parity.outputs.NAME]` only if the difference "
-                                      "is acceptable.")
+                                      f"is acceptable.{_task_hint(optimized.artifact.outputs, config.model.task)}")
 
     return b.stage("parity", key, ParityReport, build)

@@ -85,14 +85,14 @@ def test_the_builtin_object_detection_output_packages_and_its_lambda_publishes_b
     _run_publishes_boxes(tmp_path, built.bundle, broker.port)
 
 
-def test_the_ssd_artifact_gives_mxnets_own_detections(tmp_path: Path, builtin_ssd: Path) -> None:
+@pytest.mark.parametrize("options", [{}, {"nms_topk": 20, "force_suppress": True}],
+                         ids=["per-class", "top-20-class-agnostic"])
+def test_the_ssd_artifact_gives_mxnets_own_detections(tmp_path: Path, options: dict) -> None:
     """Not only within the parity bounds: the same rows, in the same order, as MXNet's MultiBoxDetection."""
     import onnxruntime as ort
     from deeplens_build_mxnet import _executor, device
 
-    source = tmp_path / "out"
-    with tarfile.open(builtin_ssd) as tar:
-        tar.extractall(source, filter="data")
+    source = mxnet_testing.train_builtin_ssd(tmp_path / "out", steps=6, **options)
     built = _package(tmp_path, source)
     _graph(built.bundle, tmp_path)
     session = ort.InferenceSession(str(tmp_path / "unpacked" / "model" / "model.onnx"))
@@ -100,11 +100,17 @@ def test_the_ssd_artifact_gives_mxnets_own_detections(tmp_path: Path, builtin_ss
                          (("data", (1, 3, 32, 32)),))
     rng = np.random.default_rng(5)
     for _ in range(3):
-        x = rng.uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)
+        x = rng.uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
         want, got = device.run(executor, {"data": x})[0][0], session.run(None, {"data": x})[0][0]
         want, got = want[want[:, 0] >= 0], got[got[:, 0] >= 0]
-        assert len(want) > 10 and want.shape == got.shape
+        assert len(want) > 5 and want.shape == got.shape
+        assert len(want) <= options.get("nms_topk", len(want))
         assert np.abs(want - got).max() < 1e-5
+
+
+def test_an_ssd_compiles_for_openvino_with_detection_parity(tmp_path: Path, builtin_ssd: Path) -> None:
+    built = _package(tmp_path, builtin_ssd, target={"backend": "openvino"})
+    assert built.parity.runtime.startswith("openvino") and built.parity.detection_agreement == 1.0
 
 
 def test_a_caffe_ssd_packages_and_its_lambda_publishes_boxes(broker: Broker, tmp_path: Path) -> None:

@@ -91,3 +91,24 @@ def test_conversion_keeps_the_fast_protobuf_backend(tmp_path: Path, snapshots: P
     package_project(tmp_path, snapshots)
     assert api_implementation.Type() != "python"
     assert "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" not in os.environ
+
+
+def test_a_detection_output_it_cannot_reproduce_is_named_before_conversion(tmp_path: Path) -> None:
+    def per_class_boxes(net, add):
+        caffe_testing.tiny_ssd(net, add)
+        net.layer[-1].detection_output_param.share_location = False
+
+    source = caffe_testing.write_model(tmp_path / "out", per_class_boxes)
+    message = package_project(tmp_path, source, expect=5, model={"task": "detection"})
+    assert "layer 'detection_out' (DetectionOutput) of deploy.prototxt cannot be converted to standard ONNX" in message
+    assert "share_location: false" in message
+
+
+def test_a_prior_box_outside_a_detector_is_named(tmp_path: Path) -> None:
+    def priors_only(net, add):
+        caffe_testing.tiny_ssd(net, add)
+        del net.layer[-1]
+
+    source = caffe_testing.write_model(tmp_path / "out", priors_only)
+    message = package_project(tmp_path, source, expect=5, model={"task": "other"})
+    assert "(PriorBox) has no standard ONNX conversion" in message

@@ -179,3 +179,49 @@ def test_unsupported_operator_names_operator_node_and_options(tmp_path: Path) ->
     message = package_project(tmp_path, source, expect=5, model={"task": "other"})
     assert "operator '_linalg_potrf' (node 'chol') has no ONNX conversion" in message
     assert 'format = "native"' in message and "plugin of your own" in message
+
+
+@pytest.fixture(scope="module")
+def builtin_ssd(tmp_path_factory) -> Path:
+    return mxnet_testing.train_builtin_ssd(tmp_path_factory.mktemp("ssd") / "out", steps=6)
+
+
+def test_mxnet_ssds_deploy_symbol_packages_with_a_configured_shape(tmp_path: Path, builtin_ssd: Path) -> None:
+    """What DeepLens owners ran first, MXNet SSD's deploy.py: a symbol ending in MultiBoxDetection, no label."""
+    from deeplens_build_mxnet import _inference_symbol, _mxnet
+
+    mx = _mxnet()
+    source = tmp_path / "out"
+    source.mkdir()
+    _inference_symbol(mx, mx.sym.load(str(builtin_ssd / "model_algo_1-symbol.json"))).save(
+        str(source / "deploy_model_algo_1-symbol.json"))
+    shutil.copyfile(builtin_ssd / "model_algo_1-0000.params", source / "deploy_model_algo_1-0000.params")
+    message = package_project(tmp_path / "a", source, expect=5, model={"task": "detection"})
+    assert "shape of input 'data' is unknown" in message and "image_shape" in message
+    report = package_project(tmp_path / "b", source, model={"task": "detection"},
+                             inputs={"data": {"shape": [1, 3, 32, 32]}})
+    assert report["parity"]["passed"] and report["parity"]["detection_agreement"] == 1.0
+
+
+def test_a_native_ssd_runs_on_the_device_module(tmp_path: Path, builtin_ssd: Path) -> None:
+    """format = "native" ships the inference symbol (the training branch cut), which MXNet runs on the device."""
+    report = package_project(tmp_path, builtin_ssd, model={"task": "detection"},
+                             plugins={"mxnet": {"format": "native"}})
+    folder = tmp_path / "bundle"
+    with open_bundle(report["bundle"]) as tar:
+        tar.extractall(folder, filter="data")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deeplens_model_ssd", folder / "model" / "deeplens_model.py")
+    device = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device)
+    model = device.load(str(folder / "model"))
+    assert model.inputs == [("data", [1, 3, 32, 32])] and model.outputs == ["detection_output"]
+    rows = model.run({"data": np.full((1, 3, 32, 32), 128, np.float32)})[0]
+    assert rows.shape == (1, 16 * 16 * 4 + 8 * 8 * 4, 6) and (rows[0, :, 0] >= 0).any()
+
+
+def test_an_ssd_at_batch_two_is_refused(tmp_path: Path, builtin_ssd: Path) -> None:
+    message = package_project(tmp_path, builtin_ssd, expect=5, model={"task": "detection"},
+                              inputs={"data": {"shape": [2, 3, 32, 32]}})
+    assert "an SSD detector converts at batch 1" in message
