@@ -231,10 +231,11 @@ def _detections_agree(want: np.ndarray, got: np.ndarray, match: DetectionMatch,
     free = np.ones(len(found), dtype=bool)
     hits, largest = 0, 0.0
     for row in wanted[np.argsort(-wanted[:, 1])]:
-        fits = free & (found[:, 0] == row[0]) & (_iou(row[2:], found[:, 2:]) >= match.iou) & \
+        overlap = _iou(row[2:], found[:, 2:])
+        fits = free & (found[:, 0] == row[0]) & (overlap >= match.iou) & \
             (np.abs(found[:, 1] - row[1]) <= bounds.tolerance + bounds.rtol * abs(row[1]))
         if fits.any():
-            pair = np.flatnonzero(fits)[0]
+            pair = int(np.argmax(np.where(fits, overlap, -1.0)))  # the closest box, not the first that fits
             free[pair] = False
             hits += 1
             largest = max(largest, float(np.abs(found[pair, 1:] - row[1:]).max()))
