@@ -347,21 +347,35 @@ def _shared_files(body: bytes) -> dict[str, str]:
 
 
 def _copied(source: Path | None, target: Path) -> bool:
-    """``source`` (a file of a published entry, never changed again) at ``target`` too: a second name for the same
-    bytes (whose digest stays known, so checking it reads nothing), or a copy across file systems."""
+    """``source`` (a file of a published entry) at ``target`` too, or False when it was pruned meanwhile."""
     if source is None:
         return False
     try:
-        before = stat_identity(os.stat(source))
+        link(source, target)
+    except OSError:  # pruned meanwhile: download it
+        return False
+    return True
+
+
+def link(source: Path, target: Path) -> None:
+    """``target`` a second name for ``source``, a file of a published entry, never changed again (or a copy
+    across file systems): its digest stays known, so checking it reads nothing."""
+    before = stat_identity(os.stat(source))
+    try:
         os.link(source, target)
     except OSError:
-        try:
-            shutil.copyfile(source, target)
-        except OSError:  # pruned meanwhile: download it
-            return False
-        return True
-    linked(before, target)
-    return True
+        shutil.copyfile(source, target)
+        return
+    linked(before, stat_identity(os.stat(target)))
+
+
+def unlink(path: Path) -> None:
+    """Remove ``path``, a second name of an entry's file: the entry's digest stays known under the change time the
+    removal gives the file (the stat index would otherwise take it for a change and read it again)."""
+    with open(path, "rb") as file:
+        before = stat_identity(os.fstat(file.fileno()))
+        os.unlink(path)
+        linked(before, stat_identity(os.fstat(file.fileno())))
 
 
 def _load(adapter: TypeAdapter[T], entry: Path) -> T | None:

@@ -52,13 +52,14 @@ def written(path: Path, sha256: str) -> None:
     _USED.add(identity)
 
 
-def linked(before: _Identity, path: Path) -> None:
-    """``path`` was just made another name of the file ``before`` identified: what is known of its bytes is known
-    still. A link changes the inode's change time and nothing else; if more changed (a write meanwhile), the file
-    is read again."""
-    after = stat_identity(os.stat(path))
+def linked(before: _Identity, after: _Identity) -> None:
+    """The file ``before`` identified gained or lost a name and is now ``after``: what is known of its bytes is
+    known still. A link changes the inode's change time and nothing else; if more changed (a write meanwhile),
+    the file is read again."""
     if (known := _KNOWN.get(before)) is not None and after[:4] == before[:4]:
         _KNOWN[after] = known
+        if before in _USED:  # the build depends on the file still: remember it as it is now
+            _USED.add(after)
 
 
 class BackgroundSha256:

@@ -24,11 +24,12 @@ EXTERNAL_MIN_BYTES = 1024
 graph: every stage then edits a graph of a few KiB, and runtimes map the weights instead of copying them."""
 
 
-def load(path: Path, *, weights: bool = True, check: bool = True) -> onnx.ModelProto:
+def load(path: Path, *, weights: bool = True, check: bool = True, name: str | None = None) -> onnx.ModelProto:
     """Load and check an ONNX model; a damaged or invalid file raises ``ConversionError`` naming it.
 
     :param weights: False leaves external data where it is (the graph alone, for a model saved by :func:`save`).
     :param check: False skips the checker (which reads the external data too), for a look at the graph alone.
+    :param name: what the message calls the file (the source's name for a copy of it).
     """
     import onnx
     from google.protobuf.message import DecodeError
@@ -38,7 +39,7 @@ def load(path: Path, *, weights: bool = True, check: bool = True) -> onnx.ModelP
             onnx.checker.check_model(str(path))  # from the file: no second copy of the model in Python
         model = onnx.load(str(path), load_external_data=weights)
     except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
-        raise ConversionError(f"{path.name} is not a valid ONNX model: {_first_line(exc)}") from exc
+        raise ConversionError(f"{name or path.name} is not a valid ONNX model: {_first_line(exc)}") from exc
     return model
 
 

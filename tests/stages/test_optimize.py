@@ -119,3 +119,58 @@ def test_multi_output_model_packages_with_parity_per_output(tmp_path: Path) -> N
     result = testing.build(config)
     assert [o.name for o in result.parity.outputs] == ["scores", "embedding"]
     assert all(o.top1_agreement is None for o in result.parity.outputs)
+
+
+def _inert_net(path: Path, ops: list[str]) -> Path:
+    """MatMul layers of external weights, each followed by one of ``ops``, as a converter writes them."""
+    rng = np.random.default_rng(7)
+    nodes, weights, last = [], [], "x"
+    for index, op in enumerate(ops):
+        weights.append(numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), f"w{index}"))
+        nodes += [helper.make_node("MatMul", [last, f"w{index}"], [f"m{index}"]),
+                  helper.make_node(op, [f"m{index}"], [f"a{index}"], **({"axis": 1} if "Softmax" in op else {}))]
+        last = f"a{index}"
+    graph = helper.make_graph(nodes, "inert", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, 16])], initializer=weights)
+    onnxtools.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _structure(model: onnx.ModelProto) -> list[tuple]:
+    return [(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
+@pytest.mark.parametrize("ops", [["Relu", "Sigmoid", "Tanh"], ["Softmax", "LogSoftmax"]])
+def test_a_graph_the_optimizer_leaves_as_it_is_skips_it_and_links_its_weights(tmp_path: Path, ops) -> None:
+    import onnxruntime as ort
+
+    from deeplens_build.stages.optimize import inert
+
+    (tmp_path / "in").mkdir()
+    source = _inert_net(tmp_path / "in" / "model.onnx", ops)
+    optimized = tmp_path / "ort.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(source), load_external_data=False)
+    assert inert(graph)
+    assert _structure(onnx.load(str(optimized), load_external_data=False)) == _structure(graph), "its own answer"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = optimize(_converted(source), shapes={}, opset=None, workdir=out, reporter=Reporter(quiet=True))
+    assert "onnxruntime-basic" not in result.passes
+    data = out / "model.onnx.data"
+    assert data.stat().st_ino == (source.parent / "model.onnx.data").stat().st_ino, "the same bytes, linked"
+    x = {"x": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)}
+    np.testing.assert_array_equal(onnxtools.run(result.artifact.path, x)[result.artifact.outputs[0].name],
+                                  onnxtools.run(source, x, optimize=False)[result.artifact.outputs[0].name])
+
+
+def test_a_graph_the_optimizer_changes_is_optimized(tmp_path: Path) -> None:
+    from deeplens_build.stages.optimize import inert
+
+    for changed in (testing.onnx_classifier(tmp_path / "bn.onnx"),  # Conv + BatchNormalization fuse
+                    _two_output_net(tmp_path / "gemm.onnx")):  # Gemm and Mul by a small constant
+        assert not inert(onnx.load(str(changed)))
