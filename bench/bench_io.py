@@ -91,7 +91,9 @@ def _write_model(path: Path, megabytes: int) -> None:
     rng = np.random.default_rng(0)
     weights, nodes, width = [], [], side
     for index, cols in enumerate(columns):
-        weights.append(numpy_helper.from_array(rng.standard_normal((width, cols)).astype(np.float32), f"w{index}"))
+        # scaled as a trained layer's are, so activations stay near 1 and half precision keeps parity
+        layer = (rng.standard_normal((width, cols)) / np.sqrt(width)).astype(np.float32)
+        weights.append(numpy_helper.from_array(layer, f"w{index}"))
         nodes.append(helper.make_node("MatMul", ["x" if index == 0 else f"h{index - 1}", f"w{index}"], [f"h{index}"]))
         width = cols
     graph = helper.make_graph(nodes, "weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],

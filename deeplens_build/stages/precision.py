@@ -6,10 +6,15 @@ at 65504), and range-sensitive operators (Softmax, Exp, reductions) fed by large
 FP32 — the smallest set found by a search over nodes ordered by that risk: doubling prefixes until parity
 passes, then bisection between the last failing and first passing prefix, one onnxruntime run of the parity
 samples per trial. Raising the tolerance is never the remedy; the node list and the final size are reported.
+
+Memory stays bounded by the largest weight, not the model: the converter edits the graph alone (its external
+weights only change type), and each trial's weights are then written tensor by tensor from the float32 data
+file (:func:`_write_weights`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -36,6 +41,9 @@ RANGE_SENSITIVE = frozenset({
 })
 """Operators whose FP16 result over- or underflows first when their inputs are large or their sums long."""
 FP16_MAX = 65504.0
+CONVERTER_TINY, CONVERTER_HUGE = 1e-7, 1e4
+"""onnxconverter-common's bounds for weights in half precision (``convert_float_to_float16``'s defaults): a
+magnitude below the first becomes it, above the second becomes it; the external weights get the same."""
 
 
 def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[str | None, Bounds], task: str,
@@ -44,7 +52,8 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
     import onnx
 
     tolerance, rtol = bounds[None].tolerance, bounds[None].rtol
-    model = onnx.load(str(optimized.artifact.path))
+    model = onnxtools.load(optimized.artifact.path, weights=False, check=False)
+    folder = optimized.artifact.path.parent
     named = name_nodes(model)  # onnxconverter-common blocks nodes by name
     source = _Source.of(model)  # what each trial's casts are checked against: one inference, not one per trial
     target = workdir / optimized.artifact.path.name
@@ -53,9 +62,10 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
 
     def trial(block: tuple[str, ...]) -> ParityReport:
         half, values = _half(model, block, source)
+        values += _write_weights(half, folder, target)
         clamped.append(values)
         try:
-            onnxtools.save(half, target)
+            onnx.save(half, str(target))
             onnx.shape_inference.infer_shapes_path(str(target), str(target))
             onnx.checker.check_model(str(target))
             candidate = onnxtools.runner(target)
@@ -69,7 +79,7 @@ def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[st
         return compare(reference, candidate, outputs, bounds=bounds, task=task, seed=seed,
                        runtime="onnxruntime, FP16", detection=detection)
 
-    block, plain = kept_in_float("FP16", trial, lambda: _by_risk(model), reporter)
+    block, plain = kept_in_float("FP16", trial, lambda: _by_risk(model, folder), reporter)
     if plain.passed and clamped[0]:  # one warning per value from the converter: summarized
         reporter.note(f"fp16: {clamped[0]} weight value(s) outside half precision's range were clamped (parity "
                       "passed all the same)")
@@ -135,14 +145,16 @@ def _smallest_passing_prefix(candidates: list[str], trial, *, remedy: str) -> tu
     return tuple(candidates[:passing])
 
 
-def _by_risk(model) -> list[str]:
+def _by_risk(model, folder: Path) -> list[str]:
     """Every node's name, riskiest in FP16 first: nodes reading weights beyond FP16's range, then range-sensitive
-    operators, then the rest; within each group, nodes nearer the outputs first (their error is not diluted)."""
+    operators, then the rest; within each group, nodes nearer the outputs first (their error is not diluted).
+
+    :param folder: where the model's external weights are, read one at a time."""
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
     large = {init.name for init in model.graph.initializer if init.data_type == TensorProto.FLOAT
-             and np.abs(numpy_helper.to_array(init)).max(initial=0) > FP16_MAX}
+             and np.abs(numpy_helper.to_array(init, base_dir=str(folder))).max(initial=0) > FP16_MAX}
     order = list(model.graph.node)
 
     def risk(item: tuple[int, object]) -> tuple[int, int]:
@@ -203,6 +215,59 @@ def _half(model, block: tuple[str, ...], source: _Source | None = None):
     onnxtools.trim_domains(half)
     onnxtools.oldest_ir_version(half)
     return half, len(clamped)
+
+
+def _write_weights(half, folder: Path, target: Path) -> int:
+    """Write ``half``'s external weights into ``target``'s data file, one tensor at a time, from the float32 data
+    file in ``folder`` they still point at: in half precision where the converter made the tensor float16 (as it
+    converts inline ones, clamped to half precision's range), else as they are. How many values were clamped."""
+    from onnx import TensorProto
+
+    data = target.with_name(f"{target.name}.data")
+    sources: dict[str, Any] = {}
+    clamped = 0
+    # read, not mapped: the pages of a mapping would stay resident and count as the build's memory
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(data, "wb"))
+        for tensor in _initializers(half.graph):
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if info["location"] not in sources:
+                sources[info["location"]] = files.enter_context(open(folder / info["location"], "rb"))
+            source = sources[info["location"]]
+            source.seek(int(info.get("offset", 0)))
+            stored = source.read(int(info["length"]))
+            if tensor.data_type == TensorProto.FLOAT16:  # float32 bytes the converter marked float16
+                stored, beyond = _to_half(stored)
+                clamped += beyond
+            offset = out.tell()
+            out.write(stored)
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", offset), ("length", out.tell() - offset)):
+                tensor.external_data.add(key=key, value=str(value))
+    return clamped
+
+
+def _to_half(stored: bytes) -> tuple[bytes, int]:
+    """float32 bytes as float16 bytes, bounded as onnxconverter-common bounds them (``convert_np_to_float16``, 15×
+    slower: it builds index arrays of every value), and how many values were beyond its range."""
+    import numpy as np
+
+    values = np.frombuffer(stored, np.float32).copy()
+    magnitude = np.abs(values)
+    np.copysign(np.float32(CONVERTER_TINY), values, out=values, where=(magnitude > 0) & (magnitude < CONVERTER_TINY))
+    huge = (magnitude > CONVERTER_HUGE) & np.isfinite(magnitude)
+    np.copysign(np.float32(CONVERTER_HUGE), values, out=values, where=huge)
+    return values.astype(np.float16).tobytes(), int(huge.sum())
+
+
+def _initializers(graph):
+    """The initializers of ``graph`` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            yield from _initializers(subgraph)
 
 
 def _cast_where_needed(half, source: _Source, block: set[str]) -> None:

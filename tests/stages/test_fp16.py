@@ -164,3 +164,22 @@ def test_every_kind_of_input_gets_the_casts_its_readers_need(tmp_path: Path, kin
         onnx.save(half, str(path))
         got = ort.InferenceSession(str(path)).run(None, feeds)[0]
         assert np.abs(got - expected).max() < 1e-2, (kind, block)
+
+
+def test_external_weights_become_half_precision_as_the_converter_makes_inline_ones() -> None:
+    """The precision stage converts external weights itself, tensor by tensor: the same values as
+    onnxconverter-common's own conversion, its bounds included."""
+    import warnings
+
+    from onnxconverter_common.float16 import convert_np_to_float16
+
+    from deeplens_build.stages.precision import _to_half
+
+    values = np.array([0, 1e-9, -1e-9, 5e-8, 1e-7, 2e4, -3e5, np.inf, -np.inf, np.nan, 1.5, -2.5, 1e4, 65504, 1e-3,
+                       *np.random.default_rng(0).standard_normal(1000) * 100], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns about each bound it applies
+        expected = convert_np_to_float16(values).astype(np.float16)
+    converted, beyond = _to_half(values.tobytes())
+    np.testing.assert_array_equal(np.frombuffer(converted, np.float16), expected)
+    assert beyond == int(np.sum(np.isfinite(values) & (np.abs(values) > 1e4)))
