@@ -236,7 +236,6 @@ def unpack_bundle(path: Path, dest: Path, trusted_key: Path | None = None) -> Ve
 
 
 def _read_bundle(path: Path, trusted_key: Path | None, out: Extractor | None) -> Verified:
-    imports = attest.preload()  # while the bundle is read and hashed
     seen: dict[str, tuple[int, str]] = {}
     attestations: dict[str, bytes] = {}
     manifest_bytes = signature = None
@@ -307,7 +306,6 @@ def _read_bundle(path: Path, trusted_key: Path | None, out: Extractor | None) ->
     extra = sorted(set(seen) - set(listed) - {MANIFEST, SIGNATURE})
     if extra:
         raise VerificationError(f"{path.name}: {extra[0]} is in the bundle but not in the manifest")
-    imports.join()
     _check_attestations(path, attestations, manifest, key)
     return Verified(manifest=manifest, trusted=trusted_key is not None, fingerprint=signer)
 

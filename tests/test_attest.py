@@ -87,5 +87,16 @@ def test_verify_checks_both_with_the_bundle_key(unpacked, tmp_path: Path) -> Non
     provenance = (folder / attest.PROVENANCE).read_bytes()
     with pytest.raises(VerificationError, match="does not verify with the bundle's key"):
         attest.check_provenance(provenance, other, {})
+    # a statement changed under its signature: the envelope's encoding covers every byte of the payload
+    import base64
+
+    for name, content, check in ((attest.PROVENANCE, provenance, attest.check_provenance),
+                                 (attest.MODEL_SIGNATURE, content, attest.check_model_signature)):
+        document = json.loads(content)
+        envelope = document.get("dsseEnvelope", document)
+        envelope["payload"] = base64.b64encode(base64.b64decode(envelope["payload"]).replace(b"sha256", b"sha512")
+                                               ).decode()
+        with pytest.raises(VerificationError, match=f"{name} does not verify with the bundle's key"):
+            check(json.dumps(document).encode(), public, model)
     assert "attest  model.sig (OpenSSF model signing), provenance.intoto.json (SLSA v1 provenance)" in cli(
         "inspect", report["bundle"]).stdout
