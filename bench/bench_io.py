@@ -76,8 +76,9 @@ def spread(times: list[float]) -> dict[str, float]:
 
 
 def model(path: Path, megabytes: int) -> Path:
-    """MatMul layers of 4096x(N) float32 weights adding up to ``megabytes``, written by a child process: a child
-    forked from a process that held the weights would count them in its own peak RSS."""
+    """MatMul layers of 4096x(N) float32 weights adding up to ``megabytes`` (from 2000 MB on in external data),
+    written by a child process: a child forked from a process that held the weights would count them in its own
+    peak RSS."""
     subprocess.run([sys.executable, __file__, "model", str(path), str(megabytes)], check=True)
     return path
 
@@ -103,7 +104,9 @@ def _write_model(path: Path, megabytes: int) -> None:
                               [helper.make_tensor_value_info(f"h{len(columns) - 1}", TensorProto.FLOAT, [1, width])],
                               initializer=weights)
     path.parent.mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    # protobuf holds 2 GB at most: a larger model keeps its weights in external data, as exporters write it
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=megabytes >= 2000, location=f"{path.name}.data")
 
 
 def run(command: list[str], env: dict[str, str]) -> int:
@@ -135,7 +138,7 @@ def moto_server() -> tuple[subprocess.Popen, str]:
 
 def measure(root: Path, megabytes: int, env: dict[str, str], figures: dict) -> None:
     source = model(root / "out" / "model.onnx", megabytes)
-    size = source.stat().st_size
+    size = sum(path.stat().st_size for path in source.parent.iterdir())  # with its external data
     config = testing.write_project(root / "p", source=source.parent, model={"task": "other"},
                                    parity={"random_samples": 1})
     half = testing.write_project(root / "p16", source=source.parent, model={"task": "other", "precision": "fp16"},

@@ -74,7 +74,7 @@ def attestations(b: Build, payload: Mapping[str, Path], record: BuildRecord) -> 
            "tools": {name: installed_version(name) for name in attest.TOOLS}}
 
     def build(workdir: Path) -> dict[str, Path]:
-        model = {arc.split("/", 1)[1]: file for arc, file in payload.items() if arc.startswith(f"{MODEL_DIR}/")}
+        model = {arc.split("/", 1)[1]: sha256 for arc, sha256 in digests.items() if arc.startswith(f"{MODEL_DIR}/")}
         signature = attest.sign_model(model, b.signer, workdir)
         subjects = {**digests, MODEL_SIGNATURE: file_sha256(signature)}
         return {MODEL_SIGNATURE: signature,
