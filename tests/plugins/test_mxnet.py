@@ -106,16 +106,8 @@ def test_native_format_keeps_symbol_and_params_with_the_mxnet_runtime(tmp_path: 
     assert manifest["model"]["files"] == ["model/model-symbol.json", "model/model-0000.params",
                                           "model/model-shapes.json"]
     assert manifest["runtime"]["name"] == "mxnet"
-    folder = tmp_path / "bundle"
-    with open_bundle(report["bundle"]) as tar:
-        tar.extractall(folder, filter="data")
     # the device module the bundle carries loads and runs the native artifact as MXNet runs the original
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("deeplens_model_mxnet", folder / "model" / "deeplens_model.py")
-    device = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(device)
-    model = device.load(str(folder / "model"))
+    model = _device_model(report["bundle"], tmp_path / "bundle")
     assert model.inputs == [("data", [1, 3, 32, 32])] and model.device.startswith("mxnet 1.9.1")
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     from deeplens_build_mxnet import device as original
@@ -127,6 +119,19 @@ def test_native_format_keeps_symbol_and_params_with_the_mxnet_runtime(tmp_path: 
     params = {f["path"]: f["size"] for f in manifest["files"]}["model/model-0000.params"]
     assert params == (residual_checkpoints / "model-0003.params").stat().st_size
     assert any("parity: not applicable" in n for n in report["notes"])
+
+
+def _device_model(bundle: str, folder: Path):
+    """The bundle unpacked into ``folder`` and its model loaded by the device module it carries."""
+    import importlib.util
+
+    with open_bundle(bundle) as tar:
+        tar.extractall(folder, filter="data")
+    spec = importlib.util.spec_from_file_location(f"deeplens_model_{folder.parent.name}",
+                                                  folder / "model" / "deeplens_model.py")
+    device = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device)
+    return device.load(str(folder / "model"))
 
 
 def test_corrupt_params_is_a_clear_error(tmp_path: Path, residual_checkpoints: Path) -> None:
@@ -207,15 +212,7 @@ def test_a_native_ssd_runs_on_the_device_module(tmp_path: Path, builtin_ssd: Pat
     """format = "native" ships the inference symbol (the training branch cut), which MXNet runs on the device."""
     report = package_project(tmp_path, builtin_ssd, model={"task": "detection"},
                              plugins={"mxnet": {"format": "native"}})
-    folder = tmp_path / "bundle"
-    with open_bundle(report["bundle"]) as tar:
-        tar.extractall(folder, filter="data")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("deeplens_model_ssd", folder / "model" / "deeplens_model.py")
-    device = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(device)
-    model = device.load(str(folder / "model"))
+    model = _device_model(report["bundle"], tmp_path / "bundle")
     assert model.inputs == [("data", [1, 3, 32, 32])] and model.outputs == ["detection_output"]
     rows = model.run({"data": np.full((1, 3, 32, 32), 128, np.float32)})[0]
     assert rows.shape == (1, 16 * 16 * 4 + 8 * 8 * 4, 6) and (rows[0, :, 0] >= 0).any()
