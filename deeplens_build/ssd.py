@@ -148,9 +148,8 @@ def append(model: onnx.ModelProto, *, probs: str, loc: str, decoding: Decoding, 
     columns = [one("Cast", [one("Gather", [label, order])], to=TensorProto.FLOAT),
                score, one("Gather", [box, order], axis=0)]
     width = 6
-    if decoding.image_id:
-        columns.insert(0, one("Mul", [one("Cast", [one("Gather", [label, order])], to=TensorProto.FLOAT),
-                                      const(np.float32(0))], "image"))
+    if decoding.image_id:  # batch 1: image 0 on every row
+        columns.insert(0, one("Mul", [score, const(np.float32(0))], "image"))
         width = 7
     rows = one("Concat", [one("Reshape", [c, const(np.array([-1, 1], i64))]) if c is not columns[-1] else c
                           for c in columns], "rows", axis=1)
