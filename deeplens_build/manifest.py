@@ -1,4 +1,4 @@
-"""The bundle's manifest as typed, frozen classes, and the layout and device contract it describes.
+"""The bundle's manifest as typed, frozen dataclasses, and the layout and device contract it describes.
 
 The pipeline builds a :class:`BuildRecord`; :mod:`bundle` adds the file list and the signer and writes the
 :class:`Manifest`; every reader (``verify``, ``inspect``, ``deploy``, ``run``) gets it back validated. A bundle is
@@ -9,19 +9,11 @@ names the field.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-)
-
-from deeplens_build import names
-from deeplens_build.errors import VerificationError
+from deeplens_build import names, strict
+from deeplens_build.errors import BundleError, VerificationError
 from deeplens_build.records import CalibrationReport, Latency, ParityReport, SageMakerJob, TensorSpec
 
 SCHEMA = "deeplens-build/bundle@1"
@@ -75,31 +67,26 @@ def v1_definition(name: str) -> str:
     return f"{V1_DIR}/{name}.json"
 
 
-def _plain_path(value: str) -> str:
-    names.check_bundle_path(value)
-    return value
+BundlePath = Annotated[str, names.check_bundle_path]
+Sha256 = Annotated[str, strict.pattern(r"[0-9a-f]{64}")]
+ShortText = Annotated[str, strict.at_most(4096)]
+Size = Annotated[int, strict.at_least(0)]
+_record = dataclass(frozen=True, kw_only=True)
 
 
-BundlePath = Annotated[str, AfterValidator(_plain_path)]
-Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-ShortText = Annotated[str, StringConstraints(max_length=4096)]
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class SourceRecord(_Record):
+@_record
+class SourceRecord:
     kind: ShortText
     origin: ShortText
     sha256: Sha256
-    size: Annotated[int, Field(ge=0)]
+    size: Size
     model_files: tuple[ShortText, ...]
     notes: tuple[ShortText, ...] = ()
     sagemaker: SageMakerJob | None = None
 
 
-class ModelRecord(_Record):
+@_record
+class ModelRecord:
     format: ShortText
     file: BundlePath
     files: tuple[BundlePath, ...]
@@ -110,7 +97,8 @@ class ModelRecord(_Record):
     outputs: tuple[TensorSpec, ...]
 
 
-class OptimizationRecord(_Record):
+@_record
+class OptimizationRecord:
     passes: tuple[ShortText, ...]
     opset: int | None
     size_before: int
@@ -121,8 +109,9 @@ class OptimizationRecord(_Record):
     """At ``precision = "int8"``: the samples' digest and counts, the calibration method."""
 
 
-class TargetRecord(_Record):
-    backend: Annotated[str, StringConstraints(pattern=names.PLUGIN_NAME)]
+@_record
+class TargetRecord:
+    backend: Annotated[str, strict.pattern(names.PLUGIN_NAME)]
     plugin: ShortText
     distribution: ShortText | None
     version: ShortText | None
@@ -133,13 +122,15 @@ class TargetRecord(_Record):
     nowhere (the ONNX artifact runs as it is)."""
 
 
-class WheelRecord(_Record):
+@_record
+class WheelRecord:
     file: BundlePath
     sha256: Sha256
 
 
-class RuntimeRecord(_Record):
-    name: Annotated[str, AfterValidator(names.check_runtime_name)]
+@_record
+class RuntimeRecord:
+    name: Annotated[str, names.check_runtime_name]
     summary: ShortText
     accelerator: ShortText
     python: ShortText
@@ -148,17 +139,18 @@ class RuntimeRecord(_Record):
     definition: BundlePath
     wheels: tuple[WheelRecord, ...]
 
-    image: dict[str, ShortText] | None = Field(default=None, exclude=True)
+    image: dict[str, ShortText] | None = field(default=None, metadata={"written": False})
     """Read, never written: bundles built while ``runtime.image`` existed record their image (or null) here."""
 
 
-class LambdaRecord(_Record):
-    name: Annotated[str, AfterValidator(names.check_lambda_name)]
-    handler: Annotated[str, AfterValidator(names.check_handler)]
+@_record
+class LambdaRecord:
+    name: Annotated[str, names.check_lambda_name]
+    handler: Annotated[str, names.check_handler]
     version: ShortText
     file: BundlePath
     sha256: Sha256
-    environment: dict[Annotated[str, AfterValidator(names.check_variable)], ShortText] = Field(default_factory=dict)
+    environment: dict[Annotated[str, names.check_variable], ShortText] = field(default_factory=dict)
     """What ``[lambda] environment`` declares: all of the build machine's environment a Lambda ever gets."""
     published_version: ShortText | None = None
     arn: ShortText | None = None
@@ -170,36 +162,41 @@ class LambdaRecord(_Record):
         return self.handler.rsplit(".", 1)[0]
 
 
-class GreengrassRecord(_Record):
+@_record
+class GreengrassRecord:
     format: Literal["v2", "v1", "both"]
     component: ShortText
     documents: tuple[BundlePath, ...]
 
 
-class KinesisRecord(_Record):
+@_record
+class KinesisRecord:
     """The Kinesis Video stream the device streams to (``[device] kinesis_video_stream``)."""
 
-    stream: Annotated[str, StringConstraints(pattern=names.KVS_STREAM)]
-    retention_hours: Annotated[int, Field(ge=0)]
+    stream: Annotated[str, strict.pattern(names.KVS_STREAM)]
+    retention_hours: Size
 
 
-class PluginRecord(_Record):
+@_record
+class PluginRecord:
     name: ShortText
     distribution: ShortText | None
     version: ShortText | None
     tools: dict[str, ShortText]
 
 
-class ProvenanceRecord(_Record):
+@_record
+class ProvenanceRecord:
     plugin: PluginRecord
     tools: dict[str, ShortText]
 
 
-class BuildRecord(_Record):
+@_record
+class BuildRecord:
     """What the pipeline knows of a build: everything in the manifest but the file list and the signer."""
 
-    name: Annotated[str, AfterValidator(names.check_model_name)]
-    version: Annotated[str, AfterValidator(names.check_version)]
+    name: Annotated[str, names.check_model_name]
+    version: Annotated[str, names.check_version]
     framework: ShortText
     source: SourceRecord
     model: ModelRecord
@@ -209,28 +206,35 @@ class BuildRecord(_Record):
     profile: tuple[Latency, ...] = ()
     """Latency at batch 1 on each runtime of the build machine (``[profile] runs``), the original's included."""
     runtime: RuntimeRecord
-    lambda_: LambdaRecord = Field(alias="lambda")
+    lambda_: LambdaRecord = field(metadata={"key": "lambda"})
     greengrass: GreengrassRecord
     provenance: ProvenanceRecord
     kinesis: KinesisRecord | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON values, under the manifest's keys."""
+        return strict.encode(self)
 
-class FileEntry(_Record):
+
+@_record
+class FileEntry:
     path: BundlePath
-    size: Annotated[int, Field(ge=0)]
+    size: Size
     sha256: Sha256
 
 
-class SigningRecord(_Record):
+@_record
+class SigningRecord:
     algorithm: Literal["ECDSA_P256_SHA256"]
-    public_key: Annotated[str, StringConstraints(max_length=4096)]
+    public_key: ShortText
     fingerprint: Sha256
 
 
+@_record
 class Manifest(BuildRecord):
     """The signed manifest: the build record, every payload file's size and sha256, and who signed it."""
 
-    schema_: Literal["deeplens-build/bundle@1"] = Field(alias="schema")
+    schema_: Literal["deeplens-build/bundle@1"] = field(metadata={"key": "schema"})
     files: tuple[FileEntry, ...]
     signing: SigningRecord
 
@@ -238,9 +242,6 @@ class Manifest(BuildRecord):
         import json
 
         return (json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
@@ -258,12 +259,20 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise VerificationError(f"{where}: {MANIFEST} is not a {SCHEMA} manifest")
     try:
         # strict: a number written as a string, or a string as a number, is not what deeplens-build wrote
-        return Manifest.model_validate_json(data, strict=True)
-    except ValidationError as exc:
-        raise VerificationError(f"{where}: {MANIFEST} is malformed: {names.first_problem(exc)}") from exc
+        return strict.decode(Manifest, raw)
+    except strict.Invalid as exc:
+        raise VerificationError(f"{where}: {MANIFEST} is malformed: {exc}") from exc
 
 
 def build_manifest(record: BuildRecord, files: tuple[FileEntry, ...], signing: SigningRecord) -> Manifest:
-    return Manifest.model_validate({**record.model_dump(by_alias=True), "schema": SCHEMA, "files": files,
-                                    "signing": signing})
+    """The manifest of ``record`` as a reader will read it back (lists as tuples, every field checked): a build
+    never writes what ``verify`` refuses.
 
+    :raises BundleError: naming the field, should the pipeline have recorded something a reader refuses.
+    """
+    manifest = Manifest(**{f.name: getattr(record, f.name) for f in fields(record)}, schema_=SCHEMA, files=files,
+                        signing=signing)
+    try:
+        return strict.decode(Manifest, manifest.to_dict())
+    except strict.Invalid as exc:
+        raise BundleError(f"the bundle's manifest would be malformed: {exc}") from exc

@@ -1,7 +1,7 @@
 """The rules for names that become paths, AWS resource names or code: one place, for config and manifest alike.
 
-Each ``check_*`` returns the value or raises ``ValueError`` with the reason, so pydantic turns it into a message
-that quotes the key path (``deeplens.toml``) or the field (a bundle's manifest).
+Each ``check_*`` returns the value or raises ``ValueError`` with the reason, so pydantic (``deeplens.toml``) or
+:mod:`strict` (a bundle's manifest) turns it into a message that quotes the key path or the field.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 import keyword
 import re
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 MODEL_PREFIX = "deeplens-"
 MAX_MODEL_NAME = 64

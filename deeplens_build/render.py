@@ -13,11 +13,15 @@ if TYPE_CHECKING:
     from deeplens_build.values import BuildResult
 
 
-def size(n: int) -> str:
-    """Bytes for people, in powers of 1024 (tqdm's, imported only when a size is shown)."""
-    from tqdm.std import tqdm
-
-    return tqdm.format_sizeof(n, suffix="B", divisor=1024)
+def size(n: float) -> str:
+    """Bytes for people, in powers of 1024 with three significant digits, as the progress bars (tqdm's
+    ``format_sizeof``) show them; written out because importing tqdm is 30 ms of a 0.14 s ``inspect``."""
+    for unit in ("", "k", "M", "G", "T", "P", "E", "Z"):
+        if abs(n) < 999.5:
+            digits = 2 if abs(n) < 9.995 else 1 if abs(n) < 99.95 else 0
+            return f"{n:.{digits}f}{unit}B"
+        n /= 1024
+    return f"{n:3.1f}YB"
 
 
 def summary(result: BuildResult, warnings: list[str]) -> dict[str, Any]:

@@ -179,19 +179,22 @@ def test_every_hook_is_documented_for_plugin_authors() -> None:
 
 
 def test_plugins_verify_and_inspect_do_not_import_the_frameworks(project: Path) -> None:
+    """Small commands start at once: no framework for any of them, and no config models on the read path."""
     import subprocess
 
     from helpers import package_json
 
     bundle = package_json(project)["bundle"]
-    probe = ("import sys; from deeplens_build.cli import main\n"
-             "for args in (['plugins'], ['verify', sys.argv[1]], ['inspect', sys.argv[1]]):\n"
-             "    try: main(args)\n"
-             "    except SystemExit: pass\n"
-             "heavy = sorted(m for m in ('onnx', 'onnxruntime', 'numpy', 'tensorflow', 'mxnet', 'torch') if m in sys.modules)\n"
-             "print('HEAVY', heavy)\n")
-    out = subprocess.run([sys.executable, "-c", probe, bundle], capture_output=True, text=True, check=True).stdout
-    assert "HEAVY []" in out
+    probe = ("import json, sys; from deeplens_build.cli import main\n"
+             "try: main(sys.argv[1:])\n"
+             "except SystemExit: pass\n"
+             "print('LOADED', json.dumps(sorted(m for m in sys.modules if '.' not in m)))\n")
+    frameworks = {"onnx", "onnxruntime", "numpy", "tensorflow", "mxnet", "torch"}
+    for args, unneeded in ((["plugins"], frameworks), (["verify", bundle], frameworks | {"pydantic", "tqdm"}),
+                           (["inspect", bundle], frameworks | {"pydantic", "tqdm"})):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
+        loaded = set(json.loads(out.rsplit("LOADED", 1)[1]))
+        assert not loaded & unneeded, (args[0], sorted(loaded & unneeded))
 
 
 DEV_PLUGIN = '''"""A framework plugin under development: the ONNX plugin's hooks, under its own name."""

@@ -69,7 +69,7 @@ def attestations(b: Build, payload: Mapping[str, Path], record: BuildRecord) -> 
     """What other tools verify, beside the manifest: the model folder's OMS signature, then the SLSA provenance of
     every other file. A stage of its own, so a rebuild that changes nothing signs (and reads) nothing again."""
     digests = {arc: file_sha256(file) for arc, file in payload.items()}
-    key = {"payload": digests, "record": record.model_dump(mode="json", by_alias=True),
+    key = {"payload": digests, "record": record.to_dict(),
            "settings": settings_sha256(b.config), "signer": fingerprint(b.signer.public_key_pem),
            "tools": {name: installed_version(name) for name in attest.TOOLS}}
 
