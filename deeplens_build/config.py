@@ -64,7 +64,7 @@ MIN_CALIBRATION = 32
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
 
 
 class InputConfig(_Strict):

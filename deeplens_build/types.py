@@ -93,7 +93,7 @@ class PluginSettings(BaseModel):
     for every core setting. Hooks receive the validated instance.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 @dataclass(frozen=True)
