@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deeplens_build.bundle import require_signer, unpack_bundle
-from deeplens_build.cache import tool_cache_environment
 from deeplens_build.device import support
 from deeplens_build.device.display import local_display
 from deeplens_build.device.mqtt import CONNECT_TIMEOUT, client, connect
@@ -338,6 +337,8 @@ def _lambda_environment(root: Path, device_dir: Path, manifest: Manifest, option
                         stats: Path) -> dict[str, str]:
     """What a Greengrass core gives a Lambda, plus what the bundle declares, plus where ``deeplens_publish``
     reaches the broker; nothing else from this shell."""
+    from deeplens_build.cache import tool_cache_environment  # the cache's pydantic is 60 ms of run's first line
+
     home = root / "home"
     home.mkdir(exist_ok=True)
     env = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
