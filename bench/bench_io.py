@@ -20,7 +20,10 @@ is "met" or "NOT met" only when the whole range is on one side of the goal, else
   rebuild through the pipeline (the config touched: every stage cached, the bundle left in place);
 - `verify` vs `openssl dgst -sha256` of the bundle;
 - peak RSS of the cold builds (FP32, FP16) / the model's size;
-- shared cache (moto as an S3 server): machine B, a fresh work folder, vs machine A's cold build.
+- shared cache (moto as an S3 server): machine B, a fresh work folder, vs machine A's cold build;
+- small commands on the example bundle (``examples/classifier``), every plugin installed as a user has them:
+  ``verify``, ``inspect``, ``plugins`` and the time to ``run``'s first line (goal ≤ 0.12 s), each interleaved
+  with ``python -c pass``, whose start is shown beside them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +50,9 @@ CLI = [sys.executable, "-m", "deeplens_build.cli"]
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 SIZES = tuple(int(size) for size in os.environ.get("BENCH_SIZES", "50,500,2500").split(","))
 GOALS = {"bundle_vs_tar": 1.3, "cold_vs_tar": 4.0, "cold_vs_tar_small": 5.0, "fp16_vs_fp32": 1.2, "rebuild_s": 0.3,
-         "rebuild_flat": 1.5, "verify_vs_openssl": 1.3, "rss_vs_model": 2.0, "shared_vs_cold": 0.3}
+         "rebuild_flat": 1.5, "verify_vs_openssl": 1.3, "rss_vs_model": 2.0, "shared_vs_cold": 0.3, "small_s": 0.12}
+SMALL_REPEAT = 15
+"""Rounds for the small commands: a tenth of a second varies by more than a build does."""
 SMALL = 100
 """Below this many MB a cold build's fixed start (imports, sessions) weighs more: its goal is cold_vs_tar_small."""
 
@@ -57,10 +63,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def interleaved(*fns: Callable[[], object]) -> list[list[float]]:
-    """Each of ``fns`` timed ``REPEAT`` times, in turn within each round: one list of times per function."""
+def interleaved(*fns: Callable[[], object], repeat: int = REPEAT) -> list[list[float]]:
+    """Each of ``fns`` timed ``repeat`` times, in turn within each round: one list of times per function."""
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(REPEAT):
+    for _ in range(repeat):
         for fn, kept in zip(fns, times):
             kept.append(timed(fn))
     return times
@@ -209,6 +215,39 @@ def shared_cache(root: Path, megabytes: int, env: dict[str, str], figures: dict)
                                       spread(times["b"]), "shared_vs_cold": ratio(times["b"], times["a"])})
 
 
+def first_line(command: list[str], env: dict[str, str]) -> Callable[[], object]:
+    """Start ``command`` and stop it once it printed its first line (to run)."""
+    def until_first_line() -> None:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        line = process.stdout.readline()
+        process.kill()
+        process.wait()
+        if not line:
+            raise SystemExit(f"{' '.join(command)} printed nothing")
+    return until_first_line
+
+
+def small_commands(root: Path, env: dict[str, str], figures: dict) -> None:
+    example = root / "example" / "deeplens.toml"  # a copy: its work folder is the bench's
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "classifier", example.parent,
+                    ignore=shutil.ignore_patterns(".deeplens"))
+    key = testing.signing_key(root / "key")
+    run([*CLI, "package", "--config", str(example), "--signing-key", str(key), "--output", str(root / "dist")], env)
+    [bundle] = (root / "dist").glob("*.tar.zst")
+    with socket.socket() as closed:  # run's first line comes before it connects: a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    commands = {"verify": lambda: run([*CLI, "verify", str(bundle)], env),
+                "inspect": lambda: run([*CLI, "inspect", str(bundle)], env),
+                "plugins": lambda: run([*CLI, "plugins"], env),
+                "run, first line": first_line([*CLI, "run", str(bundle), "--public-key", str(key.with_suffix(".pub.pem")),
+                                               "--mqtt", f"127.0.0.1:{port}", "--device-dir", str(root / "device")],
+                                              env),
+                "python -c pass": lambda: run([sys.executable, "-c", "pass"], env)}
+    times = interleaved(*commands.values(), repeat=SMALL_REPEAT)
+    figures["small"] = {name: spread(kept) for name, kept in zip(commands, times)}
+
+
 def main() -> None:
     env = {**os.environ, "DEEPLENS_BUILD_PLUGINS": "deeplens-sources,deeplens-targets,onnx"}
     # measured as installed: pip compiles an installed package's bytecode, and an editable checkout gets it on
@@ -219,6 +258,8 @@ def main() -> None:
                    check=True, stdout=subprocess.DEVNULL)
     figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # every plugin, as installed: what `plugins` lists and `inspect` reads is the user's whole set
+        small_commands(Path(tmp) / "small", {k: v for k, v in env.items() if k != "DEEPLENS_BUILD_PLUGINS"}, figures)
         for megabytes in SIZES:
             measure(Path(tmp) / f"m{megabytes}", megabytes, env, figures)
             shutil.rmtree(Path(tmp) / f"m{megabytes}")
@@ -239,6 +280,10 @@ def main() -> None:
                  (f"peak RSS / model, {megabytes} MB", f["rss_vs_model"], GOALS["rss_vs_model"], "×"),
                  (f"  FP16 peak RSS / model, {megabytes} MB", f["fp16_rss_vs_model"], GOALS["rss_vs_model"], "×"),
                  (f"shared cache: machine B / A, {megabytes} MB", f["shared_vs_cold"], GOALS["shared_vs_cold"], "×")]
+    small = figures["small"]
+    rows += [(f"{name}, example bundle", small[name], GOALS["small_s"], " s") for name in small
+             if name != "python -c pass"]
+    rows.append(("  python -c pass", small["python -c pass"], None, " s"))
     print(f"{'figure':44} {'measured':>9} {'range':>15} {'goal':>7}")
     for name, figure, goal, unit in rows:
         low, value, high = figure["low"], figure["value"], figure["high"]
