@@ -237,12 +237,12 @@ def small_commands(root: Path, env: dict[str, str], figures: dict) -> None:
     with socket.socket() as closed:  # run's first line comes before it connects: a port nobody listens on
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
+    device = ["--public-key", str(key.with_suffix(".pub.pem")), "--mqtt", f"127.0.0.1:{port}",
+              "--device-dir", str(root / "device")]
     commands = {"verify": lambda: run([*CLI, "verify", str(bundle)], env),
                 "inspect": lambda: run([*CLI, "inspect", str(bundle)], env),
                 "plugins": lambda: run([*CLI, "plugins"], env),
-                "run, first line": first_line([*CLI, "run", str(bundle), "--public-key", str(key.with_suffix(".pub.pem")),
-                                               "--mqtt", f"127.0.0.1:{port}", "--device-dir", str(root / "device")],
-                                              env),
+                "run, first line": first_line([*CLI, "run", str(bundle), *device], env),
                 "python -c pass": lambda: run([sys.executable, "-c", "pass"], env)}
     times = interleaved(*commands.values(), repeat=SMALL_REPEAT)
     figures["small"] = {name: spread(kept) for name, kept in zip(commands, times)}
