@@ -16,7 +16,8 @@ its errors. There are three kinds of plugin, and one module may be several:
 3. ``deeplens_build_convert`` — turn the claimed files into an artifact (ONNX, or a native format).
 4. ``deeplens_build_reference_run`` — run the *original* model, so the core can check the artifact's parity.
 
-``deeplens_build_runtime`` is optional: only plugins with native (non-ONNX) artifacts need it.
+``deeplens_build_runtime`` is optional: only plugins with native (non-ONNX) artifacts need it; so is
+``deeplens_build_reference_done``, for plugins whose reference run keeps the model loaded between samples.
 
 Hooks 3 to 5 are called only on the plugin that claimed the training output, so a plugin never has to check
 whether a call is meant for it. Call-by-keyword rules from pluggy apply: an implementation may accept fewer
@@ -253,6 +254,29 @@ def deeplens_build_reference_run(
         def deeplens_build_reference_run(source, model, inputs):
             net = myfw.load(source.path(model.files[0]))
             return {"prob": net(inputs["data"])}
+    """
+
+
+@hookspec
+def deeplens_build_reference_done(converted: Artifact, scratch: Path) -> None:
+    """Free what ``deeplens_build_reference_run`` kept loaded between its calls: the core is done with the
+    original for now.
+
+    Optional: implement it when your reference run keeps the model loaded across samples (a session, a bound
+    executor), so that the original's weights are not still in memory while the core loads the artifact to
+    compare it (two copies of the weights at once would double a large build's peak memory). The core calls it
+    once each run over the samples has ended, success or not (after the reference samples, after profiling);
+    a later reference run loads the model again. Called only on the plugin that claimed the source.
+
+    :param converted: what your ``deeplens_build_convert`` returned, as given to the reference run.
+    :param scratch: the reference run's scratch folder (see ``deeplens_build_reference_run``), still there.
+    :return: nothing.
+
+    Example::
+
+        @hookimpl
+        def deeplens_build_reference_done():
+            _loaded_model.cache_clear()  # the functools.lru_cache that reference_run loads through
     """
 
 

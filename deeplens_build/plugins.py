@@ -214,6 +214,10 @@ class PluginManager:
                               f"output(s) {', '.join(missing)} of {_files(detection)}")
         return outputs
 
+    def reference_done(self, detection: Detection, converted: Artifact, scratch: Path) -> None:
+        self._call(detection.plugin, "deeplens_build_reference_done", f"release the original {_files(detection)}",
+                   converted=converted, scratch=scratch)
+
     def runtime(self, detection: Detection, converted: Artifact, platform: str) -> str | None:
         answer = self._call(detection.plugin, "deeplens_build_runtime", "choose a runtime",
                             converted=converted, platform=platform)

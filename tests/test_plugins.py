@@ -22,6 +22,7 @@ from deeplens_build import (
 )
 from deeplens_build.errors import ConfigError, PluginError
 from deeplens_build.plugins import build_plugin_manager
+from deeplens_build.stages import parity
 
 
 def _install_fake_distribution(site: Path, dist: str, module: str, source: str, monkeypatch) -> None:
@@ -144,6 +145,36 @@ def test_a_plugin_gets_its_validated_settings(tmp_path: Path, onnx_model_dir: Pa
                                    inputs={"data": {"shape": [1, 3, 32, 32]}})
     assert testing.build(config, plugins=[custom], entry_points=False).parity.passed
     assert seen == [OnnxFileSettings(file="model.onnx", opset=13)]
+
+
+def test_the_original_is_released_before_the_artifact_is_loaded_for_parity(tmp_path: Path, onnx_model_dir: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two copies of a large model's weights at once would double the build's peak memory."""
+    events = []
+    real_runner = parity.runner
+    monkeypatch.setattr(parity, "runner", lambda *args: (events.append("artifact loaded"), real_runner(*args))[1])
+
+    def reference_run(source, model, inputs, scratch):
+        events.append("original run")
+        return onnxtools.run(source.path(model.files[0]), inputs, optimize=False)
+
+    def reference_done(converted, scratch):
+        assert scratch.is_dir(), "the scratch folder is still there"
+        events.append("original released")
+
+    custom = testing.fake_plugin("custom", settings=OnnxFileSettings, detect=_claims_onnx, convert=_copy_onnx,
+                                 reference_run=reference_run, reference_done=reference_done)
+    config = testing.write_project(tmp_path / "p", source=onnx_model_dir, model={"framework": "custom"},
+                                   inputs={"data": {"shape": [1, 3, 32, 32]}}, parity={"random_samples": 2})
+    assert testing.build(config, plugins=[custom], entry_points=False).parity.passed
+    assert events == ["original run", "original run", "original released", "artifact loaded"]
+
+
+def test_the_onnx_plugin_keeps_no_session_after_a_build(project: Path) -> None:
+    import deeplens_build_onnx
+
+    testing.build(project, only=["onnx"], use_cache=False)
+    assert deeplens_build_onnx._original.cache_info().currsize == 0
 
 
 def _copy_onnx(source, model, workdir):

@@ -300,14 +300,18 @@ def reference(b: Build, training: TrainingOutput, detection: Detection, converte
 def original(b: Build, detection: Detection, training: TrainingOutput, converted: Artifact,
              workdir: Path) -> Iterator[Runner]:
     """The original model, run by its plugin, with a scratch folder in the stage's ``workdir`` that is removed
-    when the block ends (nothing of it enters the cache)."""
+    when the block ends (nothing of it enters the cache); the plugin then frees what it kept loaded, before the
+    artifact is loaded beside it."""
     scratch = workdir / "scratch"
     scratch.mkdir()
     settings = b.settings[detection.plugin.framework.name]
     try:
         yield lambda inputs: b.manager.reference_run(detection, training, converted, inputs, settings, scratch)
     finally:
-        shutil.rmtree(scratch)
+        try:
+            b.manager.reference_done(detection, converted, scratch)
+        finally:
+            shutil.rmtree(scratch)
 
 
 def runner(b: Build, optimized: Optimized, compiled: Artifact) -> tuple[str, Runner]:

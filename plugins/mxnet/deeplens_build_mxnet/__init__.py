@@ -146,6 +146,11 @@ def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, conv
 
 
 @hookimpl
+def deeplens_build_reference_done() -> None:
+    _executor.cache_clear()
+
+
+@hookimpl
 def deeplens_build_runtime(converted: Artifact) -> str | None:
     return "mxnet" if converted.format == NATIVE_FORMAT else None
 

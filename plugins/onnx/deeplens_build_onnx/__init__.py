@@ -80,9 +80,14 @@ def deeplens_build_reference_run(converted: Artifact, inputs: Mapping[str, Any])
     return _original(converted.path)(inputs)
 
 
+@hookimpl
+def deeplens_build_reference_done() -> None:
+    _original.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _original(path: Path) -> Runner:
-    """The original graph in a session made once per artifact (paths in the core's cache never change): every
-    parity sample and every profiled run reuses it."""
+    """The original graph in a session made once per reference run (paths in the core's cache never change): every
+    parity sample reuses it; it holds all the weights, so it goes when the run is done."""
     return onnxtools.runner(path, optimize=False)
 

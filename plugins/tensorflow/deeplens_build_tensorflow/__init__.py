@@ -103,6 +103,11 @@ def deeplens_build_reference_run(source: TrainingOutput, model: ModelFiles, conv
     return {spec.name: value for spec, value in zip(converted.outputs, outputs, strict=True)}
 
 
+@hookimpl
+def deeplens_build_reference_done() -> None:
+    _load.cache_clear()
+
+
 @dataclass(frozen=True)
 class _Loaded:
     """A model loaded by TensorFlow: its inputs, how to run it, and how to export it."""
