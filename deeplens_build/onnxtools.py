@@ -5,7 +5,7 @@ Imports onnx and onnxruntime inside each function, so importing this module stay
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,8 @@ from deeplens_build.records import Dim, TensorSpec
 from deeplens_build.types import Runner
 
 if TYPE_CHECKING:
+    import mmap
+
     import numpy as np
     import onnx
 
@@ -57,6 +59,114 @@ def save(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
     if data.exists() and data.stat().st_size == 0:
         data.unlink()
     return (path, data) if data.exists() else (path,)
+
+
+def externalize(source: Path, target: Path) -> tuple[Path, ...] | None:
+    """``source``, whose weights are inline, written as ``target`` plus ``target.data`` as :func:`save` writes it,
+    without decoding the weights: each one's bytes go from file to file in the kernel, and only the graph and
+    the tensors' headers are parsed. Peak memory is the graph's, not twice the model's (reading a file into
+    memory and parsing it holds both copies), and 500 MB take a fraction of a second instead of 3 s.
+
+    Hand-written over protobuf's wire format (tags, varints, lengths): neither onnx nor protobuf parses a
+    message lazily. It understands ModelProto.graph (7), GraphProto.initializer (5) and TensorProto.raw_data
+    (9), and copies every other field's bytes as they are.
+
+    :return: the files written, the graph first; None when the file is anything but one graph whose large
+        weights are raw bytes (then nothing is left at ``target.data``, and :func:`save` is the way).
+    """
+    import mmap
+    import os
+
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    data = target.with_name(f"{target.name}.data")
+    try:
+        with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view, \
+                open(data, "wb", buffering=0) as out:
+            graphs = [(start, end) for number, _, start, end in _fields(view, 0, len(view)) if number == _GRAPH]
+            if len(graphs) != 1:
+                raise _NotPlain
+            model = onnx.ModelProto.FromString(_without(view, 0, len(view), _GRAPH))
+            model.graph.ParseFromString(_without(view, *graphs[0], _INITIALIZER))
+            for number, _, start, end in _fields(view, *graphs[0]):
+                if number != _INITIALIZER:
+                    continue
+                tensor = model.graph.initializer.add()
+                tensor.ParseFromString(_without(view, start, end, _RAW_DATA))
+                raw = [(s, e) for n, _, s, e in _fields(view, start, end) if n == _RAW_DATA][-1:]
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    raise _NotPlain
+                if not raw or raw[0][1] - raw[0][0] < EXTERNAL_MIN_BYTES:  # small: inline, as save leaves it
+                    if raw:
+                        tensor.raw_data = view[raw[0][0]:raw[0][1]]
+                    if tensor.ByteSize() >= EXTERNAL_MIN_BYTES:
+                        raise _NotPlain  # large weights in typed fields: onnx's own conversion encodes those
+                    continue
+                (first, after), offset = raw[0], out.tell()
+                while (done := out.tell() - offset) < after - first:
+                    if not os.sendfile(out.fileno(), f.fileno(), first + done, after - first - done):
+                        raise _NotPlain  # the source shrank while it was copied
+                # as onnx's set_external_data writes them (it refuses a tensor whose raw_data it does not hold)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", offset), ("length", after - first)):
+                    tensor.external_data.add(key=key, value=str(value))
+            written = out.tell()
+    except (_NotPlain, DecodeError, ValueError, OSError):
+        data.unlink(missing_ok=True)
+        return None
+    target.write_bytes(model.SerializeToString())
+    if not written:
+        data.unlink()
+    return (target, data) if written else (target,)
+
+
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
+"""ModelProto.graph, GraphProto.initializer, TensorProto.raw_data: their field numbers in onnx.proto."""
+
+
+class _NotPlain(Exception):
+    """The model is not one :func:`externalize` rewrites."""
+
+
+def _fields(view: bytes | mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Each field of the message in ``view[start:end]``: (number, where its tag starts, where its value starts,
+    where it ends). A value of wire type 2 (bytes, a message) starts after its length."""
+    at = start
+    while at < end:
+        begin = at
+        tag, at = _varint(view, at)
+        wire = tag & 7
+        if wire == 0:
+            value, after = at, _varint(view, at)[1]
+        elif wire == 1 or wire == 5:
+            value, after = at, at + (8 if wire == 1 else 4)
+        elif wire == 2:
+            length, value = _varint(view, at)
+            after = value + length
+        else:  # groups, deprecated since proto2: never in ONNX
+            raise ValueError(f"wire type {wire} at byte {begin}")
+        if after > end:
+            raise ValueError(f"a field runs past its message at byte {begin}")
+        yield tag >> 3, begin, value, after
+        at = after
+
+
+def _varint(view: bytes | mmap.mmap, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(view) or shift > 63:
+            raise ValueError(f"a truncated number at byte {at}")
+        byte = view[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _without(view: bytes | mmap.mmap, start: int, end: int, skipped: int) -> bytes:
+    """The message in ``view[start:end]`` less every field numbered ``skipped``."""
+    return b"".join(view[begin:after] for number, begin, _, after in _fields(view, start, end) if number != skipped)
 
 
 def external_locations(model: onnx.ModelProto) -> list[str]:

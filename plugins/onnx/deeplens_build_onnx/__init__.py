@@ -51,28 +51,31 @@ def deeplens_build_detect(source: TrainingOutput, settings: OnnxSettings) -> Mod
 
 @hookimpl
 def deeplens_build_convert(source: TrainingOutput, model: ModelFiles, workdir: Path) -> Artifact:
-    """The source's weights move once: external data files are copied as they are (in the kernel), inline weights
-    written out once as external data; the checker then reads the graph alone (over inline weights it parses them
-    all again: 3 s for 512 MB, measured)."""
-    import onnx
-
+    """The source's weights move once, never decoded: inline weights are copied out as external data by
+    ``onnxtools.externalize``, external data files copied as they are (both in the kernel); the checker then
+    reads the graph alone (over inline weights it parses them all again: 3 s for 512 MB, measured)."""
     path = source.path(model.files[0])
-    loaded = onnxtools.load(path, weights=False, check=False)  # the graph, and the weights it holds inline
     target = workdir / "model.onnx"
-    locations = onnxtools.external_locations(loaded)
-    if locations:
-        for location in locations:  # inside the source's folder: SourceContext brought them as its companions
-            (workdir / location).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path.parent / location, workdir / location)
-        onnx.save(loaded, str(target))
-    else:
-        onnxtools.save(loaded, target)
-    del loaded
+    files = onnxtools.externalize(path, target) or _saved(path, target, workdir)
     checked = onnxtools.load(target, weights=False, name=model.files[0])
     inputs, outputs = onnxtools.interface(checked)
-    files = (target, *(workdir / location for location in locations)) if locations else onnxtools.files(target)
     return Artifact(format="onnx", path=target, extra_files=files[1:], inputs=inputs, outputs=outputs,
                     labels=source.copy_labels(workdir))
+
+
+def _saved(path: Path, target: Path, workdir: Path) -> tuple[Path, ...]:
+    """What ``externalize`` leaves to onnx: weights already in external data files, or in typed fields."""
+    import onnx
+
+    loaded = onnxtools.load(path, weights=False, check=False)  # the graph, and the weights it holds inline
+    locations = onnxtools.external_locations(loaded)
+    if not locations:
+        return onnxtools.save(loaded, target)
+    for location in locations:  # inside the source's folder: SourceContext brought them as its companions
+        (workdir / location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path.parent / location, workdir / location)
+    onnx.save(loaded, str(target))
+    return (target, *(workdir / location for location in locations))
 
 
 @hookimpl
