@@ -44,6 +44,8 @@ FP16_MAX = 65504.0
 CONVERTER_TINY, CONVERTER_HUGE = 1e-7, 1e4
 """onnxconverter-common's bounds for weights in half precision (``convert_float_to_float16``'s defaults): a
 magnitude below the first becomes it, above the second becomes it; the external weights get the same."""
+HALF_BLOCK = 1 << 16
+"""float32 values converted at a time: 256 KiB, within a core's L2 cache."""
 
 
 def to_fp16(optimized: Optimized, reference: ReferenceRun, *, bounds: Mapping[str | None, Bounds], task: str,
@@ -249,17 +251,28 @@ def _write_weights(half, folder: Path, target: Path) -> int:
     return clamped
 
 
-def _to_half(stored: bytes) -> tuple[bytes, int]:
+def _to_half(stored: bytes) -> tuple[memoryview, int]:
     """float32 bytes as float16 bytes, bounded as onnxconverter-common bounds them (``convert_np_to_float16``, 15×
-    slower: it builds index arrays of every value), and how many values were beyond its range."""
+    slower: it builds index arrays of every value), and how many values were beyond its range. In blocks of
+    ``HALF_BLOCK`` values, so that the seven passes over each stay in the CPU's cache (7× faster than over a
+    whole 64 MB tensor, measured)."""
     import numpy as np
 
-    values = np.frombuffer(stored, np.float32).copy()
-    magnitude = np.abs(values)
-    np.copysign(np.float32(CONVERTER_TINY), values, out=values, where=(magnitude > 0) & (magnitude < CONVERTER_TINY))
-    huge = (magnitude > CONVERTER_HUGE) & np.isfinite(magnitude)
-    np.copysign(np.float32(CONVERTER_HUGE), values, out=values, where=huge)
-    return values.astype(np.float16).tobytes(), int(huge.sum())
+    values = np.frombuffer(stored, np.float32)
+    half = np.empty(values.size, np.float16)
+    scratch, magnitudes = np.empty(HALF_BLOCK, np.float32), np.empty(HALF_BLOCK, np.float32)
+    beyond = 0
+    for start in range(0, values.size, HALF_BLOCK):
+        size = min(HALF_BLOCK, values.size - start)
+        part, magnitude = scratch[:size], magnitudes[:size]
+        part[:] = values[start:start + size]
+        np.abs(part, out=magnitude)
+        np.copysign(np.float32(CONVERTER_TINY), part, out=part, where=(magnitude > 0) & (magnitude < CONVERTER_TINY))
+        huge = (magnitude > CONVERTER_HUGE) & np.isfinite(magnitude)
+        np.copysign(np.float32(CONVERTER_HUGE), part, out=part, where=huge)
+        half[start:start + size] = part
+        beyond += int(np.count_nonzero(huge))
+    return half.data, beyond
 
 
 def _initializers(graph):

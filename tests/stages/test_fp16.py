@@ -173,10 +173,13 @@ def test_external_weights_become_half_precision_as_the_converter_makes_inline_on
 
     from onnxconverter_common.float16 import convert_np_to_float16
 
-    from deeplens_build.stages.precision import _to_half
+    from deeplens_build.stages.precision import HALF_BLOCK, _to_half
 
-    values = np.array([0, 1e-9, -1e-9, 5e-8, 1e-7, 2e4, -3e5, np.inf, -np.inf, np.nan, 1.5, -2.5, 1e4, 65504, 1e-3,
-                       *np.random.default_rng(0).standard_normal(1000) * 100], np.float32)
+    bounds = [0, 1e-9, -1e-9, 5e-8, 1e-7, 2e4, -3e5, np.inf, -np.inf, np.nan, 1.5, -2.5, 1e4, 65504, 1e-3]
+    # across blocks: the bounds at the start, the end and a block's edge
+    values = np.array([*bounds, *np.random.default_rng(0).standard_normal(2 * HALF_BLOCK + 1000) * 100, *bounds],
+                      np.float32)
+    values[HALF_BLOCK - 3:HALF_BLOCK + len(bounds) - 3] = bounds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the converter warns about each bound it applies
         expected = convert_np_to_float16(values).astype(np.float16)
