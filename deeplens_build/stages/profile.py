@@ -62,7 +62,7 @@ def run(b: Build, training: TrainingOutput, detection: Detection, converted: Art
         samples, _ = parity.load_reference(reference)
         with parity.original(b, detection, training, converted, workdir) as reference_runner:
             runners: dict[str, Runner] = {f"original ({detection.plugin.framework.name})": reference_runner,
-                                          "onnxruntime": onnxtools.runner(optimized.artifact.path)}
+                                          "onnxruntime": onnxtools.runner(optimized.artifact.path, prepack=True)}
             if b.target.backend.load is not None and b.target.backend.name != "onnxruntime":
                 runners[b.target.backend.name] = parity.runner(b, optimized, compiled)[1]
             return profile(runners, samples[0], runs=runs, reporter=b.reporter)
