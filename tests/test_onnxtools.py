@@ -1,4 +1,5 @@
-"""onnxtools.externalize: inline weights out to external data without decoding them."""
+"""onnxtools: inline weights out to external data without decoding them (externalize); sessions with and without
+prepacking."""
 
 from __future__ import annotations
 
@@ -69,3 +70,16 @@ def test_what_externalize_does_not_rewrite_is_left_to_onnx_with_nothing_written(
     out.mkdir()
     assert onnxtools.externalize(source, out / "model.onnx") is None
     assert list(out.iterdir()) == []
+
+
+def test_sessions_without_prepacking_compute_what_prepacked_ones_do(tmp_path: Path) -> None:
+    """Checks run unpacked, profile and devices prepacked: both must give the model's own answer."""
+    path = _model(tmp_path / "model.onnx", external=True)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)}
+    weights = {t.name: numpy_helper.to_array(t, base_dir=str(tmp_path))
+               for t in onnx.load(str(path)).graph.initializer}
+    expected = x["x"] @ weights["big"] + weights["small"] + weights["typed"]
+    unpacked = onnxtools.runner(path)(x)["y"]
+    packed = onnxtools.runner(path, prepack=True)(x)["y"]
+    np.testing.assert_allclose(unpacked, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(unpacked, packed, rtol=1e-6, atol=1e-6)
