@@ -77,7 +77,7 @@ def main() -> None:
         optimized = next((root / "p" / ".deeplens").rglob("optimize/*/model.onnx"))
         x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
         net = _cv2().dnn.readNetFromCaffe(str(source / "deploy.prototxt"), str(weights))
-        session = onnxtools.session_for(optimized)
+        session = onnxtools.session_for(optimized, prepack=True)
 
         def opencv() -> None:
             net.setInput(x, "data")

@@ -40,8 +40,8 @@ def main() -> None:
         artifact = results["fp32"].bundle.parent.parent / ".deeplens"
         optimized = next(artifact.rglob("optimize/*/model.onnx"))
         x = {"data": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
-        original = onnxtools.session_for(source / "model.onnx", optimize=False)
-        tuned = onnxtools.session_for(optimized)
+        original = onnxtools.session_for(source / "model.onnx", optimize=False, prepack=True)
+        tuned = onnxtools.session_for(optimized, prepack=True)
         base = median_seconds(lambda: original.run(None, x), repeat=50)
         ours = median_seconds(lambda: tuned.run(None, x), repeat=50)
         print(f"latency batch 1: original {base * 1000:.2f} ms, optimized {ours * 1000:.2f} ms, "

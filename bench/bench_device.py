@@ -62,7 +62,7 @@ def main() -> None:
         sys.path.insert(0, str(next((root / "device").glob("*/code"))))
         from deeplens_preprocess import to_tensor
 
-        session = onnxtools.session_for(next((root / "device").glob("*/model")) / "model.onnx")
+        session = onnxtools.session_for(next((root / "device").glob("*/model")) / "model.onnx", prepack=True)
         paths = sorted(frames.iterdir())
         per_frame = []
 

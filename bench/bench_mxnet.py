@@ -43,7 +43,7 @@ def main() -> None:
         x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
         symbol, args, auxs = mx.model.load_checkpoint(str(source / "model"), 1)
         executor = symbol.bind(mx.cpu(), args={**args, "data": mx.nd.array(x)}, aux_states=auxs, grad_req="null")
-        session = onnxtools.session_for(optimized)
+        session = onnxtools.session_for(optimized, prepack=True)
         executor.forward(is_train=False)[0].wait_to_read()
         base = median_seconds(lambda: executor.forward(is_train=False)[0].wait_to_read(), repeat=50)
         ours = median_seconds(lambda: session.run(None, {"data": x}), repeat=50)

@@ -52,7 +52,7 @@ def main() -> None:
         x = np.random.default_rng(0).standard_normal((1, 224, 224, 3)).astype(np.float32)
         serve = tf.saved_model.load(str(saved))
         signature = serve.signatures["serving_default"]
-        session = onnxtools.session_for(optimized)
+        session = onnxtools.session_for(optimized, prepack=True)
         tensor = tf.constant(x)
         base = median_seconds(lambda: signature(image=tensor), repeat=50)
         ours = median_seconds(lambda: session.run(None, {"image": x}), repeat=50)

@@ -9,7 +9,8 @@ from deeplens_build.device import support
 
 
 def load_onnx(artifact: Artifact) -> Runner:
-    """Run an ONNX artifact in onnxruntime on this machine's CPU, fully optimized as on a device."""
+    """Run an ONNX artifact in onnxruntime on this machine's CPU, fully optimized as on a device (its weights not
+    prepacked: parity runs a few samples)."""
     return onnxtools.runner(artifact.path)
 
 
